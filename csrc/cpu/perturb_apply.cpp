@@ -1,0 +1,205 @@
+// CPU kernels of mtlue::perturb_apply and its backward: one pass over memory each.
+// Parallel over image rows; the inner loop over columns is branch-free so the compiler vectorises
+// it (the flipped variant writes the row in reverse).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "../common/checks.h"
+#include "../common/dispatch.h"
+
+namespace mtlue::cpu {
+namespace {
+
+constexpr int64_t kGrain = 16;  // rows per task; a row is one image row of one channel
+
+template <typename T>
+inline T clamp_nan(T v, T lo, T hi) {  // torch.clamp: NaN passes through
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+template <typename opmath_t, typename x_t>
+inline opmath_t to_unit(x_t v) {
+  if constexpr (std::is_same_v<x_t, uint8_t>) {
+    return static_cast<opmath_t>(v) / static_cast<opmath_t>(255);
+  } else {
+    return static_cast<opmath_t>(v);
+  }
+}
+
+template <int kMode, typename opmath_t>
+inline opmath_t delta_of(opmath_t raw, opmath_t eps) {
+  if constexpr (kMode == 0) {
+    return clamp_nan(raw, -eps, eps);
+  } else {
+    return eps * std::tanh(raw);
+  }
+}
+
+// Per-sample window: top/left of the crop and whether it is flipped.
+struct Windows {
+  const int64_t* crop;  // [B,2] or nullptr
+  const bool* flip;     // [B] or nullptr
+  int64_t top(int64_t b) const { return crop ? crop[2 * b] : 0; }
+  int64_t left(int64_t b) const { return crop ? crop[2 * b + 1] : 0; }
+  bool flipped(int64_t b) const { return flip && flip[b]; }
+};
+
+template <int kMode, typename x_t, typename raw_t>
+void forward_kernel(const x_t* x, const raw_t* raw, raw_t* out, Windows win, double eps_d,
+                    int64_t channels, int64_t height, int64_t width, int64_t out_h, int64_t out_w,
+                    int64_t out_rows) {
+  using opmath_t = mtlue::opmath_of<x_t, raw_t>;
+  const opmath_t eps = static_cast<opmath_t>(eps_d);
+  at::parallel_for(0, out_rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / out_h, i = row % out_h, b = plane / channels;
+      const int64_t src = (plane * height + win.top(b) + i) * width + win.left(b);
+      const x_t* x_row = x + src;
+      const raw_t* raw_row = raw + src;
+      raw_t* out_row = out + row * out_w;
+      auto value = [&](int64_t j) {
+        const opmath_t d = delta_of<kMode>(static_cast<opmath_t>(raw_row[j]), eps);
+        return static_cast<raw_t>(clamp_nan(to_unit<opmath_t>(x_row[j]) + d, opmath_t(0), opmath_t(1)));
+      };
+      if (win.flipped(b)) {
+        for (int64_t j = 0; j < out_w; ++j) out_row[out_w - 1 - j] = value(j);
+      } else {
+        for (int64_t j = 0; j < out_w; ++j) out_row[j] = value(j);
+      }
+    }
+  });
+}
+
+template <int kMode, typename x_t, typename raw_t>
+void backward_kernel(const raw_t* grad_out, const x_t* x, const raw_t* raw, raw_t* grad_raw,
+                     Windows win, double eps_d, int64_t channels, int64_t height, int64_t width,
+                     int64_t out_h, int64_t out_w, int64_t rows) {
+  using opmath_t = mtlue::opmath_of<x_t, raw_t>;
+  const opmath_t eps = static_cast<opmath_t>(eps_d);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / height, r = row % height, b = plane / channels;
+      const int64_t top = win.top(b), left = win.left(b);
+      raw_t* g_row = grad_raw + row * width;
+      if (r < top || r >= top + out_h) {
+        for (int64_t q = 0; q < width; ++q) g_row[q] = raw_t(0);
+        continue;
+      }
+      for (int64_t q = 0; q < left; ++q) g_row[q] = raw_t(0);
+      for (int64_t q = left + out_w; q < width; ++q) g_row[q] = raw_t(0);
+      const x_t* x_row = x + row * width + left;
+      const raw_t* raw_row = raw + row * width + left;
+      const raw_t* go_row = grad_out + (plane * out_h + (r - top)) * out_w;
+      raw_t* g_win = g_row + left;
+      auto grad = [&](int64_t jj, opmath_t g) {
+        const opmath_t rv = static_cast<opmath_t>(raw_row[jj]);
+        const opmath_t s = to_unit<opmath_t>(x_row[jj]) + delta_of<kMode>(rv, eps);
+        const opmath_t g_s = (s >= opmath_t(0) && s <= opmath_t(1)) ? g : opmath_t(0);
+        if constexpr (kMode == 0) {
+          return static_cast<raw_t>((rv >= -eps && rv <= eps) ? g_s : opmath_t(0));
+        } else {
+          const opmath_t t = std::tanh(rv);
+          return static_cast<raw_t>((g_s * eps) * (opmath_t(1) - t * t));
+        }
+      };
+      if (win.flipped(b)) {
+        for (int64_t jj = 0; jj < out_w; ++jj)
+          g_win[jj] = grad(jj, static_cast<opmath_t>(go_row[out_w - 1 - jj]));
+      } else {
+        for (int64_t jj = 0; jj < out_w; ++jj) g_win[jj] = grad(jj, static_cast<opmath_t>(go_row[jj]));
+      }
+    }
+  });
+}
+
+void check_crop_bounds(const at::Tensor& crop, int64_t height, int64_t width, int64_t out_h,
+                       int64_t out_w) {
+  const int64_t* c = crop.data_ptr<int64_t>();
+  for (int64_t b = 0; b < crop.size(0); ++b) {
+    const int64_t top = c[2 * b], left = c[2 * b + 1];
+    TORCH_CHECK(top >= 0 && left >= 0 && top + out_h <= height && left + out_w <= width,
+                "perturb_apply: crop[", b, "] = (", top, ", ", left, ") puts the ", out_h, "x", out_w,
+                " window outside the ", height, "x", width, " image");
+  }
+}
+
+// Contiguous crop/flip and the Windows view of them (the tensors must outlive the view).
+struct PreparedWindows {
+  std::optional<at::Tensor> crop, flip;
+  Windows view() const {
+    return {crop ? crop->data_ptr<int64_t>() : nullptr, flip ? flip->data_ptr<bool>() : nullptr};
+  }
+};
+
+PreparedWindows prepare_windows(const std::optional<at::Tensor>& crop,
+                                const std::optional<at::Tensor>& flip, int64_t height, int64_t width,
+                                int64_t out_h, int64_t out_w) {
+  PreparedWindows w;
+  if (crop) {
+    w.crop = crop->contiguous();
+    check_crop_bounds(*w.crop, height, width, out_h, out_w);
+  }
+  if (flip) w.flip = flip->contiguous();
+  return w;
+}
+
+at::Tensor perturb_apply_cpu(const at::Tensor& x_in, const at::Tensor& raw_in, double eps,
+                             int64_t mode, const std::optional<at::Tensor>& crop,
+                             const std::optional<at::Tensor>& flip, int64_t out_h, int64_t out_w) {
+  check_perturb_args(x_in, raw_in, eps, mode, crop, flip, out_h, out_w);
+  const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const PreparedWindows win = prepare_windows(crop, flip, height, width, out_h, out_w);
+  at::Tensor out = at::empty({batch, channels, out_h, out_w}, raw.options());
+  MTLUE_DISPATCH_X_RAW(x.scalar_type(), raw.scalar_type(), "perturb_apply_cpu", [&] {
+    auto run = [&](auto kernel) {
+      kernel(x.data_ptr<x_t>(), raw.data_ptr<raw_t>(), out.data_ptr<raw_t>(), win.view(), eps,
+             channels, height, width, out_h, out_w, batch * channels * out_h);
+    };
+    if (mode == 0) run(forward_kernel<0, x_t, raw_t>);
+    else run(forward_kernel<1, x_t, raw_t>);
+  });
+  return out;
+}
+
+at::Tensor perturb_apply_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                      const at::Tensor& raw_in, double eps, int64_t mode,
+                                      const std::optional<at::Tensor>& crop,
+                                      const std::optional<at::Tensor>& flip) {
+  TORCH_CHECK(grad_out_in.dim() == 4, "perturb_apply_backward: grad_out must be [B,C,h,w], got ",
+              grad_out_in.sizes());
+  const int64_t out_h = grad_out_in.size(2), out_w = grad_out_in.size(3);
+  check_perturb_args(x_in, raw_in, eps, mode, crop, flip, out_h, out_w);
+  TORCH_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == x_in.size(1),
+              "perturb_apply_backward: grad_out ", grad_out_in.sizes(), " does not match x ",
+              x_in.sizes());
+  const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.to(raw.scalar_type()).contiguous();
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const PreparedWindows win = prepare_windows(crop, flip, height, width, out_h, out_w);
+  at::Tensor grad_raw = at::empty_like(raw, at::MemoryFormat::Contiguous);
+  MTLUE_DISPATCH_X_RAW(x.scalar_type(), raw.scalar_type(), "perturb_apply_backward_cpu", [&] {
+    auto run = [&](auto kernel) {
+      kernel(grad_out.data_ptr<raw_t>(), x.data_ptr<x_t>(), raw.data_ptr<raw_t>(),
+             grad_raw.data_ptr<raw_t>(), win.view(), eps, channels, height, width, out_h, out_w,
+             batch * channels * height);
+    };
+    if (mode == 0) run(backward_kernel<0, x_t, raw_t>);
+    else run(backward_kernel<1, x_t, raw_t>);
+  });
+  return grad_raw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlue, CPU, m) {
+  m.impl("perturb_apply", &perturb_apply_cpu);
+  m.impl("perturb_apply_backward", &perturb_apply_backward_cpu);
+}
+
+}  // namespace mtlue::cpu

@@ -1,0 +1,91 @@
+// CUDA registrations of the mtlue ops: validate, make inputs contiguous, allocate outputs, launch.
+// Kernels live in the .cu files next to this one (light includes only; see launchers.h).
+// Crop windows are bounds-checked by the Python wrapper (reading them here would synchronise);
+// the kernels never read outside the image whatever the crop holds.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../common/checks.h"
+#include "../common/embedding_reg_driver.h"
+#include "launchers.h"
+
+namespace mtlue::cuda {
+namespace {
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor perturb_apply_cuda(const at::Tensor& x_in, const at::Tensor& raw_in, double eps,
+                              int64_t mode, const std::optional<at::Tensor>& crop,
+                              const std::optional<at::Tensor>& flip, int64_t out_h, int64_t out_w) {
+  check_perturb_args(x_in, raw_in, eps, mode, crop, flip, out_h, out_w);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, raw.options());
+  perturb_apply_forward(x, raw, eps, mode, contiguous_or_undefined(crop),
+                        contiguous_or_undefined(flip), out);
+  return out;
+}
+
+at::Tensor perturb_apply_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                       const at::Tensor& raw_in, double eps, int64_t mode,
+                                       const std::optional<at::Tensor>& crop,
+                                       const std::optional<at::Tensor>& flip) {
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == x_in.size(0) &&
+                  grad_out_in.size(1) == x_in.size(1),
+              "perturb_apply_backward: grad_out must be [B,C,h,w] matching x ", x_in.sizes(),
+              ", got ", grad_out_in.sizes());
+  check_perturb_args(x_in, raw_in, eps, mode, crop, flip, grad_out_in.size(2), grad_out_in.size(3));
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.to(raw.scalar_type()).contiguous();
+  at::Tensor grad_raw = at::empty_like(raw, at::MemoryFormat::Contiguous);
+  perturb_apply_backward(grad_out, x, raw, eps, mode, contiguous_or_undefined(crop),
+                         contiguous_or_undefined(flip), grad_raw);
+  return grad_raw;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_reg_cuda(
+    const at::Tensor& table, const at::Tensor& task_offsets) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  return embedding_reg_forward(table, task_offsets, embedding_reg_forward_pairs);
+}
+
+at::Tensor embedding_reg_backward_cuda(const at::Tensor& grad_intra, const at::Tensor& grad_inter,
+                                       const at::Tensor& table, const at::Tensor& task_offsets,
+                                       const at::Tensor& cos, const at::Tensor& norms) {
+  const c10::cuda::CUDAGuard guard(table.device());
+  return embedding_reg_backward(grad_intra, grad_inter, table, task_offsets, cos, norms,
+                                embedding_reg_backward_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_export_cuda(const at::Tensor& x_in,
+                                                        const at::Tensor& delta_in) {
+  check_export_args(x_in, delta_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), delta = delta_in.contiguous();
+  at::Tensor protected_img = at::empty(x.sizes(), x.options());
+  at::Tensor delta_q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  const int64_t overflow = quantize_export(x, delta, protected_img, delta_q);
+  TORCH_CHECK(overflow == 0, "quantize_export: ", overflow,
+              " element(s) of delta move a pixel by more than 127/255; delta_q is int8, so |255*delta| "
+              "must stay <= 127");
+  return {protected_img, delta_q};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlue, CUDA, m) {
+  m.impl("perturb_apply", &perturb_apply_cuda);
+  m.impl("perturb_apply_backward", &perturb_apply_backward_cuda);
+  m.impl("embedding_reg", &embedding_reg_cuda);
+  m.impl("embedding_reg_backward", &embedding_reg_backward_cuda);
+  m.impl("quantize_export", &quantize_export_cuda);
+}
+
+}  // namespace mtlue::cuda

@@ -1,0 +1,172 @@
+"""Find and load the compiled ``mtlue`` operator library.
+
+Order: the library built at install time (``mtlue_fast/_C*.so``); if it is missing or fails to load
+against the running torch (ABI mismatch), a one-time JIT build of the shipped sources with
+``torch.utils.cpp_extension.load``, cached per torch version and source digest; if that fails too
+(no compiler), no library, and every op runs its pure-PyTorch reference with a warning.
+
+Environment:
+    MTLUE_BACKEND=reference   never load the compiled library (for comparisons and debugging).
+    MTLUE_NO_JIT=1            do not try the JIT build.
+    MTLUE_SKIP_CUDA=1         JIT-build the C++ ops only, even where CUDA is available.
+    MTLUE_JIT_DIR             where JIT builds are cached (default ~/.cache/mtlue_fast/jit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OP_NAMES = ("perturb_apply", "perturb_apply_backward", "embedding_reg", "embedding_reg_backward", "quantize_export")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BackendState:
+    """What was loaded. ``source`` is "prebuilt", "jit" or None (reference only)."""
+
+    source: str | None = None
+    library_path: str | None = None
+    kernel_devices: frozenset[str] = frozenset()
+    errors: list[str] = field(default_factory=list)
+
+
+_state: BackendState | None = None
+_lock = threading.Lock()
+
+
+def state() -> BackendState:
+    """Load the library once per process and return what was found."""
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _load()
+        return _state
+
+
+def _load() -> BackendState:
+    st = BackendState()
+    if os.environ.get("MTLUE_BACKEND", "").lower() == "reference":
+        st.errors.append("MTLUE_BACKEND=reference: compiled library not loaded")
+        return st
+    prebuilt = _prebuilt_library()
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(str(prebuilt))
+            st.source, st.library_path = "prebuilt", str(prebuilt)
+        except (OSError, RuntimeError) as err:
+            st.errors.append(f"prebuilt library {prebuilt.name} failed to load: {err}")
+    if st.source is None and os.environ.get("MTLUE_NO_JIT") != "1":
+        try:
+            st.library_path = _jit_build_and_load()
+            st.source = "jit"
+        except Exception as err:  # any build failure falls back to the reference
+            st.errors.append(f"JIT build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+    if st.source is None:
+        warnings.warn(
+            "mtlue_fast: no compiled ops available ("
+            + "; ".join(st.errors or ["no library or sources found"])
+            + "); using the pure-PyTorch reference implementations, which are slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return st
+    st.kernel_devices = frozenset(
+        key.lower()
+        for key in ("CPU", "CUDA")
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mtlue::{op}", key) for op in OP_NAMES)
+    )
+    return st
+
+
+def _prebuilt_library() -> Path | None:
+    matches = sorted(PACKAGE_DIR.glob("_C*.so")) + sorted(PACKAGE_DIR.glob("_C*.pyd"))
+    return matches[0] if matches else None
+
+
+def source_dir() -> Path | None:
+    """The C++/CUDA sources: installed as package data (``mtlue_fast._csrc``) or the repo's csrc/."""
+    spec = importlib.util.find_spec("mtlue_fast._csrc")
+    candidates = list(spec.submodule_search_locations or []) if spec else []
+    candidates.append(str(PACKAGE_DIR.parent / "csrc"))
+    for cand in candidates:
+        if (Path(cand) / "ops.cpp").is_file():
+            return Path(cand)
+    return None
+
+
+def jit_sources(src: Path, with_cuda: bool) -> list[Path]:
+    sources = [src / "ops.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        sources += [src / "cuda" / "bindings.cpp", *sorted((src / "cuda").glob("*.cu"))]
+    return sources
+
+
+def _jit_wants_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return (
+        os.environ.get("MTLUE_SKIP_CUDA") != "1"
+        and torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and CUDA_HOME is not None
+    )
+
+
+def _jit_build_and_load() -> str:
+    src = source_dir()
+    if src is None:
+        raise FileNotFoundError("C++ sources not found (neither mtlue_fast/_csrc nor csrc/)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
+    with_cuda = _jit_wants_cuda()
+    all_files = sorted(p for p in src.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
+    digest = hashlib.sha256()
+    for path in all_files:
+        digest.update(path.relative_to(src).as_posix().encode())
+        digest.update(path.read_bytes())
+    tag = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+    name = "mtlue_fast_C_" + digest.hexdigest()[:12]
+    root = Path(os.environ.get("MTLUE_JIT_DIR", Path.home() / ".cache" / "mtlue_fast" / "jit"))
+    build_dir = root / tag.replace("+", "_")
+    built = build_dir / f"{name}.so"
+    if built.is_file():
+        try:
+            torch.ops.load_library(str(built))
+            return str(built)
+        except OSError:  # a half-written or stale build: rebuild it below
+            built.unlink()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"mtlue_fast: compiling the C++{'/CUDA' if with_cuda else ''} ops once into {build_dir} "
+        "(about 30 s; cached for later runs)",
+        file=sys.stderr,
+        flush=True,
+    )
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=name,
+        sources=[str(p) for p in jit_sources(src, with_cuda)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        with_cuda=with_cuda,
+        verbose=False,
+    )
+    return str(built)
+
+
+def has_kernel(device: torch.device) -> bool:
+    """True when the compiled library has kernels for every op on ``device``'s type."""
+    return device.type in state().kernel_devices
