@@ -56,7 +56,7 @@ def state() -> BackendState:
 def _load() -> BackendState:
     st = BackendState()
     if os.environ.get("MTLUE_BACKEND", "").lower() == "reference":
-        st.errors.append("MTLUE_BACKEND=reference: compiled library not loaded")
+        st.errors.append("MTLUE_BACKEND=reference: compiled library not loaded on request")
         return st
     prebuilt = _prebuilt_library()
     if prebuilt is not None:
@@ -77,7 +77,7 @@ def _load() -> BackendState:
             + "; ".join(st.errors or ["no library or sources found"])
             + "); using the pure-PyTorch reference implementations, which are slower.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
         return st
     st.kernel_devices = frozenset(
@@ -168,5 +168,9 @@ def _jit_build_and_load() -> str:
 
 
 def has_kernel(device: torch.device) -> bool:
-    """True when the compiled library has kernels for every op on ``device``'s type."""
-    return device.type in state().kernel_devices
+    """True when the compiled library has kernels for every op on ``device``'s type.
+
+    Lock-free after the first call so that torch.compile traces it as a constant.
+    """
+    loaded = _state if _state is not None else state()
+    return device.type in loaded.kernel_devices
