@@ -7,6 +7,7 @@ against the running torch (ABI mismatch), a one-time JIT build of the shipped so
 
 Environment:
     MTLUE_BACKEND=reference   never load the compiled library (for comparisons and debugging).
+    MTLUE_LIBRARY=path        load this library instead of the one built at install time.
     MTLUE_NO_JIT=1            do not try the JIT build.
     MTLUE_SKIP_CUDA=1         JIT-build the C++ ops only, even where CUDA is available.
     MTLUE_JIT_DIR             where JIT builds are cached (default ~/.cache/mtlue_fast/jit).
@@ -89,6 +90,9 @@ def _load() -> BackendState:
 
 
 def _prebuilt_library() -> Path | None:
+    override = os.environ.get("MTLUE_LIBRARY")
+    if override:
+        return Path(override)
     matches = sorted(PACKAGE_DIR.glob("_C*.so")) + sorted(PACKAGE_DIR.glob("_C*.pyd"))
     return matches[0] if matches else None
 

@@ -116,25 +116,34 @@ def embedding_args(table: torch.Tensor, task_offsets: torch.Tensor | Sequence[in
         raise ValueError(f"{op}: table must be floating, got {table.dtype}")
     rows = table.shape[0]
     if not isinstance(task_offsets, torch.Tensor):
-        task_offsets = torch.tensor(list(task_offsets), dtype=torch.int64)
-    if task_offsets.dtype.is_floating_point or task_offsets.dtype == torch.bool:
-        raise ValueError(f"{op}: task_offsets must be an integer tensor, got {task_offsets.dtype}")
-    if task_offsets.dim() != 1 or task_offsets.numel() < 2:
-        raise ValueError(f"{op}: task_offsets must have shape [K+1] with K >= 1, got {tuple(task_offsets.shape)}")
-    if task_offsets.device.type != "cpu" and task_offsets.device != table.device:
-        raise ValueError(
-            f"{op}: task_offsets is on {task_offsets.device} but table is on {table.device}; "
-            "pass them on the table's device or on the CPU"
-        )
-    if not _is_compiling() or task_offsets.device.type == "cpu":
-        offsets = task_offsets.tolist()
-        increasing = all(a < b for a, b in zip(offsets, offsets[1:]))
-        if offsets[0] != 0 or offsets[-1] != rows or not increasing:
+        offsets = [int(o) for o in task_offsets]
+        _check_offset_values(offsets, rows)
+        task_offsets = torch.tensor(offsets, dtype=torch.int64)
+    else:
+        if task_offsets.dtype.is_floating_point or task_offsets.dtype == torch.bool:
+            raise ValueError(f"{op}: task_offsets must be an integer tensor, got {task_offsets.dtype}")
+        if task_offsets.dim() != 1:
+            raise ValueError(f"{op}: task_offsets must have shape [K+1], got {tuple(task_offsets.shape)}")
+        if task_offsets.device.type != "cpu" and task_offsets.device != table.device:
             raise ValueError(
-                f"{op}: task_offsets must be strictly increasing from 0 to R={rows} "
-                f"(every task owns at least one row), got {offsets}"
+                f"{op}: task_offsets is on {task_offsets.device} but table is on {table.device}; "
+                "pass them on the table's device or on the CPU"
             )
+        if not _is_compiling():
+            _check_offset_values(task_offsets.tolist(), rows)
     return task_offsets.to(device=table.device, dtype=torch.int64)
+
+
+def _check_offset_values(offsets: list[int], rows: int) -> None:
+    op = "embedding_reg"
+    if len(offsets) < 2:
+        raise ValueError(f"{op}: task_offsets must have shape [K+1] with K >= 1, got {len(offsets)} value(s)")
+    increasing = all(a < b for a, b in zip(offsets, offsets[1:]))
+    if offsets[0] != 0 or offsets[-1] != rows or not increasing:
+        raise ValueError(
+            f"{op}: task_offsets must be strictly increasing from 0 to R={rows} "
+            f"(every task owns at least one row), got {offsets}"
+        )
 
 
 def export_args(x: torch.Tensor, delta: torch.Tensor) -> None:

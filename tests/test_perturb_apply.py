@@ -1,0 +1,198 @@
+"""mtlue::perturb_apply (compiled) against the pure-PyTorch reference, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlue_fast import ops
+from mtlue_fast.ops import reference
+
+MODES = {"clamp": reference.MODE_CLAMP, "tanh": reference.MODE_TANH}
+
+
+def make_inputs(gen, shape, x_dtype, raw_dtype, device, raw_scale=0.05):
+    if x_dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    else:
+        x = torch.rand(shape, generator=gen, dtype=torch.float64).to(x_dtype)
+    raw = (torch.randn(shape, generator=gen, dtype=torch.float64) * raw_scale).to(raw_dtype)
+    return x.to(device), raw.to(device).requires_grad_(True)
+
+
+def random_windows(gen, batch, height, width, out_h, out_w, device):
+    top = torch.randint(0, height - out_h + 1, (batch,), generator=gen)
+    left = torch.randint(0, width - out_w + 1, (batch,), generator=gen)
+    flip = torch.rand(batch, generator=gen) < 0.5
+    return torch.stack([top, left], 1).to(device), flip.to(device)
+
+
+def reference_of(x, raw, eps, mode, crop, flip, out_size):
+    """The reference on a detached copy of raw, returning (out, leaf) for gradient comparison."""
+    leaf = raw.detach().clone().requires_grad_(True)
+    h, w = out_size or x.shape[-2:]
+    if crop is None and out_size is not None:
+        crop = torch.tensor([(x.shape[2] - h) // 2, (x.shape[3] - w) // 2], device=x.device).expand(x.shape[0], 2)
+    return reference.perturb_apply(x, leaf, eps, MODES[mode], crop, flip, (h, w)), leaf
+
+
+def assert_matches(x, raw, eps, mode, crop, flip, out_size, gen, atol, rtol=0.0):
+    out = ops.perturb_apply(x, raw, eps, mode=mode, crop=crop, flip=flip, out_size=out_size)
+    expected, leaf = reference_of(x, raw, eps, mode, crop, flip, out_size)
+    assert out.dtype == raw.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+    (grad,) = torch.autograd.grad(out, raw, grad_out)
+    (grad_expected,) = torch.autograd.grad(expected, leaf, grad_out)
+    torch.testing.assert_close(grad, grad_expected, atol=atol, rtol=rtol)
+    return out, grad
+
+
+@pytest.mark.parametrize("mode", ["clamp", "tanh"])
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.float64, torch.float32])
+@pytest.mark.parametrize("windowed", [False, True])
+def test_matches_reference_float64(device, gen, mode, x_dtype, windowed):
+    shape = (5, 3, 13, 17)
+    x, raw = make_inputs(gen, shape, x_dtype, torch.float64, device, raw_scale=0.1)
+    crop = flip = out_size = None
+    if windowed:
+        out_size = (9, 11)
+        crop, flip = random_windows(gen, 5, 13, 17, 9, 11, device)
+    assert_matches(x, raw, 8 / 255, mode, crop, flip, out_size, gen, atol=1e-12)
+
+
+@pytest.mark.parametrize("raw_dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("mode", ["clamp", "tanh"])
+def test_matches_reference_low_precision(device, gen, raw_dtype, atol, mode):
+    x, raw = make_inputs(gen, (4, 1, 32, 30), torch.uint8, raw_dtype, device)
+    crop, flip = random_windows(gen, 4, 32, 30, 24, 24, device)
+    assert_matches(x, raw, 8 / 255, mode, crop, flip, (24, 24), gen, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["clamp", "tanh"])
+def test_gradcheck(device, gen, mode):
+    # Keep x + delta away from 0 and 1 and raw away from +-eps, where the clamps are not
+    # differentiable; saturated elements elsewhere are covered by the reference comparisons.
+    x = (0.2 + 0.6 * torch.rand(2, 2, 6, 7, generator=gen, dtype=torch.float64)).to(device)
+    raw = (torch.rand(2, 2, 6, 7, generator=gen, dtype=torch.float64) * 0.16 - 0.08).to(device)
+    raw = torch.where(raw.abs() > 0.045, raw.sign() * 0.07, raw * 0.9).requires_grad_(True)
+    crop = torch.tensor([[1, 0], [0, 3]], device=device)
+    flip = torch.tensor([True, False], device=device)
+
+    def fn(r):
+        return ops.perturb_apply(x, r, 0.05, mode=mode, crop=crop, flip=flip, out_size=(5, 4))
+
+    assert torch.autograd.gradcheck(fn, (raw,), eps=1e-6, atol=1e-7)
+
+
+def test_crop_at_borders_and_flip_route_gradient_exactly(device, gen):
+    x, raw = make_inputs(gen, (4, 2, 8, 9), torch.uint8, torch.float64, device, raw_scale=0.01)
+    crop = torch.tensor([[0, 0], [3, 4], [0, 4], [3, 0]], device=device)  # all four corners
+    flip = torch.tensor([False, True, True, False], device=device)
+    out, grad = assert_matches(x, raw, 0.5, "clamp", crop, flip, (5, 5), gen, atol=1e-12)
+    # Independent check of the window and flip: with a huge eps and mid-range values nothing
+    # saturates, so the output is x/255 + raw read through the window.
+    xf = x.double() / 255 + raw.detach()
+    for b, (top, left) in enumerate(crop.tolist()):
+        window = xf[b, :, top : top + 5, left : left + 5].clamp(0, 1)
+        if flip[b]:
+            window = window.flip(-1)
+        torch.testing.assert_close(out[b], window, atol=1e-12, rtol=0)
+        outside = torch.ones(8, 9, dtype=torch.bool, device=device)
+        outside[top : top + 5, left : left + 5] = False
+        assert (grad[b][:, outside] == 0).all()
+
+
+def test_eps_zero_gives_clean_image_and_no_gradient(device, gen):
+    x, raw = make_inputs(gen, (3, 3, 10, 10), torch.uint8, torch.float32, device, raw_scale=1.0)
+    out, grad = assert_matches(x, raw, 0.0, "clamp", None, None, None, gen, atol=0)
+    torch.testing.assert_close(out, x.float() / 255, atol=0, rtol=0)
+    assert (grad == 0).all()
+    out_tanh, grad_tanh = assert_matches(x, raw, 0.0, "tanh", None, None, None, gen, atol=0)
+    torch.testing.assert_close(out_tanh, x.float() / 255, atol=0, rtol=0)
+    assert (grad_tanh == 0).all()
+
+
+def test_fully_saturated_raw_has_zero_gradient(device, gen):
+    x, _ = make_inputs(gen, (2, 3, 9, 9), torch.uint8, torch.float32, device)
+    raw = (torch.randint(0, 2, (2, 3, 9, 9), generator=gen).float() * 20 - 10).to(device).requires_grad_(True)
+    out, grad = assert_matches(x, raw, 8 / 255, "clamp", None, None, None, gen, atol=1e-6)
+    expected = (x.float() / 255 + raw.detach().sign() * (8 / 255)).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert (grad == 0).all()
+
+
+def test_batch_of_one_with_centre_crop(device, gen):
+    x, raw = make_inputs(gen, (1, 3, 70, 70), torch.uint8, torch.float32, device)
+    out, _ = assert_matches(x, raw, 8 / 255, "tanh", None, None, (64, 64), gen, atol=1e-6)
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_nan_propagates_like_torch_clamp(device, gen):
+    x, raw = make_inputs(gen, (2, 1, 5, 5), torch.uint8, torch.float32, device)
+    raw = raw.detach().clone()
+    raw[0, 0, 2, 2] = float("nan")
+    raw.requires_grad_(True)
+    out = ops.perturb_apply(x, raw, 0.1)
+    assert torch.isnan(out[0, 0, 2, 2]) and torch.isfinite(out[1]).all()
+    (grad,) = torch.autograd.grad(out.nansum(), raw)
+    assert grad[0, 0, 2, 2] == 0
+
+
+def test_noncontiguous_and_channels_last_inputs(device, gen):
+    x, raw = make_inputs(gen, (4, 3, 12, 14), torch.uint8, torch.float32, device)
+    crop, flip = random_windows(gen, 4, 12, 14, 8, 8, device)
+    expected, _ = reference_of(x, raw, 0.03, "clamp", crop, flip, (8, 8))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    raw_cl = raw.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = ops.perturb_apply(x_cl, raw_cl, 0.03, crop=crop, flip=flip, out_size=(8, 8))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(out.sum(), raw_cl)
+    assert grad.shape == raw_cl.shape
+    # Transposed views and a crop tensor that is a strided slice.
+    x_t = x.transpose(2, 3).contiguous().transpose(2, 3)
+    raw_t = raw.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)
+    crop_strided = torch.stack([crop, crop], 2)[:, :, 0]
+    assert not x_t.is_contiguous() and not crop_strided.is_contiguous()
+    out_t = ops.perturb_apply(x_t, raw_t, 0.03, crop=crop_strided, flip=flip, out_size=(8, 8))
+    torch.testing.assert_close(out_t, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"x": torch.zeros(2, 3, 8, 8, dtype=torch.int32)}, "x must be uint8"),
+        ({"raw": torch.zeros(2, 3, 8, 8, dtype=torch.int64)}, "raw must be"),
+        ({"x": torch.zeros(3, 8, 8, dtype=torch.uint8)}, r"x must have shape \[B,C,H,W\]"),
+        ({"raw": torch.zeros(2, 3, 8, 7)}, "must have the same shape"),
+        ({"eps": -0.1}, "eps must be a finite float >= 0"),
+        ({"eps": float("nan")}, "eps must be a finite float >= 0"),
+        ({"mode": "sigmoid"}, "mode must be one of"),
+        ({"crop": torch.tensor([[0, 0], [1, 1]]), "out_size": (7, 7), "extra": None}, None),
+        ({"crop": torch.tensor([[0, 0], [1, 3]]), "out_size": (6, 6)}, "must lie inside"),
+        ({"crop": torch.tensor([[-1, 0], [0, 0]]), "out_size": (6, 6)}, "must lie inside"),
+        ({"crop": torch.tensor([[0, 0]]), "out_size": (6, 6)}, r"crop must have shape \[B,2\]"),
+        ({"crop": torch.zeros(2, 2), "out_size": (6, 6)}, "crop must be an integer tensor"),
+        ({"crop": torch.zeros(2, 2, dtype=torch.int64)}, "crop requires out_size"),
+        ({"out_size": (9, 8)}, "out_size"),
+        ({"flip": torch.tensor([1, 0])}, "flip must be a bool tensor"),
+        ({"flip": torch.tensor([True])}, r"flip must have shape \[B\]"),
+        ({"raw": torch.zeros(2, 3, 8, 8, device="meta")}, "raw is on meta but x is on cpu"),
+        ({"flip": torch.zeros(2, dtype=torch.bool, device="meta")}, "flip is on meta"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    args = {"x": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "raw": torch.zeros(2, 3, 8, 8), "eps": 0.1}
+    args.update({k: v for k, v in kwargs.items() if k != "extra"})
+    if match is None:  # a valid call (window exactly at the border) for contrast
+        ops.perturb_apply(args.pop("x"), args.pop("raw"), args.pop("eps"), **args)
+        return
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.perturb_apply(args.pop("x"), args.pop("raw"), args.pop("eps"), **args)
+
+
+def test_compiled_op_rejects_out_of_image_crop_directly():
+    """The C++ CPU kernel checks windows itself, for callers of torch.ops.mtlue directly."""
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"crop\[0\] = \(3, 0\)"):
+        torch.ops.mtlue.perturb_apply(x, torch.zeros(1, 1, 4, 4), 0.1, 0, torch.tensor([[3, 0]]), None, 2, 2)
