@@ -1,0 +1,181 @@
+"""Throughput of the fused ops against the paths a straightforward implementation would take.
+
+Run:  pytest bench/bench_ops.py --benchmark-json bench/results/<name>.json
+      python bench/summarize.py bench/results/<name>.json
+
+Every benchmark times forward + backward (quantize_export: forward only) of one implementation:
+``compiled`` (mtlue::op), ``reference`` (eager pure PyTorch), ``reference_compiled``
+(torch.compile of the reference) and, for embedding_reg, ``naive_loop`` (a Python loop over pairs
+with F.cosine_similarity). Groups compare implementations at one size; ``extra_info`` records
+the bytes each pass must move so GPU runs report a fraction of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlue_fast import ops
+from mtlue_fast.ops import reference
+
+EPS = 8 / 255
+
+# name: (B, C, H, crop) for perturb_apply; the generator batch of each dataset.
+PERTURB_SIZES = {"celeba_512x3x70_crop64": (512, 3, 70, 64), "chestxray_128x1x256_crop224": (128, 1, 256, 224)}
+# name: (task sizes, D) for embedding_reg.
+EMBEDDING_SIZES = {"celeba_R80_D19600": ([2] * 40, 19600), "chestxray_R28_D16384": ([2] * 14, 16384)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rounds_for(device: torch.device, slow: bool = False) -> int:
+    return 50 if device.type == "cuda" else (3 if slow else 10)
+
+
+def run_benchmark(benchmark, fn, device, slow=False):
+    def timed():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=rounds_for(device, slow), warmup_rounds=2 if slow else 3, iterations=1)
+
+
+# ----------------------------------------------------------------------------- perturb_apply
+
+
+def perturb_inputs(size, device):
+    batch, channels, side, crop = size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, channels, side, side), generator=g, dtype=torch.uint8).to(device)
+    raw = (torch.randn(batch, channels, side, side, generator=g) * 0.05).to(device).requires_grad_(True)
+    corner = torch.randint(0, side - crop + 1, (batch, 2), generator=g).to(device)
+    flip = (torch.rand(batch, generator=g) < 0.5).to(device)
+    grad_out = torch.randn(batch, channels, crop, crop, generator=g).to(device)
+    return x, raw, corner, flip, grad_out
+
+
+def perturb_bytes(size) -> int:
+    """Bytes forward + backward must move: x, raw windows read twice, out written, grad_out read,
+    grad_raw written in full (float32 raw, uint8 x)."""
+    batch, channels, side, crop = size
+    window, full = batch * channels * crop * crop, batch * channels * side * side
+    forward = window * (1 + 4) + window * 4
+    backward = window * 4 + window * (1 + 4) + full * 4
+    return forward + backward
+
+
+PERTURB_IMPLS = {
+    "compiled": lambda x, raw, c, f, crop: ops.perturb_apply(x, raw, EPS, crop=c, flip=f, out_size=(crop, crop)),
+    "reference": lambda x, raw, c, f, crop: reference.perturb_apply(x, raw, EPS, 0, c, f, (crop, crop)),
+}
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference", "reference_compiled"])
+@pytest.mark.parametrize("size_name", list(PERTURB_SIZES))
+def test_perturb_apply(benchmark, bench_device, size_name, impl):
+    size = PERTURB_SIZES[size_name]
+    x, raw, corner, flip, grad_out = perturb_inputs(size, bench_device)
+    if impl == "reference_compiled":
+        torch._dynamo.reset()
+        forward = torch.compile(PERTURB_IMPLS["reference"], fullgraph=True, dynamic=False)
+    else:
+        forward = PERTURB_IMPLS[impl]
+
+    def step():
+        raw.grad = None
+        forward(x, raw, corner, flip, size[3]).backward(grad_out)
+
+    benchmark.group = f"perturb_apply fwd+bwd {size_name} {bench_device.type}"
+    benchmark.extra_info.update(op="perturb_apply", size=size_name, impl=impl, bytes=perturb_bytes(size))
+    run_benchmark(benchmark, step, bench_device)
+
+
+# ----------------------------------------------------------------------------- embedding_reg
+
+
+def naive_embedding_reg(table: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a direct transcription of SPEC 5 computes: one cosine per pair in a Python loop."""
+    bounds = list(itertools.accumulate([0, *sizes]))
+    rows = [table[r] for r in range(table.shape[0])]
+    task = [k for k, c in enumerate(sizes) for _ in range(c)]
+    within, cross = [], []
+    for m in range(len(rows)):
+        for n in range(m + 1, len(rows)):
+            cos = F.cosine_similarity(rows[m], rows[n], dim=0, eps=1e-8)
+            if task[m] == task[n]:
+                within.append(cos)
+            else:
+                cross.append(cos.abs())
+    assert bounds[-1] == len(rows)
+    return torch.stack(within).mean(), torch.stack(cross).mean()
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference", "reference_compiled", "naive_loop"])
+@pytest.mark.parametrize("size_name", list(EMBEDDING_SIZES))
+def test_embedding_reg(benchmark, bench_device, size_name, impl):
+    sizes, dim = EMBEDDING_SIZES[size_name]
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(sum(sizes), dim, generator=g).to(bench_device).requires_grad_(True)
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)])
+    offsets_dev = offsets.to(bench_device)
+    if impl == "compiled":
+        forward = lambda: ops.embedding_reg(table, offsets)  # noqa: E731
+    elif impl == "reference":
+        forward = lambda: reference.embedding_reg(table, offsets_dev)  # noqa: E731
+    elif impl == "reference_compiled":
+        torch._dynamo.reset()
+        compiled = torch.compile(reference.embedding_reg, dynamic=False)
+        forward = lambda: compiled(table, offsets_dev)  # noqa: E731
+    else:
+        forward = lambda: naive_embedding_reg(table, sizes)  # noqa: E731
+
+    def step():
+        table.grad = None
+        intra, inter = forward()
+        (20 * intra + 100 * inter).backward()
+
+    benchmark.group = f"embedding_reg fwd+bwd {size_name} {bench_device.type}"
+    benchmark.extra_info.update(op="embedding_reg", size=size_name, impl=impl)
+    run_benchmark(benchmark, step, bench_device, slow=impl == "naive_loop")
+
+
+# ----------------------------------------------------------------------------- quantize_export
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference", "reference_compiled"])
+@pytest.mark.parametrize("size_name", list(PERTURB_SIZES))
+def test_quantize_export(benchmark, bench_device, size_name, impl):
+    batch, channels, side, _ = PERTURB_SIZES[size_name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, channels, side, side), generator=g, dtype=torch.uint8).to(bench_device)
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * EPS).to(bench_device)
+    if impl == "compiled":
+        forward = ops.quantize_export
+    elif impl == "reference":
+        forward = reference.quantize_export
+    else:
+        torch._dynamo.reset()
+        forward = torch.compile(reference.quantize_export, dynamic=False)
+
+    benchmark.group = f"quantize_export fwd {size_name} {bench_device.type}"
+    benchmark.extra_info.update(op="quantize_export", size=size_name, impl=impl, bytes=x.numel() * (1 + 4 + 1 + 1))
+    run_benchmark(benchmark, lambda: forward(x, delta), bench_device)
+
+
+# ----------------------------------------------------------------------------- copy ceiling
+
+
+@pytest.mark.parametrize("size_name", ["copy_256MiB"])
+def test_device_copy(benchmark, bench_device, size_name):
+    """Device-to-device copy: the bandwidth ceiling GPU results are compared against."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=bench_device).uniform_()
+    dst = torch.empty_like(src)
+    benchmark.group = f"copy {bench_device.type}"
+    benchmark.extra_info.update(op="copy", size=size_name, impl="copy", bytes=2 * src.numel() * 4)
+    run_benchmark(benchmark, lambda: dst.copy_(src), bench_device)

@@ -1,0 +1,55 @@
+"""Turn a pytest-benchmark JSON from bench_ops.py into the Markdown table of the README.
+
+    python bench/summarize.py bench/results/<name>.json
+
+For each group: the median time of every implementation, the compiled op's speed-up over it
+(ratios from one run), and on GPUs the achieved bandwidth as a fraction of device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def summarize(path: str) -> str:
+    with open(path) as fh:
+        data = json.load(fh)
+    info = data["machine_info"].get("mtlue") or {}
+    device = info.get("bench_device", "?")
+    gpu = device.startswith("cuda")
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    copy_gbps = None
+    for bench in data["benchmarks"]:
+        extra = bench["extra_info"]
+        median = bench["stats"]["median"]
+        if extra["op"] == "copy":
+            copy_gbps = extra["bytes"] / median / 1e9
+            continue
+        groups[bench["group"]][extra["impl"]] = {"median": median, "bytes": extra.get("bytes")}
+
+    machine = info.get("gpu") if gpu else f"{data['machine_info'].get('cpu', {}).get('brand_raw', 'CPU')}"
+    lines = [
+        f"Device: {device} ({machine}); torch {info.get('torch')}; {data['datetime'][:10]}",
+        "",
+        "| op, size | implementation | median ms | compiled speed-up | GB/s (% of copy) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for group, impls in groups.items():
+        compiled = impls.get("compiled", {}).get("median")
+        for impl, stats in sorted(impls.items(), key=lambda kv: kv[1]["median"]):
+            speedup = f"{stats['median'] / compiled:.1f}x" if compiled else "-"
+            bandwidth = "-"
+            if gpu and stats["bytes"]:
+                gbps = stats["bytes"] / stats["median"] / 1e9
+                bandwidth = f"{gbps:.0f}" + (f" ({100 * gbps / copy_gbps:.0f}%)" if copy_gbps else "")
+            lines.append(f"| {group} | {impl} | {1e3 * stats['median']:.2f} | {speedup} | {bandwidth} |")
+    if gpu and copy_gbps:
+        lines.append(f"\nDevice copy: {copy_gbps:.0f} GB/s (bytes read + written).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(summarize(arg))
