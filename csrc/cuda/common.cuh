@@ -53,7 +53,8 @@ __device__ __forceinline__ T sign_of(T v) {
 // (exact); integer pixels are converted exactly.
 template <typename op_t, typename T>
 __device__ __forceinline__ op_t to_op(T v) {
-  return static_cast<op_t>(static_cast<std::conditional_t<std::is_same_v<T, double>, double, float>>(v));
+  using via_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  return static_cast<op_t>(static_cast<via_t>(v));
 }
 
 // Sum over a warp (full mask: every lane of the warp must call it).

@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const T ge = *grad_inter;
   // A mean over an empty pair set is the constant 0 and contributes no gradient.
   const T s_within = p_within > 0 ? div_rn(gi, static_cast<T>(p_within)) : T(0);
-  const T pc = static_cast<T>(p_cross);
+  // ge * sign / P_c == (ge / P_c) * sign exactly (sign is -1, 0 or 1), so divide once.
+  const T s_cross = p_cross > 0 ? div_rn(ge, static_cast<T>(p_cross)) : T(0);
   const T norm_m = norms[m];
   const T cm = clamped_norm(norm_m);
 
@@ -142,9 +143,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t n = threadIdx.x; n < R; n += blockDim.x) {
     if (n == m) continue;
     const T c = cos[m * R + n];
-    const T s = (task.begin <= n && n < task.end)
-                    ? s_within
-                    : (p_cross > 0 ? div_rn(mul_rn(ge, sign_of(c)), pc) : T(0));
+    const T s = (task.begin <= n && n < task.end) ? s_within : mul_rn(s_cross, sign_of(c));
     weights[m * R + n] = div_rn(s, mul_rn(cm, clamped_norm(norms[n])));
     diag = add_rn(diag, mul_rn(s, c));
   }

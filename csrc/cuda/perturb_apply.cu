@@ -4,8 +4,8 @@
 // source columns of a warp are reversed but cover the same sectors). The row index is decomposed
 // into (b, c, row) once per warp instead of once per element, and each lane handles kUnroll
 // columns spaced 32 apart, issuing all loads before any store to keep several loads in flight.
-// Per-row arithmetic is int64; per-element offsets use index_t (uint32_t when every tensor has
-// fewer than 2^31 elements, else uint64_t).
+// Offsets and the row decomposition use index_t (uint32_t when every tensor has fewer than 2^31
+// elements, else uint64_t); window bounds checks use int64 so a bad crop can never wrap around.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -35,6 +35,12 @@ constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
 template <typename x_t, typename raw_t>
 using perturb_op_t =
     std::conditional_t<std::is_same_v<x_t, double> || std::is_same_v<raw_t, double>, double, float>;
+
+// Ask for full occupancy (8 blocks of 256 threads, <= 32 registers) in the common float / 32-bit
+// case, where the kernels fit without spilling; double or 64-bit variants keep their registers.
+template <typename x_t, typename raw_t, typename index_t>
+constexpr int kMinBlocks =
+    std::is_same_v<perturb_op_t<x_t, raw_t>, float> && std::is_same_v<index_t, uint32_t> ? 8 : 1;
 
 // Image value in [0,1]: uint8 pixels are divided by 255 (true division, as in the reference).
 template <typename op_t, typename x_t>
@@ -67,7 +73,7 @@ __device__ __forceinline__ void window_of(int64_t b, const int64_t* crop, const 
 
 // out[b,c,i,j] = clamp(x[b,c,top+i,src_col(j)] + delta(raw[...]), 0, 1); one warp per (b,c,i).
 template <typename x_t, typename raw_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<x_t, raw_t, index_t>)
     perturb_forward_kernel(const x_t* __restrict__ x, const raw_t* __restrict__ raw,
                            const int64_t* __restrict__ crop, const bool* __restrict__ flip,
                            raw_t* __restrict__ out, Geometry g, double eps_d, int mode) {
@@ -87,9 +93,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool row_ok = 0 <= r && r < g.H;  // guard only; callers validate the window
 
   // Element offsets of the source row in x / raw and of the output row.
-  const index_t src_base =
-      row_ok ? (bc * static_cast<index_t>(g.H) + static_cast<index_t>(r)) * static_cast<index_t>(g.W)
-             : index_t{0};
+  const index_t src_row = bc * static_cast<index_t>(g.H) + static_cast<index_t>(r);
+  const index_t src_base = row_ok ? src_row * static_cast<index_t>(g.W) : index_t{0};
   const index_t dst_base = static_cast<index_t>(row) * w;
   const op_t eps = static_cast<op_t>(eps_d);
   const op_t zero(0), one(1);
@@ -125,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
 // grad_raw[b,c,r,q]: zero outside the window, else the chained clamp / tanh gradient of the
 // matching grad_out element. One warp per (b,c,r) row of grad_raw.
 template <typename x_t, typename raw_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<x_t, raw_t, index_t>)
     perturb_backward_kernel(const raw_t* __restrict__ grad_out, const x_t* __restrict__ x,
                             const raw_t* __restrict__ raw, const int64_t* __restrict__ crop,
                             const bool* __restrict__ flip, raw_t* __restrict__ grad_raw,
@@ -147,9 +152,8 @@ __global__ void __launch_bounds__(kThreads)
 
   // Element offsets of this row in x / raw / grad_raw and of the matching grad_out row.
   const index_t src_base = static_cast<index_t>(row) * W;
-  const index_t go_base =
-      row_in ? (bc * static_cast<index_t>(g.h) + static_cast<index_t>(i)) * static_cast<index_t>(g.w)
-             : index_t{0};
+  const index_t go_row = bc * static_cast<index_t>(g.h) + static_cast<index_t>(i);
+  const index_t go_base = row_in ? go_row * static_cast<index_t>(g.w) : index_t{0};
   const op_t eps = static_cast<op_t>(eps_d);
   const op_t zero(0), one(1);
 
@@ -177,15 +181,14 @@ __global__ void __launch_bounds__(kThreads)
       if (q < W) {
         op_t grad = zero;
         if (ok[k]) {
-          const op_t s = add_rn(xv[k], make_delta(rv[k], eps, mode));
+          const op_t rv_k = rv[k];
+          const op_t t = mode == 0 ? zero : op_tanh(rv_k);  // tanh computed once
+          const op_t d = mode == 0 ? clamp_nan(rv_k, -eps, eps) : mul_rn(eps, t);
+          const op_t s = add_rn(xv[k], d);
           // Select, never multiply by a 0/1 mask (0 * inf = NaN). Clamp masks are inclusive.
           const op_t grad_s = (zero <= s && s <= one) ? gv[k] : zero;
-          if (mode == 0) {
-            grad = (-eps <= rv[k] && rv[k] <= eps) ? grad_s : zero;
-          } else {
-            const op_t t = op_tanh(rv[k]);
-            grad = mul_rn(mul_rn(grad_s, eps), sub_rn(one, mul_rn(t, t)));
-          }
+          grad = mode == 0 ? ((-eps <= rv_k && rv_k <= eps) ? grad_s : zero)
+                           : mul_rn(mul_rn(grad_s, eps), sub_rn(one, mul_rn(t, t)));
         }
         grad_raw[src_base + q] = static_cast<raw_t>(grad);
       }
@@ -213,6 +216,14 @@ unsigned int blocks_for_rows(int64_t rows) {
   return static_cast<unsigned int>(blocks);
 }
 
+// Calls f(x_t{}) with x_t the C++ type of an x dtype (uint8 or one of the four floating types).
+// A separate function so that this dispatch does not shadow the enclosing one's names.
+template <typename F>
+void dispatch_x(at::ScalarType x_type, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x_type, "perturb_apply (x)",
+                                  [&] { f(scalar_t{}); });
+}
+
 }  // namespace
 
 // x [B,C,H,W] uint8 or floating; raw [B,C,H,W] floating; crop [B,2] int64 or undefined;
@@ -230,9 +241,8 @@ void perturb_apply_forward(const at::Tensor& x, const at::Tensor& raw, double ep
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, raw.scalar_type(),
                                   "perturb_apply_forward", [&] {
     using raw_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(),
-                                    "perturb_apply_forward_x", [&] {
-      using x_t = scalar_t;
+    dispatch_x(x.scalar_type(), [&](auto x_tag) {
+      using x_t = decltype(x_tag);
       if (small) {
         perturb_forward_kernel<x_t, raw_t, uint32_t><<<blocks, kThreads, 0, stream>>>(
             x.const_data_ptr<x_t>(), raw.const_data_ptr<raw_t>(), crop_ptr(crop), flip_ptr(flip),
@@ -250,8 +260,8 @@ void perturb_apply_forward(const at::Tensor& x, const at::Tensor& raw, double ep
 // grad_out [B,C,h,w] (dtype of raw); x, raw as in the forward; grad_raw [B,C,H,W] (dtype of raw),
 // fully written: zero outside the crop window and wherever a clamp was active.
 void perturb_apply_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& raw,
-                            double eps, int64_t mode, const at::Tensor& crop, const at::Tensor& flip,
-                            at::Tensor& grad_raw) {
+                            double eps, int64_t mode, const at::Tensor& crop,
+                            const at::Tensor& flip, at::Tensor& grad_raw) {
   if (grad_raw.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(raw.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -264,9 +274,8 @@ void perturb_apply_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, raw.scalar_type(),
                                   "perturb_apply_backward", [&] {
     using raw_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(),
-                                    "perturb_apply_backward_x", [&] {
-      using x_t = scalar_t;
+    dispatch_x(x.scalar_type(), [&](auto x_tag) {
+      using x_t = decltype(x_tag);
       if (small) {
         perturb_backward_kernel<x_t, raw_t, uint32_t><<<blocks, kThreads, 0, stream>>>(
             grad_out.const_data_ptr<raw_t>(), x.const_data_ptr<x_t>(), raw.const_data_ptr<raw_t>(),

@@ -35,7 +35,8 @@ __global__ void __launch_bounds__(kThreads)
                            uint8_t* __restrict__ protected_img, int8_t* __restrict__ delta_q,
                            index_t numel, unsigned long long* __restrict__ overflow_count) {
   using op_t = std::conditional_t<std::is_same_v<delta_t, double>, double, float>;
-  const index_t first = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(kTile) + threadIdx.x;
+  const index_t first =
+      static_cast<index_t>(blockIdx.x) * static_cast<index_t>(kTile) + threadIdx.x;
 
   uint8_t xs[kUnroll];
   op_t ds[kUnroll];
@@ -63,7 +64,8 @@ __global__ void __launch_bounds__(kThreads)
       const int dq = p - static_cast<int>(xs[k]);  // in [-255, 255]
       overflows += (dq > 127 || dq < -127) ? 1u : 0u;
       protected_img[idx] = static_cast<uint8_t>(p);
-      delta_q[idx] = static_cast<int8_t>(dq < -128 ? -128 : (dq > 127 ? 127 : dq));  // saturate
+      // Saturated to +-127 like the CPU kernel (the caller raises whenever the count is nonzero).
+      delta_q[idx] = static_cast<int8_t>(dq < -127 ? -127 : (dq > 127 ? 127 : dq));
     }
   }
 
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // x [N,C,H,W] uint8; delta [N,C,H,W] half/bfloat16/float/double; protected_img uint8 and
 // delta_q int8, both [N,C,H,W], fully written. Returns the number of elements with
-// |protected - x| > 127 (delta_q is saturated there); reading the count synchronises the stream.
+// |protected - x| > 127 (delta_q is saturated to +-127 there); reading the count synchronises.
 int64_t quantize_export(const at::Tensor& x, const at::Tensor& delta, at::Tensor& protected_img,
                         at::Tensor& delta_q) {
   const int64_t numel = x.numel();
