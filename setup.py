@@ -32,16 +32,20 @@ def extension_build():
         return [], {}
     sources = ["csrc/ops.cpp", *sorted(glob("csrc/cpu/*.cpp"))]
     with_cuda = os.environ.get("MTLUE_SKIP_CUDA") != "1" and torch.version.cuda is not None and CUDA_HOME is not None
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is header-inline and runs serially unless OpenMP is on.
+    # -ffp-contract=off: no FMA contraction, so kernels round like the reference.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    link_flags = ["-fopenmp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension(
             "mtlue_fast._C",
             sources + ["csrc/cuda/bindings.cpp", *sorted(glob("csrc/cuda/*.cu"))],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("mtlue_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("mtlue_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     print(f"mtlue_fast: building C++{' + CUDA' if with_cuda else ''} ops against torch {torch.__version__}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

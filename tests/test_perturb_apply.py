@@ -92,7 +92,7 @@ def test_crop_at_borders_and_flip_route_gradient_exactly(device, gen):
     out, grad = assert_matches(x, raw, 0.5, "clamp", crop, flip, (5, 5), gen, atol=1e-12)
     # Independent check of the window and flip: with a huge eps and mid-range values nothing
     # saturates, so the output is x/255 + raw read through the window.
-    xf = x.double() / 255 + raw.detach()
+    xf = x.double() * reference.UINT8_SCALE + raw.detach()
     for b, (top, left) in enumerate(crop.tolist()):
         window = xf[b, :, top : top + 5, left : left + 5].clamp(0, 1)
         if flip[b]:
@@ -106,10 +106,10 @@ def test_crop_at_borders_and_flip_route_gradient_exactly(device, gen):
 def test_eps_zero_gives_clean_image_and_no_gradient(device, gen):
     x, raw = make_inputs(gen, (3, 3, 10, 10), torch.uint8, torch.float32, device, raw_scale=1.0)
     out, grad = assert_matches(x, raw, 0.0, "clamp", None, None, None, gen, atol=0)
-    torch.testing.assert_close(out, x.float() / 255, atol=0, rtol=0)
+    torch.testing.assert_close(out, x.float() * reference.UINT8_SCALE, atol=0, rtol=0)
     assert (grad == 0).all()
     out_tanh, grad_tanh = assert_matches(x, raw, 0.0, "tanh", None, None, None, gen, atol=0)
-    torch.testing.assert_close(out_tanh, x.float() / 255, atol=0, rtol=0)
+    torch.testing.assert_close(out_tanh, x.float() * reference.UINT8_SCALE, atol=0, rtol=0)
     assert (grad_tanh == 0).all()
 
 
@@ -117,7 +117,7 @@ def test_fully_saturated_raw_has_zero_gradient(device, gen):
     x, _ = make_inputs(gen, (2, 3, 9, 9), torch.uint8, torch.float32, device)
     raw = (torch.randint(0, 2, (2, 3, 9, 9), generator=gen).float() * 20 - 10).to(device).requires_grad_(True)
     out, grad = assert_matches(x, raw, 8 / 255, "clamp", None, None, None, gen, atol=1e-6)
-    expected = (x.float() / 255 + raw.detach().sign() * (8 / 255)).clamp(0, 1)
+    expected = (x.float() * reference.UINT8_SCALE + raw.detach().sign() * (8 / 255)).clamp(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert (grad == 0).all()
 

@@ -25,7 +25,7 @@ inline T clamp_nan(T v, T lo, T hi) {  // torch.clamp: NaN passes through
 template <typename opmath_t, typename x_t>
 inline opmath_t to_unit(x_t v) {
   if constexpr (std::is_same_v<x_t, uint8_t>) {
-    return static_cast<opmath_t>(v) / static_cast<opmath_t>(255);
+    return static_cast<opmath_t>(v) * static_cast<opmath_t>(1.0 / 255.0);  // as reference.py
   } else {
     return static_cast<opmath_t>(v);
   }

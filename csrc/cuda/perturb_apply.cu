@@ -42,11 +42,11 @@ template <typename x_t, typename raw_t, typename index_t>
 constexpr int kMinBlocks =
     std::is_same_v<perturb_op_t<x_t, raw_t>, float> && std::is_same_v<index_t, uint32_t> ? 8 : 1;
 
-// Image value in [0,1]: uint8 pixels are divided by 255 (true division, as in the reference).
+// Image value in [0,1]: uint8 pixels times the rounded reciprocal of 255, as in reference.py.
 template <typename op_t, typename x_t>
 __device__ __forceinline__ op_t load_image(x_t v) {
   if constexpr (std::is_same_v<x_t, uint8_t>) {
-    return div_rn(static_cast<op_t>(v), op_t(255));
+    return mul_rn(static_cast<op_t>(v), static_cast<op_t>(1.0 / 255.0));
   } else {
     return to_op<op_t>(v);
   }

@@ -161,7 +161,8 @@ def _jit_build_and_load() -> str:
     load(
         name=name,
         sources=[str(p) for p in jit_sources(src, with_cuda)],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # as setup.py
+        extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
         build_directory=str(build_dir),
         is_python_module=False,

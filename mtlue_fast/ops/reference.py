@@ -6,7 +6,8 @@ crops are given explicitly. Gradients come from autograd. The compiled kernels i
 the same arithmetic, including:
 
 - computation in float32 for half/bfloat16 inputs ("opmath"), float64 when any input is float64;
-- uint8 images are divided by 255 (a true division) before the perturbation is added;
+- uint8 images are multiplied by ``1/255`` (rounded to the compute dtype) before the
+  perturbation is added;
 - ``torch.clamp`` semantics: NaN propagates, the gradient mask is inclusive at both bounds;
 - ``torch.round`` (half to even) for export.
 """
@@ -18,6 +19,9 @@ import torch
 MODE_CLAMP = 0
 MODE_TANH = 1
 NORM_EPS = 1e-8
+# uint8 -> [0, 1]: a multiplication by the rounded reciprocal, not a division, so that CPU and CUDA
+# (whose scalar division multiplies by the reciprocal) give identical bits.
+UINT8_SCALE = 1.0 / 255.0
 
 
 def opmath_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -49,7 +53,7 @@ def perturb_apply(
         ``[B,C,h,w]`` in raw's dtype, values in [0, 1].
     """
     compute = opmath_dtype(x.dtype, raw.dtype)
-    xf = x.to(compute) / 255.0 if x.dtype == torch.uint8 else x.to(compute)
+    xf = x.to(compute) * UINT8_SCALE if x.dtype == torch.uint8 else x.to(compute)
     rawf = raw.to(compute)
     delta = torch.clamp(rawf, -eps, eps) if mode == MODE_CLAMP else eps * torch.tanh(rawf)
     y = torch.clamp(xf + delta, 0.0, 1.0)
