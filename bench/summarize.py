@@ -30,11 +30,15 @@ def summarize(path: str) -> str:
         groups[bench["group"]][extra["impl"]] = {"median": median, "bytes": extra.get("bytes")}
 
     machine = info.get("gpu") if gpu else f"{data['machine_info'].get('cpu', {}).get('brand_raw', 'CPU')}"
+    # Absolute times are quoted from GPUs only; on a CPU the table gives ratios within the run.
+    header = "| op, size | implementation | median ms | compiled speed-up | GB/s (% of copy) |"
+    if not gpu:
+        header = "| op, size | implementation | compiled speed-up (time / compiled time) |"
     lines = [
         f"Device: {device} ({machine}); torch {info.get('torch')}; {data['datetime'][:10]}",
         "",
-        "| op, size | implementation | median ms | compiled speed-up | GB/s (% of copy) |",
-        "|---|---|---:|---:|---:|",
+        header,
+        "|---|---|---:|" + ("---:|---:|" if gpu else ""),
     ]
     for group, impls in groups.items():
         compiled = impls.get("compiled", {}).get("median")
@@ -44,7 +48,10 @@ def summarize(path: str) -> str:
             if gpu and stats["bytes"]:
                 gbps = stats["bytes"] / stats["median"] / 1e9
                 bandwidth = f"{gbps:.0f}" + (f" ({100 * gbps / copy_gbps:.0f}%)" if copy_gbps else "")
-            lines.append(f"| {group} | {impl} | {1e3 * stats['median']:.2f} | {speedup} | {bandwidth} |")
+            if gpu:
+                lines.append(f"| {group} | {impl} | {1e3 * stats['median']:.3f} | {speedup} | {bandwidth} |")
+            else:
+                lines.append(f"| {group} | {impl} | {speedup} |")
     if gpu and copy_gbps:
         lines.append(f"\nDevice copy: {copy_gbps:.0f} GB/s (bytes read + written).")
     return "\n".join(lines)
