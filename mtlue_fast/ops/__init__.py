@@ -49,6 +49,10 @@ def perturb_apply(
     Returns:
         ``[B,C,h,w]`` in raw's dtype. The gradient flows to ``raw`` only: zero where the eps clamp
         saturated (clamp mode), where the [0, 1] clamp was active and outside the window.
+
+    Crop windows are bounds-checked eagerly (one small device-to-host read when ``crop`` is on a
+    GPU); under ``torch.compile`` that check is skipped, and the kernels still never read outside
+    the image.
     """
     mode_id, crop, (out_h, out_w) = _checks.perturb_args(x, raw, eps, mode, crop, flip, out_size)
     eps = float(eps)
