@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-pytest.importorskip("torchvision", reason="torchvision is an optional dependency (extra 'vision')")
+if importlib.util.find_spec("torchvision") is None:  # importing it here is what is under test
+    pytest.skip("torchvision is an optional dependency (extra 'vision')", allow_module_level=True)
 
 CODE = """
 import torch
