@@ -17,7 +17,7 @@ from mtlue_fast.compat import import_torchvision
 tv = import_torchvision()
 import_torchvision()  # idempotent
 model = tv.models.resnet18(weights=None)
-assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
 from torchvision.transforms import v2
 assert v2.RandomHorizontalFlip(p=1.0)(torch.arange(4.0).view(1, 1, 4)).flatten().tolist() == [3, 2, 1, 0]
 print("ok", tv.__version__)
