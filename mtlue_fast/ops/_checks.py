@@ -7,6 +7,7 @@ would force a host sync and a graph break; the kernels still never read out of b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -84,14 +85,14 @@ def perturb_args(
         top, left = (height - out_hw[0]) // 2, (width - out_hw[1]) // 2
         crop = torch.tensor([top, left], dtype=torch.int64, device=x.device).expand(batch, 2)
     if crop is not None:
-        if crop.dtype.is_floating_point or crop.dtype in (torch.bool, torch.complex64, torch.complex128):
+        if crop.dtype.is_floating_point or crop.dtype.is_complex or crop.dtype == torch.bool:
             raise ValueError(f"{op}: crop must be an integer tensor of (top, left), got {crop.dtype}")
         if tuple(crop.shape) != (batch, 2):
             raise ValueError(f"{op}: crop must have shape [B,2]=[{batch},2], got {tuple(crop.shape)}")
         crop = crop.to(torch.int64)
         if not _is_compiling() and crop.numel():
-            lo = crop.amin(dim=0).tolist()
-            hi = crop.amax(dim=0).tolist()
+            bounds = torch.cat([crop.amin(dim=0), crop.amax(dim=0)]).tolist()  # one host read
+            lo, hi = bounds[:2], bounds[2:]
             if lo[0] < 0 or lo[1] < 0 or hi[0] + out_hw[0] > height or hi[1] + out_hw[1] > width:
                 raise ValueError(
                     f"{op}: crop windows of size {out_hw} must lie inside the {height}x{width} image; "
@@ -116,9 +117,11 @@ def embedding_args(table: torch.Tensor, task_offsets: torch.Tensor | Sequence[in
         raise ValueError(f"{op}: table must be floating, got {table.dtype}")
     rows = table.shape[0]
     if not isinstance(task_offsets, torch.Tensor):
-        offsets = [int(o) for o in task_offsets]
-        _check_offset_values(offsets, rows)
-        task_offsets = torch.tensor(offsets, dtype=torch.int64)
+        offsets = tuple(int(o) for o in task_offsets)
+        _check_offset_values(list(offsets), rows)
+        if _is_compiling():
+            return torch.tensor(offsets, dtype=torch.int64, device=table.device)
+        return _offsets_on_device(offsets, table.device)
     else:
         if task_offsets.dtype.is_floating_point or task_offsets.dtype == torch.bool:
             raise ValueError(f"{op}: task_offsets must be an integer tensor, got {task_offsets.dtype}")
@@ -132,6 +135,12 @@ def embedding_args(table: torch.Tensor, task_offsets: torch.Tensor | Sequence[in
         if not _is_compiling():
             _check_offset_values(task_offsets.tolist(), rows)
     return task_offsets.to(device=table.device, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets_on_device(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Offsets given as a sequence, copied to the device once rather than at every call."""
+    return torch.tensor(offsets, dtype=torch.int64, device=device)
 
 
 def _check_offset_values(offsets: list[int], rows: int) -> None:
