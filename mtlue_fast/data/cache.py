@@ -1,0 +1,316 @@
+"""The one-time uint8 cache of a dataset split at its working resolution (SPEC 2.6).
+
+Layout of one cache entry (a folder under the cache root):
+
+    images.npy      uint8 [N, C, H, W], memory-mapped on open
+    labels.npy      int64 [N, K]            (NYUv2: seg.npy int8 [N,H,W] with -1 = ignore,
+                                             depth.npy float16 [N,1,H,W], normal.npy float16 [N,3,H,W])
+    manifest.json   settings, task names, source files (path, size, mtime), skip counts; written last
+
+The build decodes in chunks into ``*.partial.npy`` files and records after every chunk which are
+done (``progress.json``), so an interrupted build resumes where it stopped; only when all chunks
+are in are the arrays renamed into place and the manifest written, so an interrupted build never
+looks complete. A cache whose manifest no longer matches the source files or settings is rebuilt.
+Files that fail to decode are skipped, counted and reported; they never enter the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import file_lock, read_json, save_npy, write_json
+from ..progress import Progress
+from . import load_records
+from .decode import Decoder, PilDecoder
+from .records import Records
+from .specs import ResizeSpec, get_spec
+
+CACHE_VERSION = 1
+DENSE_ARRAYS = {"seg": (np.int8, 0), "depth": (np.float16, 1), "normal": (np.float16, 3)}  # dtype, channels
+
+
+def default_cache_root() -> Path:
+    """``$MTLUE_CACHE`` or ``~/.cache/mtlue_fast``."""
+    return Path(os.environ.get("MTLUE_CACHE", Path.home() / ".cache" / "mtlue_fast")).expanduser()
+
+
+@dataclass
+class Cache:
+    """An opened cache entry.
+
+    Attributes:
+        path: the entry's folder.
+        images: uint8 memmap ``[N, C, H, W]``.
+        labels: int64 ``[N, K]``; for NYUv2 a dict of memmaps ``seg`` int8 ``[N,H,W]`` (-1 = ignore),
+            ``depth`` float16 ``[N,1,H,W]``, ``normal`` float16 ``[N,3,H,W]``.
+        task_names, num_classes: as in the records.
+        manifest: the parsed manifest.json.
+    """
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray | dict[str, np.ndarray]
+    task_names: list[str]
+    num_classes: list[int]
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def build_cache(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    cache_dir: str | Path | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    decoder: str | Decoder = "auto",
+    chunk_size: int = 1024,
+    strict: bool = False,
+    progress: bool = True,
+) -> Cache:
+    """Build (or reuse) the uint8 cache of one split and open it.
+
+    Args:
+        dataset, root, split: as for :func:`mtlue_fast.data.load_records`.
+        cache_dir: cache root (default :func:`default_cache_root`); one folder per entry inside.
+        size: working resolution ``(H, W)`` overriding the spec's (e.g. a reduced synthetic set).
+        decoder: ``"auto"`` (DALI when installed, else PIL), ``"dali"``, ``"pil"`` or a Decoder.
+        chunk_size: images decoded between two progress records.
+        strict: a skipped row, missing image or undecodable file raises instead of being counted.
+        progress: print a progress line with images/s.
+    """
+    spec = get_spec(dataset)
+    resize = spec.resize if size is None else replace(spec.resize, size=tuple(size))
+    records = load_records(dataset, root, split, strict=strict)
+    settings = {"version": CACHE_VERSION, "dataset": dataset, "split": split, "root": records.root,
+                "channels": resize.channels, "size": list(resize.size),
+                "center_crop": list(resize.center_crop) if resize.center_crop else None}  # fmt: skip
+    entry = Path(cache_dir or default_cache_root()) / _entry_name(settings)
+    sources = _source_listing(records)
+    source_digest = _digest({"settings": settings, "sources": sources, "labels": _label_digest(records)})
+    with file_lock(entry.parent / f".{entry.name}.lock"):
+        manifest = read_json(entry / "manifest.json")
+        if manifest is not None and manifest.get("source_digest") == source_digest and _complete(entry, spec.dense):
+            return open_cache(entry)
+        dec = resolve_decoder(decoder)
+        _build(entry, records, resize, dec, source_digest, chunk_size, strict, progress, spec.dense)
+        manifest = {**settings, "source_digest": source_digest, "decoder": dec.name, "count": None,
+                    "task_names": records.task_names, "num_classes": records.num_classes,
+                    "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        _finalize(entry, records, manifest, spec.dense)
+        if progress and manifest["skipped"]["counts"]:
+            print(manifest["summary"], file=sys.stderr, flush=True)
+    return open_cache(entry)
+
+
+def open_cache(entry: str | Path) -> Cache:
+    """Open a complete cache entry (memory-mapped, read-only)."""
+    entry = Path(entry)
+    manifest = read_json(entry / "manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{entry} is not a complete cache (no manifest.json)")
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    if manifest["dataset"] == "nyuv2":
+        labels: np.ndarray | dict[str, np.ndarray] = {
+            name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in DENSE_ARRAYS
+        }
+    else:
+        labels = np.load(entry / "labels.npy")
+    return Cache(entry, images, labels, manifest["task_names"], manifest["num_classes"], manifest)
+
+
+def resolve_decoder(decoder: str | Decoder) -> Decoder:
+    if not isinstance(decoder, str):
+        return decoder
+    if decoder not in ("auto", "dali", "pil"):
+        raise ValueError(f"decoder must be 'auto', 'dali' or 'pil', got {decoder!r}")
+    if decoder == "pil":
+        return PilDecoder()
+    from . import dali
+
+    if dali.available():
+        return dali.DaliDecoder()
+    if decoder == "dali":
+        raise RuntimeError("decoder='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    return PilDecoder()
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _entry_name(settings: dict) -> str:
+    height, width = settings["size"]
+    return f"{settings['dataset']}-{settings['split']}-{height}x{width}-{_digest(settings)[:10]}"
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _label_digest(records: Records) -> str:
+    if records.labels.dtype == object:  # NYUv2: label maps are files, covered by the listing
+        return ""
+    return hashlib.sha256(np.ascontiguousarray(records.labels).tobytes()).hexdigest()
+
+
+def _source_listing(records: Records) -> list[list]:
+    """``[relative path, size, mtime_ns]`` of every file the cache is built from."""
+    files = list(records.paths)
+    if records.labels.dtype == object:
+        files += [p for row in records.labels for p in row]
+    listing = []
+    for path in files:
+        stat = os.stat(path)
+        listing.append([os.path.relpath(path, records.root), stat.st_size, stat.st_mtime_ns])
+    return listing
+
+
+def _complete(entry: Path, dense: bool) -> bool:
+    names = ["images.npy"] + ([f"{n}.npy" for n in DENSE_ARRAYS] if dense else ["labels.npy"])
+    return all((entry / n).is_file() for n in names)
+
+
+def _partial_arrays(entry: Path, n: int, resize: ResizeSpec, dense: bool, resume: bool) -> dict[str, np.ndarray]:
+    height, width = resize.size
+    shapes = {"images": ((n, resize.channels, height, width), np.uint8)}
+    if dense:
+        for name, (dtype, channels) in DENSE_ARRAYS.items():
+            shapes[name] = ((n, height, width) if channels == 0 else (n, channels, height, width), dtype)
+    mode = "r+" if resume else "w+"
+    return {
+        name: np.lib.format.open_memmap(entry / f"{name}.partial.npy", mode=mode, dtype=dtype, shape=shape)
+        for name, (shape, dtype) in shapes.items()
+    }
+
+
+def _build(entry: Path, records: Records, resize: ResizeSpec, decoder: Decoder, source_digest: str,
+           chunk_size: int, strict: bool, show: bool, dense: bool) -> None:  # fmt: skip
+    entry.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "images.npy", "labels.npy", *[f"{n}.npy" for n in DENSE_ARRAYS]):
+        (entry / stale).unlink(missing_ok=True)
+    state = read_json(entry / "progress.json")
+    resume = (
+        state is not None
+        and state.get("source_digest") == source_digest
+        and state.get("chunk_size") == chunk_size
+        and (entry / "images.partial.npy").is_file()
+    )
+    if not resume:
+        state = {"source_digest": source_digest, "chunk_size": chunk_size, "chunks_done": 0, "failed": {}}
+    try:
+        arrays = _partial_arrays(entry, len(records), resize, dense, resume)
+    except (OSError, ValueError):  # a damaged partial file: start over
+        state = {"source_digest": source_digest, "chunk_size": chunk_size, "chunks_done": 0, "failed": {}}
+        arrays = _partial_arrays(entry, len(records), resize, dense, resume=False)
+    n = len(records)
+    bar = Progress(n, f"caching {records.dataset}/{records.split} ({decoder.name})", enabled=show)
+    bar.update(min(state["chunks_done"] * chunk_size, n))
+    for start in range(state["chunks_done"] * chunk_size, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        images, errors = decoder.decode(records.paths[start:stop], resize)
+        arrays["images"][start:stop] = images
+        if dense:
+            _load_dense(records.labels[start:stop], resize, arrays, start, errors)
+        for offset, error in enumerate(errors):
+            if error is not None:
+                if strict:
+                    raise RuntimeError(f"{records.paths[start + offset]}: cannot decode ({error}); strict=True")
+                state["failed"][str(start + offset)] = error
+        for array in arrays.values():
+            array.flush()
+        state["chunks_done"] += 1
+        write_json(entry / "progress.json", state)
+        bar.update(stop - start)
+    bar.close()
+    del arrays
+
+
+def _load_dense(maps: np.ndarray, resize: ResizeSpec, arrays: dict, start: int, errors: list) -> None:
+    """NYUv2 label, depth and normal maps into the dense partial arrays (nearest-neighbour resize)."""
+    height, width = resize.size
+    for offset, (seg_path, depth_path, normal_path) in enumerate(maps):
+        try:
+            seg, depth, normal = np.load(seg_path), np.load(depth_path), np.load(normal_path)
+            seg = _nearest(np.asarray(seg).reshape(seg.shape[0], seg.shape[1]), height, width)
+            depth = _nearest(np.asarray(depth).reshape(depth.shape[0], depth.shape[1], -1), height, width)
+            normal = _nearest(np.asarray(normal), height, width)
+            if seg.min() < -1 or seg.max() > 12:
+                raise ValueError(f"segmentation values {seg.min()}..{seg.max()}, expected -1..12")
+            arrays["seg"][start + offset] = np.rint(seg).astype(np.int8)
+            arrays["depth"][start + offset] = depth.transpose(2, 0, 1).astype(np.float16)
+            arrays["normal"][start + offset] = normal.transpose(2, 0, 1).astype(np.float16)
+        except Exception as err:  # unreadable or malformed maps: the sample is skipped
+            errors[offset] = errors[offset] or f"label maps: {type(err).__name__}: {err}"
+
+
+def _nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of an ``[h, w, ...]`` array (labels must not be interpolated)."""
+    if array.shape[:2] == (height, width):
+        return array
+    rows = (np.arange(height) * array.shape[0] // height).clip(0, array.shape[0] - 1)
+    cols = (np.arange(width) * array.shape[1] // width).clip(0, array.shape[1] - 1)
+    return array[rows][:, cols]
+
+
+def _finalize(entry: Path, records: Records, manifest: dict, dense: bool) -> None:
+    """Drop failed rows, move the arrays into place, write the manifest last."""
+    state = read_json(entry / "progress.json") or {"failed": {}}
+    failed = sorted(int(i) for i in state["failed"])
+    keep = np.setdiff1d(np.arange(len(records)), np.array(failed, dtype=np.int64))
+    names = ["images"] + (list(DENSE_ARRAYS) if dense else [])
+    for name in names:
+        partial = entry / f"{name}.partial.npy"
+        if failed:
+            _compact(partial, entry / f"{name}.npy", keep)
+            partial.unlink()
+        else:
+            os.replace(partial, entry / f"{name}.npy")
+    if not dense:
+        save_npy(entry / "labels.npy", records.labels[keep])
+    skipped = records.skipped.to_dict()
+    if failed:
+        skipped["counts"]["undecodable_images"] = len(failed)
+        skipped["examples"]["undecodable_images"] = [
+            f"{os.path.relpath(records.paths[i], records.root)} ({state['failed'][str(i)]})" for i in failed[:3]
+        ]
+    manifest.update(count=int(len(keep)), skipped=skipped, summary=_summary(records, failed))
+    write_json(entry / "manifest.json", manifest)
+    (entry / "progress.json").unlink(missing_ok=True)
+
+
+def _compact(source: Path, target: Path, keep: np.ndarray, rows_per_copy: int = 4096) -> None:
+    src = np.load(source, mmap_mode="r")
+    tmp = target.with_suffix(".compact.npy")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(len(keep), *src.shape[1:]))
+    for start in range(0, len(keep), rows_per_copy):
+        dst[start : start + rows_per_copy] = src[keep[start : start + rows_per_copy]]
+    dst.flush()
+    del dst
+    os.replace(tmp, target)
+
+
+def _summary(records: Records, failed: list[int]) -> str:
+    line = records.skipped.summary()
+    if failed:
+        line += f"; {len(failed)} undecodable image(s), e.g. {os.path.basename(records.paths[failed[0]])}"
+    return line
+
+
+def remove_cache(entry: str | Path) -> None:
+    """Delete one cache entry folder (only folders that look like cache entries)."""
+    entry = Path(entry)
+    if (entry / "manifest.json").is_file() or (entry / "progress.json").is_file():
+        shutil.rmtree(entry)
+    else:
+        raise ValueError(f"{entry} does not look like an mtlue_fast cache entry; not removed")
