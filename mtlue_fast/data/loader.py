@@ -1,0 +1,280 @@
+"""Device-side batches from a uint8 cache: seeded shuffling, sharding, per-sample crop and flip.
+
+``DeviceBatches`` yields ``(images, labels)``: uint8 ``[B, C, h, w]`` and int64 ``[B, K]`` on the
+requested device (NYUv2: ``labels`` is a dict of dense maps cropped and flipped with the image).
+Where the data lives:
+
+- device ``cuda``, fits on the GPU (``resident="auto"``): the whole uint8 array is copied to the GPU
+  once; a batch is one gather that also crops and flips each sample.
+- device ``cuda``, too large: a background thread gathers each batch from the memory map into
+  pinned host memory and copies it asynchronously on a side stream, one batch ahead (double
+  buffering); the crop and flip then run on the GPU.
+- device ``cpu``: each sample's window is copied straight from the memory map (numpy slicing, the
+  fastest path on a CPU).
+
+Order: epoch e uses the permutation ``default_rng([seed, e])``; rank r of w takes every w-th index
+(the permutation is padded by wrapping so that all ranks see the same count, unless ``drop_last``).
+Crop offsets and flips come from ``default_rng([seed, e, 1])`` over the whole permutation, so
+results do not depend on the device or on the world size's effect on batching.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .cache import Cache
+
+RESIDENT_FRACTION = 0.5  # of free GPU memory a resident dataset may take under resident="auto"
+
+
+class DeviceBatches:
+    """Iterate over a cache in batches on a device.
+
+    Args:
+        images: uint8 ``[N, C, H, W]`` (a memory map is fine).
+        labels: int64 ``[N, K]``, or a dict of dense maps ``[N, H, W]`` / ``[N, c, H, W]`` (NYUv2) that
+            are cropped and flipped together with the image (``normal``'s x component changes sign).
+        batch_size: samples per batch on this rank.
+        device: where batches are delivered.
+        crop: ``(h, w)`` window; None keeps the full image.
+        train: random window position and horizontal flip (p = 0.5) per sample; otherwise the
+            centre window and no flip.
+        shuffle: permute each epoch (default: ``train``).
+        seed: base seed of the permutation and augmentation.
+        drop_last: drop a final incomplete batch (and the ranks' padding).
+        rank, world_size: this process's shard.
+        resident: ``"auto"``, True or False: keep the whole array on the GPU.
+        with_indices: yield ``(images, labels, indices)`` with the dataset indices of the batch.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | dict[str, np.ndarray],
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        crop: tuple[int, int] | None = None,
+        train: bool = True,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        resident: str | bool = "auto",
+        with_indices: bool = False,
+    ) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {images.shape}")
+        n, _, height, width = images.shape
+        dense = isinstance(labels, dict)
+        label_rows = {len(v) for v in labels.values()} if dense else {len(labels)}
+        if label_rows != {n}:
+            raise ValueError(f"labels must have {n} rows like images, got {sorted(label_rows)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.crop = tuple(crop) if crop is not None else (height, width)
+        if not (0 < self.crop[0] <= height and 0 < self.crop[1] <= width):
+            raise ValueError(f"crop {crop} must fit the {height}x{width} images")
+        self.images, self.labels, self.dense = images, labels, dense
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.train = train
+        self.shuffle = train if shuffle is None else shuffle
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.with_indices = with_indices
+        self.epoch = 0
+        self._device_data: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None
+        self.resident = self.device.type == "cuda" and (resident is True or (resident == "auto" and self._fits_on_gpu()))
+
+    @classmethod
+    def from_cache(cls, cache: Cache, batch_size: int, device: torch.device | str = "cpu", **kwargs) -> DeviceBatches:
+        return cls(cache.images, cache.labels, batch_size, device, **kwargs)
+
+    # ------------------------------------------------------------------ order and windows
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank delivers per epoch."""
+        n = len(self.images)
+        per_rank = n // self.world_size if self.drop_last else -(-n // self.world_size)
+        return per_rank - per_rank % self.batch_size if self.drop_last else per_rank
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size if self.drop_last else -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order next (iteration otherwise advances the epoch by one each time)."""
+        self.epoch = epoch
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (indices, tops, lefts, flips) for ``epoch``, each ``[num_samples]``."""
+        n, _, height, width = self.images.shape
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        total = self.num_samples * self.world_size
+        if total > n:
+            order = np.concatenate([order, order[: total - n]])  # wrap so every rank has as many
+        h, w = self.crop
+        if self.train:
+            aug = np.random.default_rng([self.seed, epoch, 1])
+            tops = aug.integers(0, height - h + 1, len(order))
+            lefts = aug.integers(0, width - w + 1, len(order))
+            flips = aug.random(len(order)) < 0.5
+        else:
+            tops = np.full(len(order), (height - h) // 2)
+            lefts = np.full(len(order), (width - w) // 2)
+            flips = np.zeros(len(order), dtype=bool)
+        shard = slice(self.rank, total, self.world_size)
+        return order[shard][: self.num_samples], tops[shard][: self.num_samples], lefts[shard][: self.num_samples], flips[shard][: self.num_samples]
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.epoch
+        self.epoch += 1
+        plan = self.epoch_plan(epoch)
+        starts = range(0, self.num_samples, self.batch_size)
+        batches = [tuple(part[s : s + self.batch_size] for part in plan) for s in starts]
+        batches = [b for b in batches if len(b[0]) == self.batch_size or not self.drop_last]
+        if self.device.type == "cpu":
+            yield from (self._finish(*self._host_windows(*b), b[0]) for b in batches)
+        elif self.resident:
+            yield from (self._device_batch(*b) for b in batches)
+        else:
+            yield from self._streamed(batches)
+
+    def _finish(self, images, labels, indices):
+        indices = torch.as_tensor(indices, dtype=torch.int64, device=images.device)
+        return (images, labels, indices) if self.with_indices else (images, labels)
+
+    def _host_windows(self, idx, tops, lefts, flips):
+        """CPU path: copy each sample's window (flipped where asked) out of the memory map."""
+        h, w = self.crop
+        images = np.empty((len(idx), self.images.shape[1], h, w), dtype=np.uint8)
+        dense_out = {k: np.empty((len(idx), *v.shape[1:-2], h, w), dtype=v.dtype) for k, v in self.labels.items()} if self.dense else {}
+        for row, (i, top, left, flip) in enumerate(zip(idx.tolist(), tops.tolist(), lefts.tolist(), flips.tolist())):
+            cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if flip else slice(left, left + w)
+            images[row] = self.images[i, :, top : top + h, cols]
+            for name, maps in dense_out.items():
+                maps[row] = self.labels[name][i, ..., top : top + h, cols]
+        if self.dense:
+            labels = {k: torch.from_numpy(v) for k, v in dense_out.items()}
+            _negate_flipped_normals(labels, torch.from_numpy(flips))
+        else:
+            labels = torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))
+        return torch.from_numpy(images), labels
+
+    def _on_device(self):
+        if self._device_data is None:
+            images = torch.from_numpy(np.ascontiguousarray(self.images)).to(self.device)
+            if self.dense:
+                labels = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in self.labels.items()}
+            else:
+                labels = torch.from_numpy(np.asarray(self.labels, dtype=np.int64)).to(self.device)
+            self._device_data = (images, labels)
+        return self._device_data
+
+    def _device_batch(self, idx, tops, lefts, flips):
+        """GPU-resident path: one gather per array (batch selection, crop and flip together)."""
+        images, labels = self._on_device()
+        index = torch.as_tensor(idx, device=self.device)
+        windows = self._windows_on_device(tops, lefts, flips)
+        out_labels = (
+            {k: window_gather(v, index, *windows) for k, v in labels.items()} if self.dense else labels[index]
+        )
+        if self.dense:
+            _negate_flipped_normals(out_labels, windows[2])
+        return self._finish(window_gather(images, index, *windows), out_labels, idx)
+
+    def _windows_on_device(self, tops, lefts, flips):
+        plan = torch.from_numpy(np.stack([tops, lefts, flips.astype(np.int64)])).to(self.device, non_blocking=True)
+        return plan[0], plan[1], plan[2].bool(), self.crop
+
+    def _streamed(self, batches):
+        """Pinned host gather in a background thread, async copy on a side stream, crop on the GPU."""
+        stream = torch.cuda.Stream(self.device)
+        ready: queue.Queue = queue.Queue(maxsize=2)  # double buffering
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for idx, tops, lefts, flips in batches:
+                    if stop.is_set():
+                        return
+                    order = np.argsort(idx)  # sorted reads from the memory map, restored below
+                    images = torch.from_numpy(self.images[idx[order]]).pin_memory()
+                    if self.dense:
+                        labels = {k: torch.from_numpy(np.asarray(v[idx[order]])).pin_memory() for k, v in self.labels.items()}
+                    else:
+                        labels = torch.from_numpy(np.asarray(self.labels[idx[order]], dtype=np.int64)).pin_memory()
+                    ready.put((images, labels, np.argsort(order), idx, tops, lefts, flips))
+            except BaseException as err:  # surfaced in the consumer
+                ready.put(err)
+            ready.put(None)
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, restore, idx, tops, lefts, flips = item
+                with torch.cuda.stream(stream):
+                    images_dev = images.to(self.device, non_blocking=True)
+                    labels_dev = {k: v.to(self.device, non_blocking=True) for k, v in labels.items()} if self.dense else labels.to(self.device, non_blocking=True)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                position = torch.as_tensor(restore, device=self.device)
+                windows = self._windows_on_device(tops, lefts, flips)
+                out_images = window_gather(images_dev, position, *windows)
+                if self.dense:
+                    out_labels = {k: window_gather(v, position, *windows) for k, v in labels_dev.items()}
+                    _negate_flipped_normals(out_labels, windows[2])
+                else:
+                    out_labels = labels_dev[position]
+                yield self._finish(out_images, out_labels, idx)
+        finally:
+            stop.set()
+
+    def _fits_on_gpu(self) -> bool:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        label_bytes = sum(v.nbytes for v in self.labels.values()) if self.dense else self.labels.nbytes
+        return self.images.nbytes + label_bytes <= RESIDENT_FRACTION * free
+
+
+def window_gather(
+    data: torch.Tensor,
+    index: torch.Tensor,
+    tops: torch.Tensor,
+    lefts: torch.Tensor,
+    flips: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """``data[index[b], ..., tops[b]:tops[b]+h, cols_b]`` for every b in one gather (any dtype).
+
+    ``data`` is ``[N, ..., H, W]``; ``cols_b`` runs right to left where ``flips[b]``. Returns
+    ``[B, ..., h, w]``, contiguous.
+    """
+    h, w = size
+    batch = index.shape[0]
+    j = torch.arange(w, device=data.device)
+    rows = tops[:, None] + torch.arange(h, device=data.device)  # [B, h]
+    cols = lefts[:, None] + torch.where(flips[:, None], w - 1 - j, j)  # [B, w]
+    middle = data.shape[1:-2]
+    view = data.reshape(data.shape[0], -1, *data.shape[-2:])  # [N, M, H, W]
+    m = torch.arange(view.shape[1], device=data.device)
+    out = view[index[:, None, None, None], m[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return out.reshape(batch, *middle, h, w)
+
+
+def _negate_flipped_normals(labels: dict[str, torch.Tensor], flips: torch.Tensor) -> None:
+    """A horizontal flip mirrors surface normals: their x component changes sign."""
+    normal = labels.get("normal")
+    if normal is not None:
+        sign = torch.where(flips.to(normal.device), -1.0, 1.0).to(normal.dtype)
+        normal[:, 0] *= sign[:, None, None]
