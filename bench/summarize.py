@@ -21,6 +21,8 @@ def summarize(path: str) -> str:
     gpu = device.startswith("cuda")
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     copy_gbps = None
+    if all("images" in b["extra_info"] for b in data["benchmarks"]):
+        return summarize_throughput(data, device=info.get("bench_device", "?"))
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
         median = bench["stats"]["median"]
@@ -54,6 +56,21 @@ def summarize(path: str) -> str:
                 lines.append(f"| {group} | {impl} | {speedup} |")
     if gpu and copy_gbps:
         lines.append(f"\nDevice copy: {copy_gbps:.0f} GB/s (bytes read + written).")
+    return "\n".join(lines)
+
+
+def summarize_throughput(data: dict, device: str) -> str:
+    """Data benchmarks (bench_data.py): images/s per variant and the ratio to the slowest in its group."""
+    groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for bench in data["benchmarks"]:
+        extra = bench["extra_info"]
+        variant = extra.get("decoder") or extra.get("device") or bench["name"]
+        groups[bench["group"]].append((str(variant), extra["images"] / bench["stats"]["median"]))
+    lines = [f"Device: {device}; {data['datetime'][:10]}", "", "| benchmark | variant | images/s | vs slowest |", "|---|---|---:|---:|"]
+    for group, rows in groups.items():
+        slowest = min(rate for _, rate in rows)
+        for variant, rate in sorted(rows, key=lambda r: -r[1]):
+            lines.append(f"| {group} | {variant} | {rate:,.0f} | {rate / slowest:.1f}x |")
     return "\n".join(lines)
 
 
