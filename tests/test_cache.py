@@ -132,3 +132,26 @@ def test_default_location_honours_env(celeba_root, tmp_path, monkeypatch):
 def test_bad_decoder_name(celeba_root, tmp_path):
     with pytest.raises(ValueError, match="decoder must be"):
         build_cache("celeba", celeba_root, "train", tmp_path / "c", decoder="opencv", progress=False)
+
+
+def test_nyuv2_dense_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "nyuv2"
+    for i in range(3):
+        arrays = {
+            "image": rng.random((24, 32, 3), dtype=np.float32),
+            "label": rng.integers(-1, 13, (24, 32)).astype(np.float32),
+            "depth": rng.random((24, 32, 1), dtype=np.float32) * 10,
+            "normal": rng.standard_normal((24, 32, 3)).astype(np.float32),
+        }
+        for folder, array in arrays.items():
+            (root / "train" / folder).mkdir(parents=True, exist_ok=True)
+            np.save(root / "train" / folder / f"{i}.npy", array)
+    np.save(root / "train" / "label" / "2.npy", np.full((24, 32), 40.0, np.float32))  # out of range: skipped
+    cache = build_cache("nyuv2", root, "train", tmp_path / "cache", size=(12, 16), decoder="pil", progress=False)
+    assert cache.images.shape == (2, 3, 12, 16)
+    assert set(cache.labels) == {"seg", "depth", "normal"}
+    seg = np.load(root / "train" / "label" / "0.npy")
+    assert np.array_equal(cache.labels["seg"][0], seg[::2, ::2].astype(np.int8))  # nearest neighbour
+    assert cache.labels["depth"].shape == (2, 1, 12, 16) and cache.labels["normal"].dtype == np.float16
+    assert cache.manifest["skipped"]["counts"] == {"undecodable_images": 1}
