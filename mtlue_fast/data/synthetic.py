@@ -501,7 +501,9 @@ _EYE = _Pattern(0.0, 0.0, 1.0, "ellipse", aspect=2.6, color=(-0.55, -0.55, -0.5)
 _MOUTH = _Pattern(0.0, 0.0, 1.0, "ellipse", aspect=4.0, color=(0.05, -0.3, -0.25))
 
 
-def _face_background(rng: np.random.Generator, canvas: np.ndarray, pad: int, face: tuple[float, float, float, float]) -> None:
+def _face_background(
+    rng: np.random.Generator, canvas: np.ndarray, pad: int, face: tuple[float, float, float, float]
+) -> None:
     """Paint random portraits into ``canvas`` ``[b, H + 2 pad, W + 2 pad, 3]`` (in place): textured
     backdrop, hair, skin with shading, eyes, mouth. ``face`` = (centre y, centre x, semi-axis y,
     semi-axis x) as fractions of (H, W), jittered per image. Nothing here depends on a label."""
@@ -578,9 +580,12 @@ _CELEBA_FACTORS: dict[str, dict[str, float]] = {
         "Young": -0.8, "Gray_Hair": 0.6, "Bald": 0.4, "Receding_Hairline": 0.45, "Double_Chin": 0.45,
         "Chubby": 0.4, "Bags_Under_Eyes": 0.45, "Attractive": -0.45, "Eyeglasses": 0.3, "Wearing_Necktie": 0.2,
     },
-    "smile": {"Smiling": 0.9, "High_Cheekbones": 0.7, "Mouth_Slightly_Open": 0.55, "Narrow_Eyes": 0.25, "Rosy_Cheeks": 0.15},
-    "hair": {"Black_Hair": 0.55, "Blond_Hair": -0.55, "Brown_Hair": -0.1, "Pale_Skin": -0.2, "Straight_Hair": 0.2, "Wavy_Hair": -0.2},
-    "glam": {"Attractive": 0.5, "Heavy_Makeup": 0.4, "Wearing_Lipstick": 0.3, "Wearing_Earrings": 0.3, "Oval_Face": 0.35, "Pointy_Nose": 0.3, "Arched_Eyebrows": 0.3},
+    "smile": {"Smiling": 0.9, "High_Cheekbones": 0.7, "Mouth_Slightly_Open": 0.55, "Narrow_Eyes": 0.25,
+              "Rosy_Cheeks": 0.15},
+    "hair": {"Black_Hair": 0.55, "Blond_Hair": -0.55, "Brown_Hair": -0.1, "Pale_Skin": -0.2, "Straight_Hair": 0.2,
+             "Wavy_Hair": -0.2},
+    "glam": {"Attractive": 0.5, "Heavy_Makeup": 0.4, "Wearing_Lipstick": 0.3, "Wearing_Earrings": 0.3, "Oval_Face": 0.35,
+             "Pointy_Nose": 0.3, "Arched_Eyebrows": 0.3},
 }  # fmt: skip
 
 # Rows of a 6 x 7 grid over the central 140x140 crop, loosely where a feature sits on a face (the last
@@ -604,7 +609,8 @@ _CELEBA_GRID = (
 _CELEBA_SHAPES = (("disc", 1.0, 0.0), ("rect", 1.6, 0.0), ("rect", 1.6, 90.0))  # shape, aspect, angle in degrees
 _CELEBA_RADII = (0.07, 0.05)  # large, small, as fractions of the 140-pixel crop
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
-    (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9), (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
+    (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
+    (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
 )  # fmt: skip
 _CELEBA_FACE = (0.55, 0.5, 0.3, 0.36)  # face ellipse: centre y, x and semi-axes as fractions of (H, W)
 _CELEBA_AMP = 0.30  # paint opacity of an attribute pattern for a 50% attribute (rarer ones: stronger)
@@ -714,19 +720,52 @@ _CHEST_FACTORS: dict[str, dict[str, float]] = {
 # Each finding's look, coordinates relative to the whole image (lungs at x ~0.3 and ~0.7).
 # mirror=True: the finding appears on a random side. Colour +1 = opacity (brighter), -1 = lucency.
 _CHEST_PATTERNS: dict[str, _Pattern] = {
-    "Atelectasis": _Pattern(0.62, 0.30, 0.11, "rect", "flat", aspect=4.0, angle=-0.35, color=(1.0,), amp=0.068, jitter=0.04, mirror=True),
-    "Cardiomegaly": _Pattern(0.60, 0.56, 0.17, "disc", "rings", freq=1.0, mix=0.3, color=(1.0,), amp=0.068, jitter=0.02),
-    "Effusion": _Pattern(0.75, 0.27, 0.13, "ellipse", "flat", aspect=2.2, angle=0.25, color=(1.0,), amp=0.068, jitter=0.03, mirror=True),
-    "Infiltration": _Pattern(0.45, 0.30, 0.15, "gauss", "dots", freq=3.0, mix=0.8, color=(1.0,), amp=0.086, jitter=0.06, mirror=True),
+    "Atelectasis": _Pattern(
+        0.62, 0.30, 0.11, "rect", "flat",
+        aspect=4.0, angle=-0.35, color=(1.0,), amp=0.068, jitter=0.04, mirror=True,
+    ),
+    "Cardiomegaly": _Pattern(
+        0.60, 0.56, 0.17, "disc", "rings",
+        freq=1.0, mix=0.3, color=(1.0,), amp=0.068, jitter=0.02,
+    ),
+    "Effusion": _Pattern(
+        0.75, 0.27, 0.13, "ellipse", "flat",
+        aspect=2.2, angle=0.25, color=(1.0,), amp=0.068, jitter=0.03, mirror=True,
+    ),
+    "Infiltration": _Pattern(
+        0.45, 0.30, 0.15, "gauss", "dots",
+        freq=3.0, mix=0.8, color=(1.0,), amp=0.086, jitter=0.06, mirror=True,
+    ),
     "Mass": _Pattern(0.40, 0.30, 0.08, "disc", "flat", color=(1.0,), amp=0.065, jitter=0.08, mirror=True),
     "Nodule": _Pattern(0.38, 0.68, 0.04, "disc", "flat", color=(1.0,), amp=0.086, jitter=0.10, mirror=True),
-    "Pneumonia": _Pattern(0.52, 0.32, 0.13, "gauss", "rings", freq=1.5, mix=0.6, color=(1.0,), amp=0.109, jitter=0.05, mirror=True),
-    "Pneumothorax": _Pattern(0.25, 0.20, 0.14, "ellipse", "flat", aspect=3.0, angle=1.2, color=(-1.0,), amp=0.054, jitter=0.03, mirror=True),
-    "Consolidation": _Pattern(0.58, 0.70, 0.08, "square", "flat", color=(1.0,), amp=0.05, jitter=0.05, spin=0.4, mirror=True),
-    "Edema": _Pattern(0.45, 0.50, 0.25, "ellipse", "grating", freq=3.0, tex_angle=math.pi / 2, aspect=2.2, mix=0.7, color=(1.0,), amp=0.056, jitter=0.02),
-    "Emphysema": _Pattern(0.35, 0.30, 0.16, "ellipse", "checker", freq=3.0, aspect=1.4, angle=math.pi / 2, mix=0.5, color=(-1.0,), amp=0.052, jitter=0.03, mirror=True),
-    "Fibrosis": _Pattern(0.30, 0.68, 0.11, "diamond", "grating", freq=3.5, angle=0.8, mix=0.9, color=(1.0,), amp=0.08, jitter=0.04, mirror=True),
-    "Pleural_Thickening": _Pattern(0.45, 0.15, 0.17, "rect", "flat", aspect=5.0, angle=math.pi / 2, color=(1.0,), amp=0.084, jitter=0.02, mirror=True),
+    "Pneumonia": _Pattern(
+        0.52, 0.32, 0.13, "gauss", "rings",
+        freq=1.5, mix=0.6, color=(1.0,), amp=0.109, jitter=0.05, mirror=True,
+    ),
+    "Pneumothorax": _Pattern(
+        0.25, 0.20, 0.14, "ellipse", "flat",
+        aspect=3.0, angle=1.2, color=(-1.0,), amp=0.054, jitter=0.03, mirror=True,
+    ),
+    "Consolidation": _Pattern(
+        0.58, 0.70, 0.08, "square", "flat",
+        color=(1.0,), amp=0.05, jitter=0.05, spin=0.4, mirror=True,
+    ),
+    "Edema": _Pattern(
+        0.45, 0.50, 0.25, "ellipse", "grating",
+        freq=3.0, tex_angle=math.pi / 2, aspect=2.2, mix=0.7, color=(1.0,), amp=0.056, jitter=0.02,
+    ),
+    "Emphysema": _Pattern(
+        0.35, 0.30, 0.16, "ellipse", "checker",
+        freq=3.0, aspect=1.4, angle=math.pi / 2, mix=0.5, color=(-1.0,), amp=0.052, jitter=0.03, mirror=True,
+    ),
+    "Fibrosis": _Pattern(
+        0.30, 0.68, 0.11, "diamond", "grating",
+        freq=3.5, angle=0.8, mix=0.9, color=(1.0,), amp=0.08, jitter=0.04, mirror=True,
+    ),
+    "Pleural_Thickening": _Pattern(
+        0.45, 0.15, 0.17, "rect", "flat",
+        aspect=5.0, angle=math.pi / 2, color=(1.0,), amp=0.084, jitter=0.02, mirror=True,
+    ),
     "Hernia": _Pattern(0.80, 0.50, 0.07, "ring", "flat", color=(1.0,), amp=0.115, jitter=0.03),
 }  # fmt: skip
 
@@ -738,7 +777,9 @@ def _chest_background(rng: np.random.Generator, b: int, h: int, w: int) -> np.nd
     yr, xr = y / h, x / w
     img = np.broadcast_to(rng.uniform(0.03, 0.12, (b, 1, 1)).astype(np.float32), (b, h, w)).copy()
     cx = 0.5 + rng.uniform(-0.03, 0.03, b)
-    torso = _ellipse(h, w, (0.56 + rng.uniform(-0.02, 0.02, b)) * h, cx * w, 0.55 * h * np.ones(b), rng.uniform(0.42, 0.48, b) * w, soft=4.0)
+    torso = _ellipse(
+        h, w, (0.56 + rng.uniform(-0.02, 0.02, b)) * h, cx * w, 0.55 * h * np.ones(b), rng.uniform(0.42, 0.48, b) * w, soft=4.0
+    )
     img += torso * rng.uniform(0.45, 0.6, (b, 1, 1)).astype(np.float32)
     lung_y = (0.46 + rng.uniform(-0.03, 0.03, b)) * h
     lung_ay, lung_ax = rng.uniform(0.27, 0.33, b) * h, rng.uniform(0.15, 0.19, b) * w
@@ -746,11 +787,15 @@ def _chest_background(rng: np.random.Generator, b: int, h: int, w: int) -> np.nd
         _ellipse(h, w, lung_y, (cx - 0.2) * w, lung_ay, lung_ax, soft=3.0),
         _ellipse(h, w, lung_y, (cx + 0.2) * w, lung_ay, lung_ax, soft=3.0),
     )
-    ribs = 0.5 + 0.5 * np.cos(2 * math.pi * (yr * rng.uniform(7, 9, (b, 1, 1)) + 2.0 * (xr - 0.5) ** 2) + rng.uniform(0, 6.3, (b, 1, 1)))
+    ribs = 0.5 + 0.5 * np.cos(
+        2 * math.pi * (yr * rng.uniform(7, 9, (b, 1, 1)) + 2.0 * (xr - 0.5) ** 2) + rng.uniform(0, 6.3, (b, 1, 1))
+    )
     img -= lungs * (rng.uniform(0.28, 0.36, (b, 1, 1)) - 0.07 * ribs).astype(np.float32)
     spine = np.exp(-(((x - cx[:, None, None] * w) / (0.045 * w)) ** 2)) * (yr > 0.05)
     img += 0.18 * spine.astype(np.float32)
-    heart = _ellipse(h, w, 0.6 * h * np.ones(b), (cx + 0.05) * w, rng.uniform(0.1, 0.13, b) * h, rng.uniform(0.11, 0.14, b) * w, soft=3.0)
+    heart = _ellipse(
+        h, w, 0.6 * h * np.ones(b), (cx + 0.05) * w, rng.uniform(0.1, 0.13, b) * h, rng.uniform(0.11, 0.14, b) * w, soft=3.0
+    )
     img += 0.15 * heart
     dome = (yr > 0.8 + 0.08 * ((xr - 0.5) * 2.2) ** 2 + rng.uniform(-0.03, 0.03, (b, 1, 1))).astype(np.float32)
     img += 0.2 * dome * torso
@@ -827,12 +872,16 @@ def _write_chestxray(root: Path, n_train: int, n_test: int, seed: int, hw: tuple
         for (name, (follow_up, pid, age, sex, view, width, height, spacing)), row in zip(names_info, labels):
             findings = sorted(CHESTXRAY_FINDINGS[k] for k in np.flatnonzero(row))
             text = "|".join(findings) if findings else "No Finding"
-            rows.append((name, f"{name},{text},{follow_up},{pid},{age},{sex},{view},{width},{height},{spacing!r},{spacing!r}"))
+            fields = (name, text, follow_up, pid, age, sex, view, width, height, repr(spacing), repr(spacing))
+            rows.append((name, ",".join(str(f) for f in fields)))
             truth[split][f"images/{name}"] = row.copy()
         (root / ("train_val_list.txt" if split == "train" else "test_list.txt")).write_text(
             "".join(n + "\n" for n in names), encoding="ascii", newline="\n"
         )
-    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+    header = (
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+    )
     body = "".join(r + "\n" for _, r in sorted(rows))
     (root / "Data_Entry_2017_v2020.csv").write_text(header + "\n" + body, encoding="ascii", newline="\n")
     return truth
@@ -864,12 +913,13 @@ def _utk_patterns() -> tuple[list[_Pattern], list[_Pattern], list[_Pattern]]:
                  ("tri", "rings", 1.5, 0.6), ("ring", "checker", 2.5, 0.8))  # fmt: skip
     race = [
         _Pattern(0.55, 0.25, 0.09, shape, texture, freq=freq, mix=0.5, color=_paint(hue, 1.0 if c % 2 else -1.0),
-                 amp=0.35, jitter=0.025, mirror=True, blend=True)
+                 amp=0.25, jitter=0.025, mirror=True, blend=True)
         for c, (shape, texture, freq, hue) in enumerate(race_look)
     ]  # fmt: skip
     gender = [
-        _Pattern(0.84, 0.5, 0.11, "ellipse", "dots", freq=3.0, aspect=1.6, mix=0.8, color=(0.12, 0.1, 0.08), amp=0.2, jitter=0.02, blend=True),
-        _Pattern(0.84, 0.5, 0.11, "arc", "flat", color=(0.98, 0.5, 0.6), amp=0.2, jitter=0.02, blend=True),
+        _Pattern(0.84, 0.5, 0.11, "ellipse", "dots", freq=3.0, aspect=1.6, mix=0.8, color=(0.12, 0.1, 0.08), amp=0.3,
+                 jitter=0.02, blend=True),
+        _Pattern(0.84, 0.5, 0.11, "arc", "flat", color=(0.98, 0.5, 0.6), amp=0.3, jitter=0.02, blend=True),
     ]  # fmt: skip
     return age, race, gender
 
@@ -951,22 +1001,21 @@ def _write_utkface(root: Path, n_train: int, n_test: int, seed: int, hw: tuple[i
 # ----------------------------------------------------------------------------------------------------
 # NYUv2
 
-# class albedo (RGB), texture strength, texture frequencies (cycles per metre along the two surface
-# axes), per-channel texture phase offsets (books: colourful spines)
+# class albedo (RGB), texture strength, texture frequencies (cycles per metre along the two surface axes)
 _NYU_LOOK = {
-    "bed": ((0.78, 0.72, 0.88), 0.35, (4.0, 0.0), (0.0, 0.0, 0.0)),
-    "books": ((0.60, 0.30, 0.25), 0.8, (22.0, 0.0), (0.0, 2.1, 4.2)),
-    "ceiling": ((0.93, 0.93, 0.90), 0.05, (0.5, 0.5), (0.0, 0.0, 0.0)),
-    "chair": ((0.50, 0.30, 0.15), 0.25, (0.0, 9.0), (0.0, 0.0, 0.0)),
-    "floor": ((0.58, 0.42, 0.26), 0.35, (5.0, 0.3), (0.0, 0.0, 0.0)),
-    "furniture": ((0.36, 0.22, 0.12), 0.3, (0.0, 3.0), (0.0, 0.0, 0.0)),
-    "objects": ((0.30, 0.62, 0.55), 0.5, (12.0, 12.0), (0.0, 1.0, 2.0)),
-    "picture": ((0.80, 0.50, 0.20), 0.7, (6.0, 4.0), (0.0, 2.5, 1.2)),
-    "sofa": ((0.22, 0.32, 0.62), 0.15, (8.0, 8.0), (0.0, 0.0, 0.0)),
-    "table": ((0.68, 0.50, 0.32), 0.3, (2.5, 0.0), (0.0, 0.0, 0.0)),
-    "tv": ((0.07, 0.07, 0.09), 0.1, (30.0, 0.0), (0.0, 0.0, 0.0)),
-    "wall": ((0.82, 0.78, 0.68), 0.06, (0.7, 0.4), (0.0, 0.0, 0.0)),
-    "window": ((0.80, 0.90, 1.00), 0.45, (1.6, 1.6), (0.0, 0.0, 0.0)),
+    "bed": ((0.78, 0.72, 0.88), 0.35, (4.0, 0.0)),
+    "books": ((0.60, 0.30, 0.25), 0.8, (22.0, 0.0)),
+    "ceiling": ((0.93, 0.93, 0.90), 0.05, (0.5, 0.5)),
+    "chair": ((0.50, 0.30, 0.15), 0.25, (0.0, 9.0)),
+    "floor": ((0.58, 0.42, 0.26), 0.35, (5.0, 0.3)),
+    "furniture": ((0.36, 0.22, 0.12), 0.3, (0.0, 3.0)),
+    "objects": ((0.30, 0.62, 0.55), 0.5, (12.0, 12.0)),
+    "picture": ((0.80, 0.50, 0.20), 0.7, (6.0, 4.0)),
+    "sofa": ((0.22, 0.32, 0.62), 0.15, (8.0, 8.0)),
+    "table": ((0.68, 0.50, 0.32), 0.3, (2.5, 0.0)),
+    "tv": ((0.07, 0.07, 0.09), 0.1, (30.0, 0.0)),
+    "wall": ((0.82, 0.78, 0.68), 0.06, (0.7, 0.4)),
+    "window": ((0.80, 0.90, 1.00), 0.45, (1.6, 1.6)),
 }
 # (width x, height y, depth z) ranges in metres of free-standing classes
 _NYU_FURNITURE = {
@@ -1022,14 +1071,17 @@ def _nyu_scene(rng: np.random.Generator, hw: tuple[int, int]):
     lo, hi = (-left, -(room_h - cam_h), -1.0), (right, cam_h, back)
     t_exit = [np.where(ray[a] > 0, np.float32(hi[a]), np.float32(lo[a])) * inv[a] for a in range(3)]
     depth = np.minimum(np.minimum(t_exit[0], t_exit[1]), t_exit[2])
-    axis = np.where(t_exit[0] == depth, 0, np.where(t_exit[1] == depth, 1, 2)).astype(np.int8)
+    axis = np.where(t_exit[0] == depth, 0, np.where(t_exit[1] == depth, 1, 2))  # intp: used as an index
     label = np.where(axis == 1, np.where(ray[1] > 0, cls["floor"], cls["ceiling"]), cls["wall"]).astype(np.int8)
     hit = [r * depth for r in ray]
 
     # decals on the back wall (sometimes a side wall): pictures and windows, same depth and normal
     for _ in range(int(rng.integers(1, 4))):
         name = "picture" if rng.random() < 0.6 else "window"
-        dw, dh = (rng.uniform(0.4, 1.0), rng.uniform(0.3, 0.8)) if name == "picture" else (rng.uniform(0.8, 1.6), rng.uniform(0.8, 1.3))
+        if name == "picture":
+            dw, dh = rng.uniform(0.4, 1.0), rng.uniform(0.3, 0.8)
+        else:
+            dw, dh = rng.uniform(0.8, 1.6), rng.uniform(0.8, 1.3)
         top = cam_h - rng.uniform(1.2, 2.0) - dh  # y of the upper edge (y down, floor at cam_h)
         if rng.random() < 0.7:
             x0 = rng.uniform(-left, right - dw)
@@ -1094,37 +1146,44 @@ def _nyu_scene(rng: np.random.Generator, hw: tuple[int, int]):
             continue
         np.copyto(depth[win], t_near, where=front)
         np.copyto(label[win], np.int8(c), where=front)
-        face = np.where(near[0] == t_near, 0, np.where(near[1] == t_near, 1, 2)).astype(np.int8)
+        face = np.where(near[0] == t_near, 0, np.where(near[1] == t_near, 1, 2))
         np.copyto(axis[win], face, where=front)
 
     # normals: the hit face's axis, pointing against the ray; world -> camera is rot.T
     ray_on_axis = np.where(axis == 0, ray[0], np.where(axis == 1, ray[1], ray[2]))
-    facing = -np.sign(ray_on_axis).astype(np.float32)
-    normal = np.take(rot, axis, axis=0) * facing[..., None]  # row a of rot = camera coords of e_a
+    towards = ray_on_axis < 0  # the face normal is +e_axis when the ray runs towards -axis
+    facing = np.where(towards, np.float32(1.0), np.float32(-1.0))
+    face_normals = np.concatenate([-rot, rot])  # row a of rot = camera coords of e_a; [-e_0..-e_2, e_0..e_2]
+    normal = np.take(face_normals, axis + 3 * towards, axis=0)
     hit = [r * depth for r in ray]
 
-    # appearance: albedo and world-space texture per class, Lambert shading, depth fall-off
-    look = [_NYU_LOOK[name] for name in NYUV2_CLASSES] + [((0.5, 0.5, 0.5), 0.5, (7.0, 7.0), (0.0, 3.0, 1.0))]
+    # appearance: albedo and world-space texture per class, Lambert shading, depth fall-off; the
+    # texture and shading are scalars per pixel, so only the albedo gather and the noise touch 3 channels
+    look = [_NYU_LOOK[name] for name in NYUV2_CLASSES] + [((0.5, 0.5, 0.5), 0.5, (7.0, 7.0))]
     albedo = np.clip(np.array([lk[0] for lk in look]) + rng.uniform(-0.08, 0.08, (len(look), 3)), 0.02, 1.0)
     albedo[-1] = rng.uniform(0.1, 0.9, 3)  # clutter: any colour
     albedo = albedo.astype(np.float32)
     strength = np.array([lk[1] for lk in look], np.float32)
     freq = np.array([lk[2] for lk in look], np.float32)
-    phase = (np.array([lk[3] for lk in look]) + rng.uniform(0, 2 * math.pi, (len(look), 1))).astype(np.float32)
+    phase = rng.uniform(0, 2 * math.pi, len(look)).astype(np.float32)
     index = np.where(label < 0, len(look) - 1, label).astype(np.intp)
     s1 = np.where(axis == 0, hit[2], hit[0])  # the two world axes spanning the hit face
     s2 = np.where(axis == 1, hit[2], hit[1])
     arg = np.float32(2 * math.pi) * (np.take(freq[:, 0], index) * s1 + np.take(freq[:, 1], index) * s2)
-    tex = 0.5 + 0.5 * np.cos(arg[..., None] + np.take(phase, index, axis=0))
-    st = np.take(strength, index)[..., None]
-    colour = np.take(albedo, index, axis=0) * (1.0 - st + st * tex)
+    arg += np.take(phase, index)
+    st = np.take(strength, index)
     light = np.array([0.3, -1.0, -0.45]) + rng.uniform(-0.2, 0.2, 3)
     light = (light / math.sqrt(float((light * light).sum()))).astype(np.float32)
     lambert = np.maximum(np.take(light, axis) * facing, 0.0)
-    shade = (0.4 + 0.6 * lambert) / (1.0 + 0.01 * depth * depth) * np.float32(rng.uniform(1.0, 1.35))
-    image = colour * shade[..., None]
-    image += 0.03 * _smooth_noise(rng, 1, h, w, 3, 5)[0]
-    image += 0.07 * (rng.random((h, w, 3), dtype=np.float32) - 0.5)  # std 0.02
+    scalar = (1.0 - st + st * (0.5 + 0.5 * np.cos(arg)))  # texture
+    scalar *= (0.4 + 0.6 * lambert) / (1.0 + 0.01 * depth * depth) * np.float32(rng.uniform(1.0, 1.35))  # shading
+    image = np.take(albedo, index, axis=0)
+    image *= scalar[..., None]
+    image += 0.03 * _smooth_noise(rng, 1, h, w, 1, 5)[0]
+    noise = rng.random((h, w, 3), dtype=np.float32)
+    noise -= 0.5
+    noise *= np.float32(0.07)  # std 0.02
+    image += noise
     np.clip(image, 0.0, 1.0, out=image)
 
     edge = np.zeros((h, w), bool)
