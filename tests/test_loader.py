@@ -135,3 +135,42 @@ def test_gpu_paths_equal_the_cpu_path(resident):
     assert len(cpu) == len(gpu)
     for a, b in zip(cpu, gpu):
         assert b[0].is_cuda and all(torch.equal(u, v.cpu()) for u, v in zip(a, b))
+
+
+def test_random_scale_crop_geometry():
+    from mtlue_fast.data.loader import random_scale_crop
+
+    rng = np.random.default_rng(0)
+    seg = torch.from_numpy(rng.integers(-1, 13, (2, 8, 12)).astype(np.int8))
+    depth = torch.from_numpy(rng.random((2, 1, 8, 12)).astype(np.float32))
+    images = torch.from_numpy(rng.integers(0, 256, (2, 3, 8, 12), dtype=np.uint8))
+    labels = {"seg": seg, "depth": depth}
+    same_images, same = random_scale_crop(images, labels, np.array([1.0, 1.0]), np.array([0.3, 0.9]), np.array([0.5, 0.1]))
+    assert torch.equal(same_images, images) and torch.equal(same["seg"], seg) and torch.allclose(same["depth"], depth)
+    # Scale 2 at the top-left / bottom-right: each pixel of the quarter window becomes a 2x2 block.
+    _, out = random_scale_crop(images, labels, np.array([2.0, 2.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    quarter = [seg[0, :4, :6], seg[1, 4:, 6:]]
+    for b in range(2):
+        assert torch.equal(out["seg"][b], quarter[b].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    expected_depth = depth[0, 0, :4, :6].repeat_interleave(2, 0).repeat_interleave(2, 1) / 2
+    assert torch.allclose(out["depth"][0, 0], expected_depth)
+
+
+def test_nyuv2_batches_use_random_scale_by_default():
+    n = 8
+    rng = np.random.default_rng(1)
+    dense = {"seg": rng.integers(-1, 13, (n, 8, 12)).astype(np.int8), "depth": rng.random((n, 1, 8, 12)).astype(np.float16),
+             "normal": rng.standard_normal((n, 3, 8, 12)).astype(np.float16)}  # fmt: skip
+    images = rng.integers(0, 256, (n, 3, 8, 12), dtype=np.uint8)
+
+    class FakeCache:
+        manifest = {"dataset": "nyuv2"}
+
+    FakeCache.images, FakeCache.labels = images, dense
+    train = DeviceBatches.from_cache(FakeCache, 8, train=True, seed=0)
+    test = DeviceBatches.from_cache(FakeCache, 8, train=False)
+    assert train.scales == (1.0, 1.2, 1.5) and test.scales is None
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 8, 12) and y["seg"].dtype == torch.int8 and y["depth"].dtype == torch.float16
+    with pytest.raises(ValueError, match="scales"):
+        DeviceBatches(images, dense, 4, scales=(0.5,))

@@ -29,6 +29,7 @@ import torch
 
 from .cache import Cache
 
+NYUV2_SCALES = (1.0, 1.2, 1.5)
 RESIDENT_FRACTION = 0.5  # of free GPU memory a resident dataset may take under resident="auto"
 
 
@@ -50,6 +51,10 @@ class DeviceBatches:
         rank, world_size: this process's shard.
         resident: ``"auto"``, True or False: keep the whole array on the GPU.
         with_indices: yield ``(images, labels, indices)`` with the dataset indices of the batch.
+        scales: random-scale crop after the window (train only; NYUv2's augmentation): each sample
+            draws a scale s from ``scales``, a window of size (h/s, w/s) at a uniform position is
+            resized back to (h, w) (image bilinear; maps nearest, depth divided by s). Default None
+            (off); :meth:`from_cache` turns it on with (1.0, 1.2, 1.5) for NYUv2.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class DeviceBatches:
         world_size: int = 1,
         resident: str | bool = "auto",
         with_indices: bool = False,
+        scales: tuple[float, ...] | None = None,
     ) -> None:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {images.shape}")
@@ -89,12 +95,17 @@ class DeviceBatches:
         self.shuffle = train if shuffle is None else shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.with_indices = with_indices
+        if scales is not None and (not scales or min(scales) < 1.0):
+            raise ValueError(f"scales must be a non-empty sequence of values >= 1, got {scales}")
+        self.scales = tuple(scales) if scales is not None and train else None
         self.epoch = 0
         self._device_data: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None
         self.resident = self.device.type == "cuda" and (resident is True or (resident == "auto" and self._fits_on_gpu()))
 
     @classmethod
     def from_cache(cls, cache: Cache, batch_size: int, device: torch.device | str = "cpu", **kwargs) -> DeviceBatches:
+        if cache.manifest.get("dataset") == "nyuv2":
+            kwargs.setdefault("scales", NYUV2_SCALES)
         return cls(cache.images, cache.labels, batch_size, device, **kwargs)
 
     # ------------------------------------------------------------------ order and windows
@@ -142,12 +153,28 @@ class DeviceBatches:
         starts = range(0, self.num_samples, self.batch_size)
         batches = [tuple(part[s : s + self.batch_size] for part in plan) for s in starts]
         batches = [b for b in batches if len(b[0]) == self.batch_size or not self.drop_last]
+        scale_plan = self.scale_plan(epoch)
         if self.device.type == "cpu":
-            yield from (self._finish(*self._host_windows(*b), b[0]) for b in batches)
+            outputs = (self._host_windows(*b) + (b[0],) for b in batches)
         elif self.resident:
-            yield from (self._device_batch(*b) for b in batches)
+            outputs = (self._device_batch(*b) for b in batches)
         else:
-            yield from self._streamed(batches)
+            outputs = self._streamed(batches)
+        for start, (images, labels, indices) in zip(starts, outputs):
+            if scale_plan is not None:
+                images, labels = random_scale_crop(images, labels, *(p[start : start + len(images)] for p in scale_plan))
+            yield self._finish(images, labels, indices)
+
+    def scale_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """This rank's (scale, relative top, relative left) per sample for ``epoch``, or None."""
+        if self.scales is None:
+            return None
+        total = self.num_samples * self.world_size
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        scale = np.asarray(self.scales)[rng.integers(0, len(self.scales), total)]
+        rel_top, rel_left = rng.random(total), rng.random(total)
+        shard = slice(self.rank, total, self.world_size)
+        return scale[shard], rel_top[shard], rel_left[shard]
 
     def _finish(self, images, labels, indices):
         indices = torch.as_tensor(indices, dtype=torch.int64, device=images.device)
@@ -190,7 +217,7 @@ class DeviceBatches:
         )
         if self.dense:
             _negate_flipped_normals(out_labels, windows[2])
-        return self._finish(window_gather(images, index, *windows), out_labels, idx)
+        return window_gather(images, index, *windows), out_labels, idx
 
     def _windows_on_device(self, tops, lefts, flips):
         plan = torch.from_numpy(np.stack([tops, lefts, flips.astype(np.int64)])).to(self.device, non_blocking=True)
@@ -237,7 +264,7 @@ class DeviceBatches:
                     _negate_flipped_normals(out_labels, windows[2])
                 else:
                     out_labels = labels_dev[position]
-                yield self._finish(out_images, out_labels, idx)
+                yield out_images, out_labels, idx
         finally:
             stop.set()
 
@@ -270,6 +297,44 @@ def window_gather(
     m = torch.arange(view.shape[1], device=data.device)
     out = view[index[:, None, None, None], m[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
     return out.reshape(batch, *middle, h, w)
+
+
+def random_scale_crop(
+    images: torch.Tensor,
+    labels: torch.Tensor | dict[str, torch.Tensor],
+    scales: np.ndarray,
+    rel_tops: np.ndarray,
+    rel_lefts: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+    """Per sample, the window of size (H/s, W/s) at (rel_top, rel_left) of the free range, resized
+    back to (H, W): images bilinear (uint8 kept), dense maps nearest, depth divided by s (things
+    look closer). Class labels pass through unchanged. Shapes: images ``[B, C, H, W]``.
+    """
+    import torch.nn.functional as F
+
+    batch, _, height, width = images.shape
+    device = images.device
+    s = torch.as_tensor(scales, dtype=torch.float32, device=device)
+    # Window centre in normalised [-1, 1] coordinates; the window spans 2/s of that range.
+    centre_y = (1 - 1 / s) * (2 * torch.as_tensor(rel_tops, dtype=torch.float32, device=device) - 1)
+    centre_x = (1 - 1 / s) * (2 * torch.as_tensor(rel_lefts, dtype=torch.float32, device=device) - 1)
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = 1 / s, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = 1 / s, centre_y
+    grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
+
+    def sample(t: torch.Tensor, mode: str) -> torch.Tensor:
+        flat = t.reshape(batch, -1, *t.shape[-2:]).float()
+        out = F.grid_sample(flat, grid, mode=mode, padding_mode="border", align_corners=False)
+        return out.reshape(batch, *t.shape[1:-2], height, width)
+
+    out_images = sample(images, "bilinear").round_().clamp_(0, 255).to(torch.uint8)
+    if not isinstance(labels, dict):
+        return out_images, labels
+    out_labels = {name: sample(m, "nearest").to(m.dtype) for name, m in labels.items()}
+    if "depth" in out_labels:
+        out_labels["depth"] = (out_labels["depth"].float() / s.view(-1, 1, 1, 1)).to(labels["depth"].dtype)
+    return out_images, out_labels
 
 
 def _negate_flipped_normals(labels: dict[str, torch.Tensor], flips: torch.Tensor) -> None:
