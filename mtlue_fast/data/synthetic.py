@@ -917,9 +917,9 @@ def _utk_patterns() -> tuple[list[_Pattern], list[_Pattern], list[_Pattern]]:
         for c, (shape, texture, freq, hue) in enumerate(race_look)
     ]  # fmt: skip
     gender = [
-        _Pattern(0.84, 0.5, 0.11, "ellipse", "dots", freq=3.0, aspect=1.6, mix=0.8, color=(0.12, 0.1, 0.08), amp=0.3,
+        _Pattern(0.84, 0.5, 0.11, "ellipse", "dots", freq=3.0, aspect=1.6, mix=0.8, color=(0.12, 0.1, 0.08), amp=0.24,
                  jitter=0.02, blend=True),
-        _Pattern(0.84, 0.5, 0.11, "arc", "flat", color=(0.98, 0.5, 0.6), amp=0.3, jitter=0.02, blend=True),
+        _Pattern(0.84, 0.5, 0.11, "arc", "flat", color=(0.98, 0.5, 0.6), amp=0.24, jitter=0.02, blend=True),
     ]  # fmt: skip
     return age, race, gender
 
