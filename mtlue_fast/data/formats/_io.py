@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..records import DatasetFormatError
+import numpy as np
+
+from ..records import DatasetFormatError, SkipLog
 
 
 def require_root(dataset: str, root: str | Path) -> Path:
@@ -42,3 +44,20 @@ def find_files(root: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
             if name.endswith(suffixes):
                 found.setdefault(name, Path(dirpath) / name)
     return found
+
+
+def match_listed(
+    names: list[str], labels: dict[str, np.ndarray], files: dict[str, Path], num_tasks: int, log: SkipLog
+) -> tuple[list[str], np.ndarray]:
+    """Paths and stacked int64 labels ``[N, num_tasks]`` of the listed ``names`` that have both a
+    label row and a file; the others are skipped as images without labels or missing images."""
+    paths, rows = [], []
+    for name in names:
+        if name not in labels:
+            log.skip("images_without_labels", name)
+        elif name not in files:
+            log.skip("missing_images", name)
+        else:
+            paths.append(str(files[name]))
+            rows.append(labels[name])
+    return paths, np.stack(rows) if rows else np.zeros((0, num_tasks), np.int64)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..records import DatasetFormatError, Records, SkipLog
-from ._io import read_lines, require_file, require_root
+from ._io import match_listed, read_lines, require_file, require_root
 
 PARTITION_OF_SPLIT = {"train": "0", "test": "2"}
 IMAGE_DIR = "img_align_celeba"
@@ -50,18 +50,10 @@ def read(root: str | Path, split: str, strict: bool = False) -> Records:
         elif fields[1] == wanted:
             in_split.append(fields[0])
 
-    on_disk = {p.name for p in image_dir.iterdir() if p.is_file()}
-    paths, labels = [], []
-    for name in sorted(in_split):
-        if name not in attributes:
-            log.skip("images_without_labels", name)
-        elif name not in on_disk:
-            log.skip("missing_images", name)
-        else:
-            paths.append(str(image_dir / name))
-            labels.append(attributes[name])
+    on_disk = {p.name: p for p in image_dir.iterdir() if p.is_file()}
+    paths, labels = match_listed(sorted(in_split), attributes, on_disk, len(names), log)
     listed = set(attributes) | set(in_split)
-    for name in sorted(on_disk - listed):
+    for name in sorted(on_disk.keys() - listed):
         if name.endswith(".jpg"):
             log.skip("unlisted_images", name)
     return Records(
@@ -69,7 +61,7 @@ def read(root: str | Path, split: str, strict: bool = False) -> Records:
         split=split,
         root=str(base),
         paths=paths,
-        labels=np.stack(labels) if labels else np.zeros((0, len(names)), np.int64),
+        labels=labels,
         task_names=names,
         num_classes=[2] * len(names),
         skipped=log,

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..records import DatasetFormatError, Records, SkipLog
 from ..specs import CHESTXRAY_FINDINGS
-from ._io import find_files, read_lines, require_file, require_root
+from ._io import find_files, match_listed, read_lines, require_file, require_root
 
 LIST_OF_SPLIT = {"train": "train_val_list.txt", "test": "test_list.txt"}
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -56,21 +56,13 @@ def read(root: str | Path, split: str, strict: bool = False) -> Records:
     entries = _read_entries(csv_path, log)
     images = find_files(base, (".png",))
     names = [line.strip() for line in read_lines(list_path)]
-    paths, labels = [], []
-    for name in names:
-        if name not in entries:
-            log.skip("images_without_labels", name)
-        elif name not in images:
-            log.skip("missing_images", name)
-        else:
-            paths.append(str(images[name]))
-            labels.append(entries[name])
+    paths, labels = match_listed(names, entries, images, len(CHESTXRAY_FINDINGS), log)
     return Records(
         dataset="chestxray",
         split=split,
         root=str(base),
         paths=paths,
-        labels=np.stack(labels) if labels else np.zeros((0, len(CHESTXRAY_FINDINGS)), np.int64),
+        labels=labels,
         task_names=list(CHESTXRAY_FINDINGS),
         num_classes=[2] * len(CHESTXRAY_FINDINGS),
         skipped=log,
