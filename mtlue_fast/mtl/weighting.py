@@ -1,0 +1,396 @@
+"""Task-weighting strategies (SPEC section 3): one small class each behind one interface.
+
+``get(name, num_tasks, **options)`` builds one. Every strategy is an ``nn.Module`` (learnable
+weights and running statistics live in its ``state_dict``, so checkpoints carry them) with
+
+- ``backward(losses [K], grads: TaskGradients) -> weights [K] | None``: fill the parameters'
+  ``.grad`` for this step and return the per-task weights it used (detached; None where the
+  strategy has no such weights, e.g. PCGrad);
+- ``epoch_end()``: called by the training loop after every epoch (DWA's loss history);
+- ``needs_task_grads``: True when it needs the per-task gradient matrix of the shared part, which
+  :class:`~mtlue_fast.mtl.task_grads.TaskGradients` computes in one batched pass.
+
+Everything runs on the losses' device without host synchronisation, except Aligned-MTL's
+eigendecomposition (``torch.linalg.eigh``, which checks convergence on the host).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .task_grads import TaskGradients
+
+__all__ = ["STRATEGIES", "Weighting", "get"]
+
+
+class Weighting(nn.Module):
+    """Base class: equal weights through an ordinary backward."""
+
+    name: ClassVar[str] = ""
+    needs_task_grads: ClassVar[bool] = False
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def epoch_end(self) -> None:
+        """Hook after each training epoch (nothing by default)."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook when training starts: look up what the strategy needs of ``model`` (nothing by
+        default; GradNorm takes ``model.last_shared_layer.weight``)."""
+
+
+class LossWeighting(Weighting):
+    """A strategy that only rescales the losses: ``backward`` of ``sum_k w_k L_k``."""
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """``[K]`` weights for this step (may carry a graph to learnable parameters)."""
+        raise NotImplementedError
+
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor:
+        weights = self.weights(losses)
+        grads.backward_weighted(weights)
+        return weights.detach()
+
+
+class GradientWeighting(Weighting):
+    """A strategy that combines the per-task gradient matrix ``G [K, P]`` into one gradient."""
+
+    needs_task_grads = True
+
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(combined [P], weights [K] or None)`` from ``task_grads [K, P]`` float32."""
+        raise NotImplementedError
+
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor | None:
+        with torch.no_grad():
+            combined, weights = self.combine(grads.task_grads(), losses.detach())
+        grads.apply(combined)
+        return weights
+
+
+# ---------------------------------------------------------------------------- loss weighting
+
+
+class EW(LossWeighting):
+    """Equal weighting: ``sum_k L_k``."""
+
+    name = "ew"
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(losses)
+
+
+class UW(LossWeighting):
+    """Uncertainty weighting (Kendall et al. 2018): ``sum_k L_k / (2 exp(s_k)) + s_k / 2``.
+
+    ``s_k`` (log-variances, learnable, initialised ``init``) are trained with the model; a task whose
+    loss stays large gets a larger ``s_k`` and so a smaller weight ``1 / (2 exp(s_k))``.
+    """
+
+    name = "uw"
+
+    def __init__(self, num_tasks: int, init: float = -0.5) -> None:
+        super().__init__(num_tasks)
+        self.log_vars = nn.Parameter(torch.full((num_tasks,), float(init)))
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.exp(-self.log_vars)
+
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor:
+        weights = self.weights(losses)
+        grads.backward_weighted(weights, extra=0.5 * self.log_vars.sum())
+        return weights.detach()
+
+
+class RLW(LossWeighting):
+    """Random loss weighting (Lin et al. 2022): ``w = K * softmax(N(0, I))``, drawn every step.
+
+    Draws use the default generator of the losses' device, whose state the training loop's
+    checkpoints carry.
+    """
+
+    name = "rlw"
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        draw = torch.randn(self.num_tasks, device=losses.device)
+        return self.num_tasks * torch.softmax(draw, dim=0)
+
+
+class DWA(LossWeighting):
+    """Dynamic weight average (Liu et al. 2019): ``w = K * softmax(r / T)``, ``r_k`` the ratio of the
+    last two epochs' mean losses of task k; equal weights for the first two epochs.
+    """
+
+    name = "dwa"
+
+    def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
+        super().__init__(num_tasks)
+        if temperature <= 0:
+            raise ValueError(f"dwa temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.register_buffer("loss_sum", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("history", torch.zeros(2, num_tasks, dtype=torch.float64))  # [t-2, t-1]
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.int64))
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        self.loss_sum += losses.detach().double()
+        self.steps += 1
+        ratio = self.history[1] / self.history[0].clamp_min(1e-12)
+        dynamic = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        ready = self.epochs_seen >= 2
+        return torch.where(ready, dynamic, torch.ones_like(dynamic)).to(losses.dtype)
+
+    def epoch_end(self) -> None:
+        mean = self.loss_sum / self.steps.clamp_min(1)
+        self.history.copy_(torch.stack([self.history[1], mean]))
+        self.loss_sum.zero_()
+        self.steps.zero_()
+        self.epochs_seen += 1
+
+
+class GradNorm(LossWeighting):
+    """GradNorm (Chen et al. 2018), ``alpha`` = 1.5.
+
+    Weights ``w = K * softmax(theta)`` (always summing to K). Each step, with ``G_k`` the norm of
+    ``w_k * dL_k/dW`` for the last shared layer's weight ``W`` and ``r_k`` task k's loss ratio
+    ``L_k / L_k(0)`` relative to the mean ratio, ``theta`` gets the gradient of
+    ``sum_k |G_k - mean(G) * r_k^alpha|`` (targets held constant); the model gets that of
+    ``sum_k w_k L_k``.
+    """
+
+    name = "gradnorm"
+
+    def __init__(self, num_tasks: int, alpha: float = 1.5) -> None:
+        super().__init__(num_tasks)
+        self.alpha = alpha
+        self.theta = nn.Parameter(torch.zeros(num_tasks))
+        self.register_buffer("initial_losses", torch.zeros(num_tasks))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self._layer: list[torch.Tensor | None] = [None]  # a list: a Parameter attribute would be registered
+
+    @property
+    def layer(self) -> torch.Tensor | None:
+        """The last shared layer's weight (set by :meth:`attach`)."""
+        return self._layer[0]
+
+    def attach(self, model: nn.Module) -> None:
+        self._layer = [model.last_shared_layer.weight]
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.num_tasks * torch.softmax(self.theta, dim=0)
+
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor:
+        if self.layer is None:
+            raise ValueError("gradnorm needs the last shared layer: call attach(model) first")
+        detached = losses.detach().float()
+        self.initial_losses.copy_(torch.where(self.started, self.initial_losses, detached))
+        self.started.fill_(True)
+        norms = grads.layer_grads(self.layer).flatten(1).float().norm(dim=1).detach()  # [K]
+        with torch.enable_grad():
+            weights = self.weights(losses)
+            scaled = weights * norms
+            ratio = detached / self.initial_losses.clamp_min(1e-12)
+            target = scaled.mean().detach() * (ratio / ratio.mean()).pow(self.alpha)
+            (self.theta.grad,) = torch.autograd.grad((scaled - target).abs().sum(), self.theta)
+        grads.backward_weighted(weights.detach())
+        return weights.detach()
+
+
+# ---------------------------------------------------------------------------- gradient weighting
+
+
+class PCGrad(GradientWeighting):
+    """Projecting conflicting gradients (Yu et al. 2020).
+
+    For each task i, its gradient is projected, against the other tasks' original gradients in a
+    random order, onto the normal plane of every one it conflicts with (negative dot product); the
+    results are summed. All K tasks are processed together (K-1 vectorised rounds).
+    """
+
+    name = "pcgrad"
+
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, None]:
+        k = task_grads.shape[0]
+        keys = torch.rand(k, k, device=task_grads.device)
+        keys.fill_diagonal_(2.0)  # own task sorts last and is never used
+        order = keys.argsort(dim=1)
+        squared_norms = (task_grads * task_grads).sum(1)
+        projected = task_grads.clone()
+        for step in range(k - 1):
+            others = order[:, step]
+            partner = task_grads[others]
+            dot = (projected * partner).sum(1)
+            coef = torch.where(dot < 0, dot / squared_norms[others].clamp_min(1e-20), torch.zeros_like(dot))
+            projected -= coef[:, None] * partner
+        return projected.sum(0), None
+
+
+def min_norm_weights(gram: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """Weights ``a`` on the simplex minimising ``a^T gram a`` (the min-norm point of the tasks'
+    convex hull; Sener & Koltun 2018), on the device without host reads.
+
+    Starts from the best two-task solution (closed form for every pair), then pairwise Frank-Wolfe with
+    exact line search for ``iterations`` steps. ``gram`` is ``[K, K]``; returns ``[K]`` in gram's dtype.
+    """
+    k = gram.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=gram.dtype, device=gram.device)
+    diag = torch.diagonal(gram)
+    # Pair (i, j): a_i = clip(((g_j - g_i) . g_j) / |g_i - g_j|^2, 0, 1).
+    diff = diag[:, None] + diag[None, :] - 2 * gram
+    a_pair = ((diag[None, :] - gram) / diff.clamp_min(1e-30)).clamp(0, 1)
+    a_pair = torch.where(diff > 1e-30, a_pair, torch.full_like(a_pair, 0.5))
+    cost = a_pair**2 * diag[:, None] + (1 - a_pair) ** 2 * diag[None, :] + 2 * a_pair * (1 - a_pair) * gram
+    best = cost.flatten().argmin()
+    i, j = best // k, best % k
+    a = a_pair.flatten()[best]
+    onehot = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    weights = a * onehot[i] + (1 - a) * onehot[j]
+    for _ in range(iterations):
+        # Pairwise Frank-Wolfe: move weight from the worst task in the support to the best task
+        # (converges linearly on the simplex, unlike plain Frank-Wolfe).
+        gradient = gram @ weights
+        best = gradient.argmin()
+        worst = torch.where(weights > 0, gradient, torch.full_like(gradient, -float("inf"))).argmax()
+        direction = onehot[best] - onehot[worst]
+        curvature = direction @ gram @ direction
+        step = -(direction @ gradient) / curvature.clamp_min(1e-30)
+        step = torch.minimum(step.clamp_min(0), weights[worst])
+        weights = (weights + torch.where(curvature > 1e-30, step, torch.zeros_like(step)) * direction).clamp_min(0)
+    return weights
+
+
+class MGDA(GradientWeighting):
+    """MGDA-UB (Sener & Koltun 2018): the min-norm convex combination of the task gradients.
+
+    ``normalize``: how the gradients are scaled before solving: ``"none"`` (default), ``"l2"``,
+    ``"loss"`` (divide by the task loss) or ``"loss+"`` (both). The found weights are applied to the
+    unscaled gradients. In the default representation space this is the MGDA-UB bound.
+    """
+
+    name = "mgda"
+    NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+    def __init__(self, num_tasks: int, normalize: str = "none", iterations: int = 100) -> None:
+        super().__init__(num_tasks)
+        if normalize not in self.NORMALIZATIONS:
+            raise ValueError(f"mgda normalize must be one of {self.NORMALIZATIONS}, got {normalize!r}")
+        self.normalize, self.iterations = normalize, iterations
+
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.ones(task_grads.shape[0], device=task_grads.device, dtype=torch.float64)
+        if self.normalize in ("l2", "loss+"):
+            scale = scale * task_grads.double().norm(dim=1)
+        if self.normalize in ("loss", "loss+"):
+            scale = scale * losses.double()
+        scaled = task_grads.double() / scale.clamp_min(1e-20)[:, None]
+        weights = min_norm_weights(scaled @ scaled.T, self.iterations)
+        weights = (weights / scale.clamp_min(1e-20)).float()
+        return weights @ task_grads, weights
+
+
+class AlignedMTL(GradientWeighting):
+    """Aligned-MTL (Senushkin et al. 2023): align the task gradients' principal components.
+
+    With ``G G^T = V diag(lambda) V^T`` (components below a relative tolerance dropped), the
+    aligned gradients are ``B G`` with ``B = sqrt(lambda_min) V diag(lambda^-1/2) V^T``: orthogonal
+    with equal norms (a condition number of 1). The combined gradient is their sum,
+    ``(B 1)^T G``, so its projections on all aligned gradients are equal.
+    """
+
+    name = "aligned_mtl"
+
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gram = task_grads.double() @ task_grads.double().T
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        tolerance = eigenvalues.max() * gram.shape[0] * torch.finfo(gram.dtype).eps
+        kept = eigenvalues > tolerance
+        inv_sqrt = torch.where(kept, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+        smallest = torch.where(kept, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
+        balance = smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T
+        weights = balance.sum(1).float()
+        return weights @ task_grads, weights
+
+
+def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, iterations: int = 30) -> torch.Tensor:
+    """Positive ``w [K]`` solving ``gram @ w = w ** (-1 / alpha)`` (FairGrad), on the device.
+
+    The system is the stationarity condition of the strictly convex
+    ``phi(w) = w^T gram w / 2 - sum_k f(w_k)`` with ``f' = w^(-1/alpha)``, so damped Newton steps
+    converge from any positive start. ``gram`` is scaled to unit mean diagonal first (the solution
+    scales as ``c^(-alpha/(1+alpha))`` when gram is scaled by c) and the result scaled back.
+    Each step tries 12 step lengths at once and keeps the best feasible one: no host reads.
+    """
+    k = gram.shape[0]
+    gram = gram.double()
+    scale = torch.diagonal(gram).mean().clamp_min(1e-30)
+    a = gram / scale
+    p = 1.0 / alpha
+    eye = torch.eye(k, dtype=a.dtype, device=a.device)
+    lengths = 0.5 ** torch.arange(12, dtype=a.dtype, device=a.device)  # [T]
+
+    def phi(w: torch.Tensor) -> torch.Tensor:  # w [..., K]
+        quadratic = 0.5 * ((w @ a) * w).sum(-1)
+        barrier = torch.log(w).sum(-1) if p == 1.0 else (w ** (1 - p) / (1 - p)).sum(-1)
+        return quadratic - barrier
+
+    w = torch.ones(k, dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        residual = a @ w - w ** (-p)
+        jacobian = a + eye * (p * w ** (-p - 1))
+        step = -torch.linalg.solve_ex(jacobian, residual)[0]  # _ex: no host-side error check
+        candidates = w[None, :] + lengths[:, None] * step[None, :]  # [T, K]
+        feasible = (candidates > 0).all(-1)
+        values = torch.where(feasible, phi(candidates.clamp_min(1e-300)), torch.full_like(lengths, float("inf")))
+        best = values.argmin()
+        improved = values[best] < phi(w)
+        w = torch.where(improved, candidates[best], w)
+    return w * scale ** (-alpha / (1 + alpha))
+
+
+class FairGrad(GradientWeighting):
+    """FairGrad (Ban & Ji 2024), ``alpha`` = 1: weights solving ``G G^T w = w^(-1/alpha)`` (on the
+    device, :func:`fairgrad_weights`), combined gradient ``w^T G``."""
+
+    name = "fairgrad"
+
+    def __init__(self, num_tasks: int, alpha: float = 1.0, iterations: int = 30) -> None:
+        super().__init__(num_tasks)
+        if alpha <= 0:
+            raise ValueError(f"fairgrad alpha must be > 0, got {alpha}")
+        self.alpha, self.iterations = alpha, iterations
+
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gram = task_grads.double() @ task_grads.double().T
+        weights = fairgrad_weights(gram, self.alpha, self.iterations).float()
+        return weights @ task_grads, weights
+
+
+STRATEGIES: dict[str, type[Weighting]] = {
+    cls.name: cls for cls in (EW, UW, RLW, DWA, GradNorm, PCGrad, MGDA, AlignedMTL, FairGrad)
+}
+
+
+def get(name: str, num_tasks: int, **options) -> Weighting:
+    """Build the strategy called ``name`` (``ew``, ``uw``, ``rlw``, ``dwa``, ``gradnorm``, ``pcgrad``,
+    ``mgda``, ``aligned_mtl``, ``fairgrad``) for ``num_tasks`` tasks with its ``options``."""
+    try:
+        cls = STRATEGIES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown weighting {name!r}; expected one of {', '.join(STRATEGIES)}") from None
+    try:
+        return cls(num_tasks, **options)
+    except TypeError as err:
+        raise ValueError(f"bad options for weighting {name!r}: {err}") from None
