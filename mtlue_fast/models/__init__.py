@@ -1,0 +1,16 @@
+"""Multi-task victim/surrogate networks (hard parameter sharing) on torchvision backbones."""
+
+from .backbones import BACKBONES, build_backbone, uses_small_stem, vit_patch_size
+from .mtl import DENSE_BACKBONES, NYUV2_DENSE_TASKS, DenseMultiTaskNet, MultiTaskNet, build_model
+
+__all__ = [
+    "BACKBONES",
+    "DENSE_BACKBONES",
+    "NYUV2_DENSE_TASKS",
+    "DenseMultiTaskNet",
+    "MultiTaskNet",
+    "build_backbone",
+    "build_model",
+    "uses_small_stem",
+    "vit_patch_size",
+]

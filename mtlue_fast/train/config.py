@@ -1,0 +1,119 @@
+"""Settings of one training run (SPEC section 3 defaults) and their resolution for a device."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..mtl.task_grads import SPACES
+from ..mtl.weighting import STRATEGIES
+from ..models import BACKBONES
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one victim / surrogate (defaults: SPEC section 3, CelebA-sized).
+
+    Model:
+        backbone: one of ``mtlue_fast.models.BACKBONES``.
+        width: channel multiplier of the backbone (1.0 = the torchvision architecture).
+        rep_dim: size of the shared representation ``Linear(F, rep_dim)`` + ELU.
+    Optimisation:
+        epochs, batch_size, lr, weight_decay: Adam's settings; batch_size is per process.
+        schedule: ``"multistep"`` (decay by ``gamma`` at ``milestones``, fractions of ``epochs``) or
+            ``"step"`` (every ``step_size`` epochs; NYUv2).
+        grad_clip: max global gradient norm of the model's parameters (0 = off).
+        weighting, weighting_options: task-weighting strategy (``mtlue_fast.mtl.weighting.get``).
+        grad_space: where gradient strategies take per-task gradients (``"representation"`` or
+            ``"parameters"``; see ``mtlue_fast.mtl.task_grads``).
+    Evaluation and checkpoints:
+        metric: ``"accuracy"``, ``"auc"`` (also reports accuracy) or ``"auto"`` (AUC for ChestX-ray14).
+        eval_every: evaluate on the clean test split every this many epochs (and after the last).
+        keep_every: keep the model's weights every this many epochs as ``epoch_NNN.pt`` (SEP needs
+            them; 0 = keep none).
+    Speed (each ``"auto"`` means on for CUDA, off for the CPU):
+        amp: bf16 autocast. channels_last: NHWC memory format. fused_adam: ``Adam(fused=True)``.
+        compile: ``torch.compile`` the model. compile_mode: ``torch.compile`` mode;
+            ``"reduce-overhead"`` replays the steps as CUDA graphs (static shapes only).
+        resident: keep the uint8 training set on the GPU (``DeviceBatches``'s ``resident``).
+        host_augment: crop and flip on the host and copy each batch (the straightforward path).
+        sync_every_step: read the loss to the host after every step (the straightforward path).
+        deterministic: ``torch.use_deterministic_algorithms(True)`` (bitwise-reproducible resume).
+    Other:
+        seed: model initialisation, data order and augmentation.
+        progress: print a progress line and a summary per epoch.
+    """
+
+    backbone: str = "resnet18"
+    width: float = 1.0
+    rep_dim: int = 256
+    epochs: int = 60
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    step_size: int = 100
+    gamma: float = 0.1
+    grad_clip: float = 5.0
+    weighting: str = "ew"
+    weighting_options: dict = field(default_factory=dict)
+    grad_space: str = "representation"
+    metric: str = AUTO
+    eval_every: int = 1
+    keep_every: int = 0
+    amp: bool | str = AUTO
+    channels_last: bool | str = AUTO
+    fused_adam: bool | str = AUTO
+    compile: bool = False
+    compile_mode: str = "default"
+    resident: bool | str = AUTO
+    host_augment: bool = False
+    sync_every_step: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.backbone in BACKBONES, "backbone", f"one of {', '.join(BACKBONES)}", self.backbone)
+        _check(self.width > 0, "width", "> 0", self.width)
+        _check(self.epochs >= 1, "epochs", ">= 1", self.epochs)
+        _check(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _check(self.lr > 0, "lr", "> 0", self.lr)
+        _check(self.schedule in ("multistep", "step"), "schedule", "'multistep' or 'step'", self.schedule)
+        _check(all(0 < m <= 1 for m in self.milestones), "milestones", "fractions in (0, 1]", self.milestones)
+        _check(self.weighting.lower() in STRATEGIES, "weighting", f"one of {', '.join(STRATEGIES)}", self.weighting)
+        _check(self.grad_space in SPACES, "grad_space", f"one of {', '.join(SPACES)}", self.grad_space)
+        _check(self.metric in ("accuracy", "auc", AUTO), "metric", "'accuracy', 'auc' or 'auto'", self.metric)
+        _check(self.eval_every >= 1, "eval_every", ">= 1", self.eval_every)
+        _check(self.keep_every >= 0, "keep_every", ">= 0", self.keep_every)
+        for name in ("amp", "channels_last", "fused_adam", "resident"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool) or value == AUTO, name, "true, false or 'auto'", value)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def milestone_epochs(self) -> list[int]:
+        """MultiStepLR milestones in epochs (60 epochs -> [36, 48])."""
+        return sorted({max(1, round(m * self.epochs)) for m in self.milestones})
+
+    def resolved(self, device: torch.device) -> dict[str, bool]:
+        """The speed switches with ``"auto"`` decided for ``device``."""
+        cuda = device.type == "cuda"
+        return {
+            name: cuda if getattr(self, name) == AUTO else bool(getattr(self, name))
+            for name in ("amp", "channels_last", "fused_adam", "resident")
+        }
+
+
+def _check(ok: bool, name: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"train config field {name!r} must be {expected}, got {got!r}")

@@ -1,0 +1,420 @@
+"""The one training loop (SPEC section 3): clean surrogates, SEP checkpoints, MTL and STL victims.
+
+``train(train_cache, test_cache, out_dir, config)`` trains a multi-task network on the training
+cache (clean or protected: same layout), evaluates it on the clean test cache, and leaves in
+``out_dir``:
+
+- ``metrics.jsonl``: one line per epoch (train losses per task, learning rate, images/s, test
+  metrics when evaluated);
+- ``last.pt``: the resumable state after the latest epoch (see :mod:`.checkpoint`); a rerun with
+  the same settings and data continues from it and ends with the same weights as an uninterrupted
+  run (bitwise on the CPU with ``deterministic=True``);
+- ``epoch_NNN.pt``: the weights every ``keep_every`` epochs (SEP's checkpoint ensemble);
+- ``final.pt`` and ``result.json`` once finished; a rerun then returns the stored result.
+
+``train_stl`` trains one single-task network per task through the same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.loader import DeviceBatches
+from ..fileio import atomic_path, read_json, write_json
+from ..models import build_model
+from ..mtl import weighting as weighting_registry
+from ..mtl.losses import ClassificationLoss, DenseLoss
+from ..mtl.metrics import ClassificationMetrics, DenseMetrics
+from ..mtl.task_grads import TaskGradients
+from ..progress import Progress
+from . import checkpoint
+from .config import TrainConfig
+from .tasks import DENSE_TASKS, TaskView, select_tasks
+
+UINT8_SCALE = 1.0 / 255.0
+
+
+@dataclass
+class TrainResult:
+    """What a finished training leaves: final clean-test metrics and the per-epoch history."""
+
+    out_dir: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    task_names: tuple[str, ...] = ()
+    images_per_second: float = float("nan")
+
+    def load_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The trained network (``final.pt``) in eval mode."""
+        stored = torch.load(self.out_dir / "final.pt", map_location="cpu", weights_only=False)
+        model = build_model(**stored["model_args"])
+        model.load_state_dict(stored["model"])
+        return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def model_args(view: TaskView, config: TrainConfig) -> dict:
+    """Keyword arguments of :func:`mtlue_fast.models.build_model` for ``view`` under ``config``."""
+    if view.dense:
+        tasks = {name: DENSE_TASKS[name][1] for name in view.task_names}
+        return {"tasks": tasks, "dense": True, "backbone": config.backbone, "in_channels": view.channels, "width": config.width}
+    return {
+        "tasks": list(view.num_classes), "dense": False, "backbone": config.backbone, "in_channels": view.channels,
+        "crop": view.crop, "width": config.width, "rep_dim": config.rep_dim,
+    }  # fmt: skip
+
+
+def make_loss(view: TaskView) -> Callable:
+    """Per-task losses ``(outputs, labels) -> [K]`` for ``view``'s tasks."""
+    if not view.dense:
+        return ClassificationLoss(view.num_classes)
+    dense = DenseLoss()
+    pick = [list(DENSE_TASKS).index(name) for name in view.task_names]
+
+    def dense_loss(outputs: dict, labels: dict) -> torch.Tensor:
+        full = {**{k: v for k, v in outputs.items()}}
+        return torch.stack([_dense_task_loss(dense, name, full, labels) for name in view.task_names]) if len(pick) < 3 else dense(outputs, labels)
+
+    return dense_loss
+
+
+def _dense_task_loss(dense: DenseLoss, name: str, outputs: dict, labels: dict) -> torch.Tensor:
+    label_key = DENSE_TASKS[name][0]
+    method = {"segmentation": dense.segmentation, "depth": dense.depth, "normal": dense.normal}[name]
+    return method(outputs[name], labels[label_key])
+
+
+def make_metrics(view: TaskView, config: TrainConfig, dataset: str | None, device: torch.device):
+    if view.dense:
+        return DenseMetrics(device=device)
+    auc = config.metric == "auc" or (config.metric == "auto" and dataset == "chestxray")
+    return ClassificationMetrics(view.num_classes, task_names=view.task_names, auc=auc, device=device)
+
+
+def make_optimizer(model: nn.Module, strategy: nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}]
+    extra = [p for p in strategy.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0})
+    return torch.optim.Adam(groups, lr=config.lr, fused=True if fused else None)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestone_epochs(), config.gamma)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _to_float(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = images.to(torch.float32).mul_(UINT8_SCALE)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _to_device(labels, device: torch.device):
+    if isinstance(labels, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in labels.items()}
+    return labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: DeviceBatches,
+    metrics,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    encode: Callable | None = None,
+    decode: Callable | None = None,
+) -> dict:
+    """Metrics of ``model`` over ``batches`` (one host read at the end). Leaves the model in eval mode."""
+    model.eval()
+    encode, decode = encode or model.encode, decode or model.decode
+    metrics.reset()
+    device = next(model.parameters()).device
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), _to_device(labels, device)
+        x = _to_float(images, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = decode(encode(x), x.shape[-2:])
+        metrics.update(outputs, labels)
+    return metrics.compute()
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(
+    train_cache,
+    test_cache,
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: torch.device | str = "cpu",
+    tasks: Sequence[int | str] | None = None,
+    crop: tuple[int, int] | None = None,
+    resume: bool = True,
+    label: str = "train",
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train one network on ``train_cache``'s ``tasks`` and evaluate it on ``test_cache``.
+
+    Args:
+        train_cache, test_cache: :class:`mtlue_fast.data.Cache` (or the same fields), the training
+            one clean or protected; the test one clean.
+        out_dir: this run's folder (created); see the module docstring for its files.
+        config: the settings (:class:`TrainConfig`).
+        device: where to train; batches are made on it from the uint8 cache.
+        tasks: task indices or names to train on (None = all).
+        crop: the victim's crop ``(h, w)``; None = the dataset's crop scaled to the cache.
+        resume: continue from ``out_dir/last.pt`` when present (its settings and data must match).
+        label: the progress line's name.
+        on_epoch_end: called with each epoch's record (after it is saved).
+
+    Returns:
+        :class:`TrainResult` with the last evaluation's metrics (SPEC: the reported number).
+    """
+    device = torch.device(device)
+    out = Path(out_dir)
+    view = select_tasks(train_cache, tasks, crop)
+    test_view = select_tasks(test_cache, view.task_names, view.crop)
+    dataset = train_cache.manifest.get("dataset")
+    run_digest = checkpoint.digest(
+        {"config": config.to_dict(), "train": view.identity, "test": test_view.identity, "tasks": view.task_names, "crop": view.crop}
+    )
+    finished = read_json(out / "result.json")
+    if resume and finished is not None and finished.get("digest") == run_digest:
+        return _result_from_json(out, finished)
+    switches = config.resolved(device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with _deterministic(config.deterministic):
+        torch.manual_seed(config.seed)
+        args = model_args(view, config)
+        model = build_model(**args).to(device)
+        if switches["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        strategy = weighting_registry.get(config.weighting, view.num_tasks, **config.weighting_options).to(device)
+        strategy.attach(model)
+        optimizer = make_optimizer(model, strategy, config, switches["fused_adam"] and device.type == "cuda")
+        scheduler = make_scheduler(optimizer, config)
+        start_epoch, history = 0, []
+        state = checkpoint.load(out / "last.pt", run_digest) if resume else None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            strategy.load_state_dict(state["weighting"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, history = state["epoch"], state["history"]
+            checkpoint.set_rng_state(state["rng"])
+            if config.progress:
+                print(f"{label}: resuming after epoch {start_epoch} from {out / 'last.pt'}", file=sys.stderr, flush=True)
+
+        encode, decode = model.encode, model.decode
+        if config.compile:
+            encode = torch.compile(model.encode, mode=config.compile_mode)
+            decode = torch.compile(model.decode, mode=config.compile_mode)
+        loss_fn = make_loss(view)
+        metrics = make_metrics(view, config, dataset, device)
+        batch_device = torch.device("cpu") if config.host_augment else device
+        train_batches = DeviceBatches(
+            view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=True,
+            seed=config.seed, drop_last=len(view.images) >= config.batch_size, resident=switches["resident"],
+            scales=_scales(dataset),
+        )  # fmt: skip
+        test_batches = DeviceBatches(
+            test_view.images, test_view.labels, config.batch_size, batch_device, crop=view.crop, train=False,
+            resident=switches["resident"],
+        )  # fmt: skip
+        step = _Step(model, strategy, optimizer, loss_fn, config, switches["amp"], switches["channels_last"], encode, decode)
+        throughput = float("nan")
+        for epoch in range(start_epoch, config.epochs):
+            record, throughput = _train_epoch(step, train_batches, epoch, device, config, label)
+            strategy.epoch_end()
+            scheduler.step()
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                record["test"] = evaluate(
+                    model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
+                    encode=encode, decode=decode,
+                )  # fmt: skip
+            history.append(record)
+            _write_history(out / "metrics.jsonl", history)
+            if config.keep_every and (epoch + 1) % config.keep_every == 0:
+                checkpoint.save_weights(out / f"epoch_{epoch + 1:03d}.pt", model, {"epoch": epoch + 1, "model_args": args})
+            checkpoint.save(out / "last.pt", {
+                "digest": run_digest, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
+                "weighting": strategy.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+            })  # fmt: skip
+            if config.progress:
+                _print_epoch(label, record, config.epochs, view.dense)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+
+    checkpoint.save_weights(out / "final.pt", model, {"epoch": config.epochs, "model_args": args})
+    final = history[-1].get("test", {}) if history else {}
+    result = {
+        "digest": run_digest, "metrics": final, "task_names": list(view.task_names), "config": config.to_dict(),
+        "epochs": config.epochs, "images_per_second": throughput,
+    }  # fmt: skip
+    write_json(out / "result.json", result)
+    return TrainResult(out, final, history, view.task_names, throughput)
+
+
+class _Step:
+    """One optimisation step: forward (autocast), per-task losses, weighting backward, clip, Adam."""
+
+    def __init__(self, model, strategy, optimizer, loss_fn, config: TrainConfig, amp: bool, channels_last: bool, encode, decode):
+        self.model, self.strategy, self.optimizer, self.loss_fn = model, strategy, optimizer, loss_fn
+        self.config, self.amp, self.channels_last = config, amp, channels_last
+        self.encode, self.decode = encode, decode
+        self.detach = strategy.needs_task_grads and config.grad_space == "representation"
+        self.shared = list(model.shared_parameters())
+        self.task = list(model.task_parameters())
+        self.clipped = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
+        x = _to_float(images, self.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            encoded = self.encode(x)
+            rep = encoded.detach().requires_grad_() if self.detach else encoded
+            outputs = self.decode(rep, x.shape[-2:])
+        losses = self.loss_fn(outputs, labels)
+        grads = TaskGradients(
+            losses, self.shared, self.task, representation=rep if self.detach else None,
+            encoded=encoded if self.detach else None, space=self.config.grad_space,
+        )  # fmt: skip
+        self.strategy.backward(losses, grads)
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.clipped, self.config.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses.detach()
+
+
+def _train_epoch(step: _Step, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str):
+    step.model.train()
+    batches.set_epoch(epoch)
+    loss_sum = None
+    steps, images_seen = 0, 0
+    progress = Progress(batches.num_samples, f"{label} epoch {epoch + 1}/{config.epochs}", enabled=config.progress, every=30.0)
+    start = time.perf_counter()
+    for images, labels in batches:
+        if images.device != device:  # host-side augmentation: copy each batch
+            images, labels = images.to(device), _to_device(labels, device)
+        losses = step(images, labels)
+        loss_sum = losses if loss_sum is None else loss_sum + losses
+        if config.sync_every_step:
+            float(losses.sum())  # the straightforward path's per-step host read
+        steps += 1
+        images_seen += images.shape[0]
+        progress.update(images.shape[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    mean_losses = (loss_sum / max(steps, 1)).tolist() if loss_sum is not None else []
+    throughput = images_seen / max(elapsed, 1e-9)
+    record = {
+        "epoch": epoch + 1, "train_loss": mean_losses, "train_loss_mean": sum(mean_losses) / max(len(mean_losses), 1),
+        "lr": step.optimizer.param_groups[0]["lr"], "images_per_second": throughput, "seconds": elapsed,
+    }  # fmt: skip
+    return record, throughput
+
+
+def _scales(dataset: str | None):
+    from ..data.loader import NYUV2_SCALES
+
+    return NYUV2_SCALES if dataset == "nyuv2" else None
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+
+
+def _print_epoch(label: str, record: dict, epochs: int, dense: bool) -> None:
+    text = f"{label} epoch {record['epoch']}/{epochs}: loss {record['train_loss_mean']:.4f}, {record['images_per_second']:.0f} img/s"
+    test = record.get("test")
+    if test:
+        name = "mIoU" if dense else ("mean AUC" if "mean_auc" in test else "mean acc")
+        text += f", test {name} {test['primary']:.4f}"
+    print(text, file=sys.stderr, flush=True)
+
+
+def _result_from_json(out: Path, stored: dict) -> TrainResult:
+    history = []
+    if (out / "metrics.jsonl").exists():
+        import json
+
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return TrainResult(out, stored["metrics"], history, tuple(stored["task_names"]), stored.get("images_per_second", math.nan))
+
+
+# ---------------------------------------------------------------------------- single-task victims
+
+
+def train_stl(
+    train_cache,
+    test_cache,
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: torch.device | str = "cpu",
+    tasks: Sequence[int | str] | None = None,
+    crop: tuple[int, int] | None = None,
+    resume: bool = True,
+) -> dict:
+    """One independent network per task (``out_dir/task_<name>/``), each through :func:`train`.
+
+    Returns (and writes to ``out_dir/result.json``) ``{"tasks": {name: metrics}, "task_names",
+    and per metric the list over tasks and its mean}``: for classification ``accuracy`` /
+    ``mean_accuracy`` (and ``auc`` / ``mean_auc`` over defined AUCs), ``primary`` the mean of the
+    per-task primaries.
+    """
+    out = Path(out_dir)
+    names = list(select_tasks(train_cache, tasks, crop).task_names)
+    per_task: dict[str, dict] = {}
+    for name in names:
+        result = train(
+            train_cache, test_cache, out / f"task_{name}", config, device=device, tasks=[name], crop=crop,
+            resume=resume, label=f"stl {name}",
+        )  # fmt: skip
+        per_task[name] = result.metrics
+    summary: dict = {"task_names": names, "tasks": per_task}
+    for key in ("accuracy", "auc"):
+        values = [m[key][0] for m in per_task.values() if key in m]
+        if len(values) == len(names):
+            summary[key] = values
+            defined = [v for v in values if v is not None and not math.isnan(v)]
+            summary[f"mean_{key}"] = sum(defined) / len(defined) if defined else math.nan
+    primaries = [m.get("primary", math.nan) for m in per_task.values()]
+    summary["primary"] = sum(primaries) / len(primaries)
+    write_json(out / "result.json", summary)
+    return summary
