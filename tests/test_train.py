@@ -156,3 +156,53 @@ def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="'backbone'"):
         TrainConfig(backbone="resnet7")
     assert TrainConfig().milestone_epochs() == [36, 48]
+
+
+def make_dense_cache(n: int, seed: int, size: int = 32) -> FakeCache:
+    """NYUv2-shaped: segmentation = which of 4 brightness levels a pixel has, depth = brightness,
+    normals = a fixed direction per class; some pixels unlabelled / without depth."""
+    rng = np.random.default_rng(seed)
+    level = rng.integers(0, 4, (n, 1, size // 8, size // 8)).repeat(8, 2).repeat(8, 3)  # 8x8 blocks
+    images = np.clip(level * 0.25 + 0.1 + rng.normal(0, 0.03, (n, 3, size, size)), 0, 1)
+    seg = level[:, 0].astype(np.int8)
+    seg[rng.random(seg.shape) < 0.1] = -1
+    depth = (1.0 + level).astype(np.float16)
+    depth[rng.random(depth.shape) < 0.1] = 0
+    directions = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0], [0.6, 0, 0.8]], dtype=np.float16)
+    normal = directions[level[:, 0]].transpose(0, 3, 1, 2)
+    labels = {"seg": seg, "depth": depth, "normal": np.ascontiguousarray(normal)}
+    images = (images * 255).round().astype(np.uint8)
+    manifest = {"dataset": "nyuv2", "source_digest": f"dense-{n}-{seed}"}
+    return FakeCache(images, labels, ["segmentation", "depth", "normal"], [13, 1, 3], manifest)
+
+
+def test_dense_mtl_and_stl_train(tmp_path):
+    train_cache, test_cache = make_dense_cache(96, 0), make_dense_cache(16, 1)
+    config = TrainConfig(backbone="resnet18", width=0.25, batch_size=8, epochs=8, lr=2e-3, schedule="step", step_size=6, progress=False)
+    result = train(train_cache, test_cache, tmp_path / "mtl", config)
+    metrics = result.metrics
+    for key in ("miou", "pixel_accuracy", "depth_abs_error", "depth_rel_error", "normal_angle_mean", "normal_within_30"):
+        assert np.isfinite(metrics[key]), key
+    assert result.history[-1]["train_loss_mean"] < result.history[0]["train_loss_mean"]
+    assert metrics["pixel_accuracy"] > 0.4  # four balanced levels: chance is 0.25
+    assert [r["lr"] for r in result.history] == [2e-3] * 6 + [2e-4] * 2
+    summary = train_stl(train_cache, test_cache, tmp_path / "stl", config.replace(epochs=1), tasks=["depth", "normal"])
+    assert summary["task_names"] == ["depth", "normal"]
+    assert np.isfinite(summary["tasks"]["depth"]["depth_abs_error"]) and np.isnan(summary["tasks"]["depth"]["miou"])
+
+
+def test_fast_path_switches_run_on_cpu(tmp_path):
+    """bf16 autocast, channels-last and host-side augmentation with per-step reads, on the CPU."""
+    train_cache, test_cache = make_cache(64, 0), make_cache(32, 1)
+    base = dict(FAST, epochs=1)
+    fast = train(train_cache, test_cache, tmp_path / "fast", TrainConfig(**base, amp=True, channels_last=True), crop=(32, 32))
+    naive = train(train_cache, test_cache, tmp_path / "naive", TrainConfig(**base, host_augment=True, sync_every_step=True), crop=(32, 32))
+    for result in (fast, naive):
+        assert np.all(np.isfinite(result.metrics["accuracy"]))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    train_cache, test_cache = make_cache(64, 0), make_cache(32, 1)
+    result = train(train_cache, test_cache, tmp_path, TrainConfig(**dict(FAST, epochs=1), compile=True), crop=(32, 32))
+    assert np.all(np.isfinite(result.metrics["accuracy"]))

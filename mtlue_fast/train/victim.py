@@ -138,6 +138,49 @@ def _to_device(labels, device: torch.device):
     return labels.to(device, non_blocking=True)
 
 
+@dataclass
+class Training:
+    """The objects of one training run (see :func:`build_training`)."""
+
+    model: nn.Module
+    strategy: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: TrainStep
+    model_args: dict
+
+
+def build_training(view: TaskView, config: TrainConfig, device: torch.device | str) -> Training:
+    """Seed, build the model (channels-last if asked), the weighting, Adam, the schedule and the step."""
+    device = torch.device(device)
+    switches = config.resolved(device)
+    torch.manual_seed(config.seed)
+    args = model_args(view, config)
+    model = build_model(**args).to(device)
+    if switches["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    strategy = weighting_registry.get(config.weighting, view.num_tasks, **config.weighting_options).to(device)
+    strategy.attach(model)
+    optimizer = make_optimizer(model, strategy, config, switches["fused_adam"] and device.type == "cuda")
+    scheduler = make_scheduler(optimizer, config)
+    step = TrainStep(model, strategy, optimizer, make_loss(view), config, switches["amp"], switches["channels_last"])
+    return Training(model, strategy, optimizer, scheduler, step, args)
+
+
+def make_batches(view: TaskView, config: TrainConfig, device: torch.device | str, *, train: bool, dataset: str | None = None) -> DeviceBatches:
+    """Training (shuffled, random crop + flip, NYUv2 random scale) or test (centre crop) batches.
+    With ``host_augment`` they are made on the CPU and the loop copies each one to ``device``."""
+    device = torch.device(device)
+    batch_device = torch.device("cpu") if config.host_augment else device
+    resident = config.resolved(device)["resident"]
+    if not train:
+        return DeviceBatches(view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=False, resident=resident)
+    return DeviceBatches(
+        view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=True, seed=config.seed,
+        drop_last=len(view.images) >= config.batch_size, resident=resident, scales=_scales(dataset),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -214,15 +257,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     with _deterministic(config.deterministic):
-        torch.manual_seed(config.seed)
-        args = model_args(view, config)
-        model = build_model(**args).to(device)
-        if switches["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-        strategy = weighting_registry.get(config.weighting, view.num_tasks, **config.weighting_options).to(device)
-        strategy.attach(model)
-        optimizer = make_optimizer(model, strategy, config, switches["fused_adam"] and device.type == "cuda")
-        scheduler = make_scheduler(optimizer, config)
+        parts = build_training(view, config, device)
+        model, strategy, optimizer, scheduler, args = parts.model, parts.strategy, parts.optimizer, parts.scheduler, parts.model_args
         start_epoch, history = 0, []
         state = checkpoint.load(out / "last.pt", run_digest) if resume else None
         if state is not None:
@@ -234,24 +270,10 @@ def train(
             checkpoint.set_rng_state(state["rng"])
             if config.progress:
                 print(f"{label}: resuming after epoch {start_epoch} from {out / 'last.pt'}", file=sys.stderr, flush=True)
-
-        encode, decode = model.encode, model.decode
-        if config.compile:
-            encode = torch.compile(model.encode, mode=config.compile_mode)
-            decode = torch.compile(model.decode, mode=config.compile_mode)
-        loss_fn = make_loss(view)
         metrics = make_metrics(view, config, dataset, device)
-        batch_device = torch.device("cpu") if config.host_augment else device
-        train_batches = DeviceBatches(
-            view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=True,
-            seed=config.seed, drop_last=len(view.images) >= config.batch_size, resident=switches["resident"],
-            scales=_scales(dataset),
-        )  # fmt: skip
-        test_batches = DeviceBatches(
-            test_view.images, test_view.labels, config.batch_size, batch_device, crop=view.crop, train=False,
-            resident=switches["resident"],
-        )  # fmt: skip
-        step = _Step(model, strategy, optimizer, loss_fn, config, switches["amp"], switches["channels_last"], encode, decode)
+        train_batches = make_batches(view, config, device, train=True, dataset=dataset)
+        test_batches = make_batches(test_view, config, device, train=False, dataset=dataset)
+        step, encode, decode = parts.step, parts.step.encode, parts.step.decode
         throughput = float("nan")
         for epoch in range(start_epoch, config.epochs):
             record, throughput = _train_epoch(step, train_batches, epoch, device, config, label)
@@ -286,13 +308,21 @@ def train(
     return TrainResult(out, final, history, view.task_names, throughput)
 
 
-class _Step:
-    """One optimisation step: forward (autocast), per-task losses, weighting backward, clip, Adam."""
+class TrainStep:
+    """One optimisation step: forward (autocast), per-task losses, weighting backward, clip, Adam.
 
-    def __init__(self, model, strategy, optimizer, loss_fn, config: TrainConfig, amp: bool, channels_last: bool, encode, decode):
+    ``encode`` / ``decode`` are the model's, compiled when ``config.compile`` (``compile_mode``
+    ``"reduce-overhead"`` adds CUDA graphs). Call with a uint8 batch and its labels on the model's
+    device; returns the detached per-task losses ``[K]`` (no host read).
+    """
+
+    def __init__(self, model, strategy, optimizer, loss_fn, config: TrainConfig, amp: bool, channels_last: bool):
         self.model, self.strategy, self.optimizer, self.loss_fn = model, strategy, optimizer, loss_fn
         self.config, self.amp, self.channels_last = config, amp, channels_last
-        self.encode, self.decode = encode, decode
+        self.encode, self.decode = model.encode, model.decode
+        if config.compile:
+            self.encode = torch.compile(model.encode, mode=config.compile_mode)
+            self.decode = torch.compile(model.decode, mode=config.compile_mode)
         self.detach = strategy.needs_task_grads and config.grad_space == "representation"
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())
@@ -317,7 +347,7 @@ class _Step:
         return losses.detach()
 
 
-def _train_epoch(step: _Step, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str):
+def _train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str):
     step.model.train()
     batches.set_epoch(epoch)
     loss_sum = None
