@@ -21,6 +21,8 @@ def summarize(path: str) -> str:
     gpu = device.startswith("cuda")
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     copy_gbps = None
+    if all(b["extra_info"].get("kind") in ("victim", "weighting") for b in data["benchmarks"]):
+        return summarize_victim(data, device=info.get("bench_device", "?"))
     if all("images" in b["extra_info"] for b in data["benchmarks"]):
         return summarize_throughput(data, device=info.get("bench_device", "?"))
     for bench in data["benchmarks"]:
@@ -72,6 +74,31 @@ def summarize_throughput(data: dict, device: str) -> str:
         for variant, rate in sorted(rows, key=lambda r: -r[1]):
             lines.append(f"| {group} | {variant} | {rate:,.0f} | {rate / slowest:.1f}x |")
     return "\n".join(lines)
+
+
+def summarize_victim(data: dict, device: str) -> str:
+    """bench_victim.py: training images/s per path with the ratio to the straightforward path, and
+    each weighting strategy's step time relative to equal weighting (``ew``)."""
+    lines = [f"Device: {device}; {data['datetime'][:10]}", ""]
+    by_kind: dict[str, dict[str, list[tuple[str, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for bench in data["benchmarks"]:
+        extra, median = bench["extra_info"], bench["stats"]["median"]
+        by_kind[extra["kind"]][bench["group"]].append((extra["variant"], extra["images"] / median, median))
+    for group, rows in by_kind["victim"].items():
+        base = dict((v, rate) for v, rate, _ in rows).get("straightforward")
+        lines += [f"{group}:", "", "| path | images/s | vs straightforward |", "|---|---:|---:|"]
+        for variant, rate, _ in sorted(rows, key=lambda r: -r[1]):
+            ratio = f"{rate / base:.2f}x" if base else "-"
+            lines.append(f"| {variant} | {rate:,.0f} | {ratio} |")
+        lines.append("")
+    for group, rows in by_kind["weighting"].items():
+        base = dict((v, t) for v, _, t in rows).get("ew")
+        lines += [f"{group}:", "", "| strategy | images/s | step time / ew |", "|---|---:|---:|"]
+        for variant, rate, median in sorted(rows, key=lambda r: r[2]):
+            ratio = f"{median / base:.2f}x" if base else "-"
+            lines.append(f"| {variant} | {rate:,.0f} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 if __name__ == "__main__":

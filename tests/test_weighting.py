@@ -140,6 +140,26 @@ def test_pcgrad_removes_the_conflicting_component():
     torch.testing.assert_close(combined, p1 + p2)
 
 
+def test_pcgrad_matches_projecting_the_vectors_directly(gen):
+    k = 6
+    g = torch.randn(k, 50, generator=gen, dtype=torch.float64)
+    torch.manual_seed(3)
+    combined, _ = weighting.PCGrad(k).combine(g, torch.ones(k))
+    torch.manual_seed(3)  # the same random orders
+    keys = torch.rand(k, k)
+    keys.fill_diagonal_(2.0)
+    order = keys.argsort(dim=1)
+    expected = torch.zeros(50, dtype=torch.float64)
+    for i in range(k):
+        projected = g[i].clone()
+        for j in order[i, : k - 1].tolist():
+            dot = projected @ g[j]
+            if dot < 0:
+                projected -= dot / (g[j] @ g[j]) * g[j]
+        expected += projected
+    torch.testing.assert_close(combined, expected)
+
+
 def test_pcgrad_leaves_agreeing_gradients_alone(gen):
     g = torch.rand(4, 10, generator=gen)  # all positive: no conflicts
     combined, _ = weighting.PCGrad(4).combine(g, torch.ones(4))

@@ -215,25 +215,29 @@ class PCGrad(GradientWeighting):
 
     For each task i, its gradient is projected, against the other tasks' original gradients in a
     random order, onto the normal plane of every one it conflicts with (negative dot product); the
-    results are summed. All K tasks are processed together (K-1 vectorised rounds).
+    results are summed. Every projected gradient stays a combination ``sum_j C_ij g_j`` of the
+    originals, so the rounds run on the ``[K, K]`` coefficients and the Gram matrix ``G G^T``
+    (float64) instead of on ``[K, P]`` vectors: one Gram product, K-1 tiny rounds, one
+    ``[K] x [K, P]`` product.
     """
 
     name = "pcgrad"
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = task_grads.shape[0]
+        gram = task_grads.double() @ task_grads.double().T
         keys = torch.rand(k, k, device=task_grads.device)
         keys.fill_diagonal_(2.0)  # own task sorts last and is never used
         order = keys.argsort(dim=1)
-        squared_norms = (task_grads * task_grads).sum(1)
-        projected = task_grads.clone()
+        rows = torch.arange(k, device=task_grads.device)
+        coefficients = torch.eye(k, dtype=gram.dtype, device=gram.device)
         for step in range(k - 1):
-            others = order[:, step]
-            partner = task_grads[others]
-            dot = (projected * partner).sum(1)
-            coef = torch.where(dot < 0, dot / squared_norms[others].clamp_min(1e-20), torch.zeros_like(dot))
-            projected -= coef[:, None] * partner
-        return projected.sum(0), None
+            partner = order[:, step]
+            dot = (coefficients @ gram)[rows, partner]  # projected g_i . g_partner
+            scale = torch.where(dot < 0, dot / torch.diagonal(gram)[partner].clamp_min(1e-30), torch.zeros_like(dot))
+            coefficients[rows, partner] -= scale
+        weights = coefficients.sum(0).to(task_grads.dtype)
+        return weights @ task_grads, weights
 
 
 def min_norm_weights(gram: torch.Tensor, iterations: int = 100) -> torch.Tensor:
@@ -346,6 +350,9 @@ def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, iterations: int = 3
         barrier = torch.log(w).sum(-1) if p == 1.0 else (w ** (1 - p) / (1 - p)).sum(-1)
         return quadratic - barrier
 
+    def residual_norm(w: torch.Tensor) -> torch.Tensor:
+        return (a @ w - w.clamp_min(1e-300) ** (-p)).abs().max()
+
     w = torch.ones(k, dtype=a.dtype, device=a.device)
     for _ in range(iterations):
         residual = a @ w - w ** (-p)
@@ -355,8 +362,12 @@ def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, iterations: int = 3
         feasible = (candidates > 0).all(-1)
         values = torch.where(feasible, phi(candidates.clamp_min(1e-300)), torch.full_like(lengths, float("inf")))
         best = values.argmin()
-        improved = values[best] < phi(w)
-        w = torch.where(improved, candidates[best], w)
+        damped = torch.where(values[best] < phi(w), candidates[best], w)
+        # Near the solution phi stalls at rounding level (its change is quadratic in the residual):
+        # there a full Newton step that shrinks the residual is taken instead.
+        full = candidates[0]
+        shrinks = feasible[0] & (residual_norm(full) < residual_norm(w))
+        w = torch.where(shrinks, full, damped)
     return w * scale ** (-alpha / (1 + alpha))
 
 

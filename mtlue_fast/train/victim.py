@@ -276,7 +276,7 @@ def train(
         step, encode, decode = parts.step, parts.step.encode, parts.step.decode
         throughput = float("nan")
         for epoch in range(start_epoch, config.epochs):
-            record, throughput = _train_epoch(step, train_batches, epoch, device, config, label)
+            record, throughput = train_epoch(step, train_batches, epoch, device, config, label)
             strategy.epoch_end()
             scheduler.step()
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
@@ -347,7 +347,9 @@ class TrainStep:
         return losses.detach()
 
 
-def _train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str):
+def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str = "train") -> tuple[dict, float]:
+    """One pass over ``batches`` (epoch ``epoch``'s order): ``(record, images/s)``; the per-task mean
+    losses are read to the host once, at the end (per step too with ``config.sync_every_step``)."""
     step.model.train()
     batches.set_epoch(epoch)
     loss_sum = None

@@ -1,0 +1,114 @@
+"""Victim training throughput (issue 4): the straightforward path vs the fast path, and the step time
+of the gradient-based weighting strategies against equal weighting.
+
+Run:  pytest bench/bench_victim.py --benchmark-json bench/results/<name>.json
+      python bench/summarize.py bench/results/<name>.json
+
+CelebA-shaped data: uint8 ``[N, 3, 70, 70]``, random crop 64 + flip, 40 binary tasks, ResNet-18.
+On a GPU: width 1.0 (the torchvision architecture) at batch 512, as in the issue's targets. On a CPU
+the full network manages a few dozen images/s, so the CPU run uses width 0.25 at batch 128: the
+ratios between paths are what a CPU run is for.
+
+Paths (each a :class:`~mtlue_fast.train.TrainConfig`; one training epoch of ``STEPS`` steps per round):
+
+- ``straightforward``: fp32, contiguous, eager, Adam (for-each), crop/flip on the host and a copy per
+  batch, the loss read to the host after every step;
+- ``fast``: what the defaults resolve to on the device (GPU: bf16 autocast, channels-last, fused
+  Adam, uint8 data resident with on-device crop/flip; CPU: channels-last, and bf16 autocast where
+  the CPU has AMX/AVX512-BF16) plus ``torch.compile``;
+- ``fast-eager``: the same without ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from mtlue_fast.train import TrainConfig, build_training, make_batches, select_tasks, train_epoch
+
+NUM_TASKS = 40
+
+
+@dataclass
+class ArrayCache:
+    images: np.ndarray
+    labels: np.ndarray
+    task_names: list
+    num_classes: list
+    manifest: dict
+
+
+def sizes(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"width": 1.0, "batch_size": 512, "steps": 20}
+    return {"width": 0.25, "batch_size": 128, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def celeba_like(bench_device) -> ArrayCache:
+    size = sizes(bench_device)
+    n = size["batch_size"] * size["steps"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 3, 70, 70), dtype=np.uint8)
+    labels = (rng.random((n, NUM_TASKS)) < 0.3).astype(np.int64)
+    names = [f"attr{k}" for k in range(NUM_TASKS)]
+    return ArrayCache(images, labels, names, [2] * NUM_TASKS, {"dataset": "celeba", "source_digest": "bench"})
+
+
+STRAIGHTFORWARD = dict(
+    amp=False, channels_last=False, fused_adam=False, compile=False, resident=False, host_augment=True, sync_every_step=True
+)
+PATHS = {
+    "straightforward": STRAIGHTFORWARD,
+    "fast": dict(compile=True),
+    "fast-eager": dict(),
+}
+
+
+def run_epoch(cache: ArrayCache, device: torch.device, **overrides):
+    """A callable running one epoch of training steps, built (and warmed) once."""
+    size = sizes(device)
+    config = TrainConfig(width=size["width"], batch_size=size["batch_size"], progress=False, **overrides)
+    view = select_tasks(cache, crop=(64, 64))
+    training = build_training(view, config, device)
+    batches = make_batches(view, config, device, train=True)
+    epoch = iter(range(10**6))
+
+    def once():
+        train_epoch(training.step, batches, next(epoch), device, config)
+
+    return once, size["batch_size"] * size["steps"]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_victim_training(benchmark, celeba_like, bench_device, path):
+    once, images = run_epoch(celeba_like, bench_device, **PATHS[path])
+    benchmark.group = f"victim training resnet18 w{sizes(bench_device)['width']} b{sizes(bench_device)['batch_size']} 40 tasks {bench_device.type}"
+    benchmark.extra_info.update(images=images, variant=path, kind="victim")
+    benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+
+
+STRATEGIES = [
+    ("ew", "representation"),
+    ("pcgrad", "representation"),
+    ("aligned_mtl", "representation"),
+    ("fairgrad", "representation"),
+    ("mgda", "representation"),
+    ("pcgrad", "parameters"),
+]
+
+
+@pytest.mark.parametrize("name,space", STRATEGIES)
+def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
+    """Step time of a weighting strategy on the fast eager path (compile off: the strategies run
+    outside the compiled model either way)."""
+    if space == "parameters" and bench_device.type == "cuda":
+        pytest.skip("40 batched backward passes of the full network: memory-bound comparison, CPU only")
+    once, images = run_epoch(celeba_like, bench_device, weighting=name, grad_space=space)
+    benchmark.group = f"weighting step resnet18 40 tasks {bench_device.type}"
+    variant = name if space == "representation" else f"{name} ({space})"
+    benchmark.extra_info.update(images=images, variant=variant, kind="weighting")
+    benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
