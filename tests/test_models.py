@@ -90,7 +90,8 @@ def test_width_scales_resnet_channels():
 
 
 def test_stem_rule():
-    assert uses_small_stem((32, 32)) and uses_small_stem((64, 32)) and not uses_small_stem((64, 64))
+    assert uses_small_stem((32, 32)) and uses_small_stem((64, 32)) and uses_small_stem((47, 64))
+    assert not uses_small_stem((64, 64)) and not uses_small_stem((48, 56))
     small, _ = build_backbone("resnet18", 1, (32, 32), width=W)
     assert (small.conv1.kernel_size, small.conv1.stride, small.conv1.in_channels) == ((3, 3), (1, 1), 1)
     assert isinstance(small.maxpool, nn.Identity)

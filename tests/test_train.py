@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtlue_fast.models import BACKBONES
-from mtlue_fast.train import TrainConfig, select_tasks, train, train_stl
+from mtlue_fast.train import TrainConfig, load_model, select_tasks, train, train_stl
 
 TASKS = ("spot", "stripe", "shade")
 CLASSES = (2, 2, 3)
@@ -139,6 +139,8 @@ def test_auc_metric_and_keep_every(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt"]
     model = result.load_model()
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 2)
+    kept = load_model(tmp_path / "epoch_001.pt")
+    assert not torch.equal(kept.head.weight, model.head.weight)  # epoch 1's weights, not the final ones
 
 
 def test_select_tasks_checks_names_and_indices():

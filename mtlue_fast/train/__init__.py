@@ -2,9 +2,10 @@
 
 from .config import TrainConfig
 from .tasks import TaskView, select_tasks, victim_crop
-from .victim import TrainResult, TrainStep, Training, build_training, evaluate, make_batches, train, train_epoch, train_stl
+from .victim import TrainResult, TrainStep, Training, build_training, evaluate, load_model, make_batches, train, train_epoch, train_stl
 
 __all__ = [
-    "TaskView", "TrainConfig", "TrainResult", "TrainStep", "Training", "build_training", "evaluate", "make_batches",
+    "TaskView", "TrainConfig", "TrainResult", "TrainStep", "Training", "build_training", "evaluate", "load_model",
+    "make_batches",
     "select_tasks", "train", "train_epoch", "train_stl", "victim_crop",
 ]  # fmt: skip

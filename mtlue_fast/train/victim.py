@@ -55,10 +55,15 @@ class TrainResult:
 
     def load_model(self, device: torch.device | str = "cpu") -> nn.Module:
         """The trained network (``final.pt``) in eval mode."""
-        stored = torch.load(self.out_dir / "final.pt", map_location="cpu", weights_only=False)
-        model = build_model(**stored["model_args"])
-        model.load_state_dict(stored["model"])
-        return model.to(device).eval()
+        return load_model(self.out_dir / "final.pt", device)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """A network saved by the loop (``final.pt`` or a kept ``epoch_NNN.pt``), in eval mode on ``device``."""
+    stored = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(**stored["model_args"])
+    model.load_state_dict(stored["model"])
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -172,7 +177,7 @@ def make_batches(view: TaskView, config: TrainConfig, device: torch.device | str
     With ``host_augment`` they are made on the CPU and the loop copies each one to ``device``."""
     device = torch.device(device)
     batch_device = torch.device("cpu") if config.host_augment else device
-    resident = config.resolved(device)["resident"]
+    resident = config.resident  # "auto" is DeviceBatches' own: resident on a GPU when it fits
     if not train:
         return DeviceBatches(view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=False, resident=resident)
     return DeviceBatches(
