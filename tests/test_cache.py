@@ -113,6 +113,8 @@ def test_corrupt_and_truncated_images_are_skipped_and_counted(celeba_root, tmp_p
     reference, _ = PilDecoder().decode([records.paths[i] for i in keep], CELEBA_RESIZE)
     assert np.array_equal(np.asarray(cache.images), reference)
     assert cache.manifest["skipped"]["counts"] == {"undecodable_images": 2}
+    expected_files = [os.path.relpath(records.paths[i], celeba_root) for i in keep]
+    assert cache.manifest["row_files"] == expected_files  # row -> source file, failed rows dropped
     assert "2 undecodable image(s)" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="cannot decode .*strict=True"):
         build_cache("celeba", celeba_root, "train", tmp_path / "strict", decoder="pil", strict=True, progress=False)

@@ -34,7 +34,7 @@ from .decode import Decoder, PilDecoder
 from .records import Records
 from .specs import ResizeSpec, get_spec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest lists each row's source file (row_files)
 DENSE_ARRAYS = {"seg": (np.int8, 0), "depth": (np.float16, 1), "normal": (np.float16, 3)}  # dtype, channels
 
 
@@ -284,7 +284,8 @@ def _finalize(entry: Path, records: Records, manifest: dict, dense: bool) -> Non
         skipped["examples"]["undecodable_images"] = [
             f"{os.path.relpath(records.paths[i], records.root)} ({state['failed'][str(i)]})" for i in failed[:3]
         ]
-    manifest.update(count=int(len(keep)), skipped=skipped, summary=_summary(records, failed))
+    row_files = [os.path.relpath(records.paths[i], records.root) for i in keep.tolist()]
+    manifest.update(count=int(len(keep)), skipped=skipped, summary=_summary(records, failed), row_files=row_files)
     write_json(entry / "manifest.json", manifest)
     (entry / "progress.json").unlink(missing_ok=True)
 
