@@ -1,0 +1,557 @@
+"""Publishing the protected training set (SPEC 6): a uint8 cache, and image files in the original layout.
+
+After training, each training image ``x`` (uint8, in cache order, no augmentation) and its
+perturbation ``delta`` (float, [0, 1] scale, ``|delta| <= eps``) become
+
+    protected = round(clip(x + 255 * delta, 0, 255))   uint8
+    delta_q   = protected - x                           int8, |delta_q| <= ceil(255 * eps)
+
+(:func:`mtlue_fast.ops.quantize_export`). Only these uint8/int8 arrays ever reach the disk, never a
+float copy of the dataset.
+
+:func:`write_protected` writes a folder in the cache format (``images.npy``, ``delta.npy``, the
+clean labels, ``manifest.json``) that victim training opens with :func:`mtlue_fast.data.open_cache`.
+:func:`write_image_files` turns such a folder into image files laid out like the original release
+(same relative paths and names, PNG; the dataset's annotation files copied alongside), so the
+protected copy can be published in place of the original.
+
+Both write into a temporary sibling folder (``.<name>.partial-<pid>``) that is renamed into place
+when complete: an interrupted run leaves nothing that looks like a result, and a folder the user
+already owns is never modified, replaced or deleted (only an empty one may be replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.cache import DENSE_ARRAYS, Cache, open_cache
+from ..fileio import read_json, write_json
+from ..ops import quantize_export
+from ..progress import Progress
+
+__all__ = ["Perturb", "write_protected", "write_image_files", "export_digest", "MARKER_FILE"]
+
+#: ``perturb(images, labels, indices) -> delta``: uint8 ``[B,C,H,W]``, int64 ``[B,K]`` (NYUv2: a dict
+#: of dense map tensors), int64 ``[B]`` dataset indices, all on the export device; returns the float
+#: perturbation ``[B,C,H,W]`` on the [0, 1] scale.
+Perturb = Callable[[torch.Tensor, "torch.Tensor | dict[str, torch.Tensor]", torch.Tensor], torch.Tensor]
+
+#: File written at the top of an image-file export: what it is and where it came from.
+MARKER_FILE = "mtlue_protected.json"
+
+EXPORT_VERSION = 1
+MAX_EPS = 127 / 255  # delta_q is int8
+
+
+# ----------------------------------------------------------------------------- the protected cache
+
+
+def write_protected(
+    clean: Cache,
+    out_dir: str | Path,
+    perturb: Perturb,
+    *,
+    method: str,
+    eps: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> Cache:
+    """Perturb every training image of ``clean`` and write the protected cache folder ``out_dir``.
+
+    Args:
+        clean: the opened clean training cache (:func:`mtlue_fast.data.build_cache`).
+        out_dir: folder to create. If it already holds a complete export with the same
+            ``source_digest`` (same clean data, method, eps and settings) it is returned as it is
+            and ``perturb`` is never called; any other existing non-empty folder raises.
+        perturb: ``perturb(images, labels, indices) -> delta``, called once per batch in dataset
+            order: ``images`` uint8 ``[B,C,H,W]`` on ``device``; ``labels`` int64 ``[B,K]`` on
+            ``device`` (NYUv2: dict ``seg`` int8 ``[B,H,W]``, ``depth`` float16 ``[B,1,H,W]``,
+            ``normal`` float16 ``[B,3,H,W]``); ``indices`` int64 ``[B]``. It returns the float
+            perturbation ``[B,C,H,W]`` on the [0, 1] scale with ``|delta| <= eps``. It runs with
+            autograd in its ambient state (wrap a generator call in ``torch.no_grad()``).
+        method: name of the method (recorded; part of the digest), e.g. ``"mtl_ue"``.
+        eps: L-inf budget on the [0, 1] scale, 0 <= eps <= 127/255 (recorded; part of the digest).
+        device: where ``perturb`` and the quantisation run.
+        batch_size: images per ``perturb`` call; host memory stays O(batch_size).
+        settings: JSON-serialisable settings of the method (seed, checkpoint, ...); recorded and
+            part of the digest, so a different setting never reuses an old export.
+        progress: print a progress line with images/s.
+
+    Returns:
+        ``open_cache(out_dir)``: ``images`` the protected uint8 images, ``labels`` the clean labels;
+        ``out_dir/delta.npy`` holds the int8 ``delta_q``.
+
+    Raises:
+        ValueError: bad arguments; ``out_dir`` holds something else (another export, other files);
+            ``perturb`` returned a wrong shape, NaN/inf, or a pixel moved by more than
+            ``ceil(255 * eps)`` levels. Nothing is left behind then.
+    """
+    _check_clean(clean)
+    method, eps, settings = _check_export_args(method, eps, batch_size, settings)
+    out = Path(out_dir).expanduser()
+    digest = export_digest(clean.manifest["source_digest"], method, eps, settings)
+
+    existing = _existing_export(out, digest)
+    if existing is not None:
+        return existing
+
+    partial = _fresh_partial(out)
+    try:
+        max_levels = _write_arrays(clean, partial, perturb, method, eps, torch.device(device), batch_size, progress)
+        manifest = _protected_manifest(clean, method, eps, settings, digest, max_levels)
+        write_json(partial / "manifest.json", manifest)  # last: a folder with a manifest is complete
+        _move_into_place(partial, out, lambda: (read_json(out / "manifest.json") or {}).get("source_digest") == digest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return open_cache(out)
+
+
+def export_digest(clean_source_digest: str, method: str, eps: float, settings: dict) -> str:
+    """The ``source_digest`` of a protected export: sha256 of (clean source_digest, method, eps,
+    settings), so a victim run records exactly which data it trained on."""
+    payload = {"clean_source_digest": clean_source_digest, "method": method, "eps": float(eps), "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def level_limit(eps: float) -> int:
+    """Largest allowed |delta_q| in uint8 levels for budget ``eps``: ``ceil(255 * eps)`` (with a
+    1e-6 tolerance so that 8/255 gives 8, not 9)."""
+    return math.ceil(255.0 * float(eps) - 1e-6)
+
+
+def _check_clean(clean: Cache) -> None:
+    if not isinstance(clean, Cache):
+        raise TypeError(
+            f"clean must be an opened mtlue_fast.data.Cache (build_cache/open_cache), got {type(clean).__name__}"
+        )
+    for key in ("dataset", "source_digest"):
+        if not clean.manifest.get(key):
+            raise ValueError(f"clean cache {clean.path}: manifest.json has no {key!r}; rebuild the cache")
+    images = clean.images
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"clean cache {clean.path}: images must be uint8 [N,C,H,W], got {images.dtype} {images.shape}")
+    rows = {len(v) for v in clean.labels.values()} if isinstance(clean.labels, dict) else {len(clean.labels)}
+    if rows != {len(images)}:
+        raise ValueError(f"clean cache {clean.path}: labels have {sorted(rows)} rows, images {len(images)}")
+
+
+def _check_export_args(method: str, eps: float, batch_size: int, settings: dict | None) -> tuple[str, float, dict]:
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a non-empty string, got {method!r}")
+    eps = float(eps)
+    if not 0.0 <= eps <= MAX_EPS:
+        raise ValueError(f"eps must be in [0, 127/255] on the [0, 1] scale (e.g. 8/255), got {eps}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict or None, got {type(settings).__name__}")
+    try:  # normalised through JSON: what is recorded is what is digested
+        settings = json.loads(json.dumps(settings, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"settings must be JSON-serialisable: {err}") from None
+    return method, eps, settings
+
+
+def _existing_export(out: Path, digest: str) -> Cache | None:
+    """The complete export at ``out`` with ``digest``; None when ``out`` is missing or empty."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose another out_dir")
+    if not any(out.iterdir()):
+        return None
+    manifest = read_json(out / "manifest.json")
+    if manifest is None or "method" not in manifest:
+        raise ValueError(f"{out} exists and is not a protected export (no manifest.json with a method); "
+                         "it is never overwritten: choose another out_dir")  # fmt: skip
+    if manifest.get("source_digest") != digest:
+        raise ValueError(
+            f"{out} already holds a different protected export (method {manifest.get('method')!r}, eps "
+            f"{manifest.get('eps')}, settings {manifest.get('settings')}); it is never overwritten: "
+            "remove it yourself or choose another out_dir"
+        )
+    try:
+        return open_cache(out)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{out} holds a damaged protected export ({err}); remove it yourself and rerun") from None
+
+
+def _fresh_partial(out: Path) -> Path:
+    """An empty temporary sibling ``.<name>.partial-<pid>`` of ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if partial.exists():  # left by a crashed run of a process that had the same id
+        shutil.rmtree(partial)
+    partial.mkdir()
+    return partial
+
+
+def _move_into_place(partial: Path, out: Path, same: Callable[[], bool]) -> None:
+    """Rename ``partial`` to ``out`` (an empty ``out`` is replaced). If another process finished the
+    same export first (``same()``), ours is dropped; anything else at ``out`` raises."""
+    try:
+        os.rename(partial, out)  # POSIX: replaces an empty folder, fails on a non-empty one
+    except OSError:
+        if not same():
+            raise ValueError(f"{out} appeared while exporting and holds something else; never overwritten") from None
+        shutil.rmtree(partial)
+
+
+def _batch_labels(labels: np.ndarray | dict[str, np.ndarray], start: int, stop: int, device: torch.device):
+    if isinstance(labels, dict):
+        return {name: torch.from_numpy(np.array(array[start:stop])).to(device) for name, array in labels.items()}
+    return torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
+
+
+def _write_arrays(clean: Cache, folder: Path, perturb: Perturb, method: str, eps: float, device: torch.device,
+                  batch_size: int, show: bool) -> int:  # fmt: skip
+    """Fill ``images.npy``/``delta.npy`` batch by batch and copy the labels; return max |delta_q|."""
+    n = len(clean.images)
+    shape = clean.images.shape
+    images_out = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
+    delta_out = np.lib.format.open_memmap(folder / "delta.npy", mode="w+", dtype=np.int8, shape=shape)
+    limit = level_limit(eps)
+    max_levels = 0
+    dataset = clean.manifest["dataset"]
+    bar = Progress(n, f"exporting {method} {dataset}/{clean.manifest.get('split', 'train')}", enabled=show)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        images = torch.from_numpy(np.array(clean.images[start:stop])).to(device)
+        labels = _batch_labels(clean.labels, start, stop, device)
+        indices = torch.arange(start, stop, dtype=torch.int64, device=device)
+        delta = perturb(images, labels, indices)
+        delta = _check_delta(delta, images, method, start, stop)
+        protected, delta_q = quantize_export(images, delta)
+        levels = int(delta_q.abs().max()) if delta_q.numel() else 0
+        if levels > limit:
+            raise ValueError(
+                f"{method}: rows {start}..{stop - 1} move a pixel by {levels} levels, more than "
+                f"ceil(255*eps) = {limit} for eps = {eps:.6g}; perturb must return |delta| <= eps"
+            )
+        max_levels = max(max_levels, levels)
+        images_out[start:stop] = protected.cpu().numpy()
+        delta_out[start:stop] = delta_q.cpu().numpy()
+        bar.update(stop - start)
+    bar.close()
+    images_out.flush()
+    delta_out.flush()
+    del images_out, delta_out
+    _copy_labels(clean.labels, folder)
+    return max_levels
+
+
+def _check_delta(delta: object, images: torch.Tensor, method: str, start: int, stop: int) -> torch.Tensor:
+    where = f"{method}: perturb for rows {start}..{stop - 1}"
+    if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
+        kind = f"{delta.dtype} tensor" if isinstance(delta, torch.Tensor) else type(delta).__name__
+        raise ValueError(f"{where} must return a floating tensor, got {kind}")
+    if tuple(delta.shape) != tuple(images.shape):
+        raise ValueError(f"{where} returned shape {tuple(delta.shape)}, expected {tuple(images.shape)}")
+    delta = delta.detach().to(images.device)
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError(f"{where} returned NaN or inf values")
+    return delta
+
+
+def _copy_labels(labels: np.ndarray | dict[str, np.ndarray], folder: Path, rows_per_copy: int = 4096) -> None:
+    """The clean label arrays, unchanged, chunk by chunk (dense NYUv2 maps can be large)."""
+    arrays = labels if isinstance(labels, dict) else {"labels": labels}
+    for name, array in arrays.items():
+        dtype = np.int64 if name == "labels" else DENSE_ARRAYS[name][0]
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=array.shape)
+        for start in range(0, len(array), rows_per_copy):
+            out[start : start + rows_per_copy] = array[start : start + rows_per_copy]
+        out.flush()
+        del out
+
+
+def _protected_manifest(clean: Cache, method: str, eps: float, settings: dict, digest: str, max_levels: int) -> dict:
+    source = clean.manifest
+    copied = ("dataset", "split", "size", "channels", "center_crop", "row_files")
+    manifest = {key: source[key] for key in copied if key in source}
+    manifest.update(
+        kind="protected",
+        export_version=EXPORT_VERSION,
+        task_names=list(clean.task_names),
+        num_classes=list(clean.num_classes),
+        method=method,
+        eps=eps,
+        eps_levels=level_limit(eps),
+        settings=settings,
+        clean_source_digest=source["source_digest"],
+        clean_path=str(Path(clean.path).resolve()),
+        source_digest=digest,
+        count=len(clean.images),
+        max_abs_delta_levels=max_levels,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def write_image_files(
+    protected: Cache | str | Path,
+    clean_root: str | Path,
+    out_root: str | Path,
+    *,
+    image_format: str = "png",
+    jpeg_quality: int = 95,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Write the protected training images as files laid out like the original dataset release.
+
+    Each row ``i`` of ``protected`` becomes the file ``out_root / row_files[i]`` (its path relative
+    to the dataset root, from the manifest), grayscale for 1 channel and RGB for 3. The images are
+    at the cache's working resolution (e.g. CelebA 70x70 after its 140x140 centre crop, ChestX-ray
+    256x256, UTKFace 140x140), not the original's: the perturbation was made at that resolution and
+    resizing would change it.
+
+    - ``image_format="png"`` (default): lossless, the exact protected pixels; a name whose
+      extension is not ``.png`` gets ``.png`` instead (``000001.jpg`` -> ``000001.png``).
+    - ``image_format="jpeg"``: ``.jpg`` files at ``jpeg_quality``; issues a UserWarning, since lossy
+      re-encoding changes the pixels and weakens the protection.
+    - NYUv2 (``.npy`` images): always the same array format as the reader expects, an ``H x W x 3``
+      uint8 ``.npy`` under ``train/image/<i>.npy``, with the row's ``label``/``depth``/``normal``
+      maps copied from ``clean_root``; ``image_format`` must be ``"png"`` (lossless).
+
+    The annotation files the package's reader needs are copied from ``clean_root`` (CelebA:
+    ``list_attr_celeba.txt``, ``list_eval_partition.txt``; ChestX-ray: the ``Data_Entry`` CSV(s),
+    ``train_val_list.txt``, ``test_list.txt``), with the names of the written images changed where
+    their extension changed. Only training images are written, so rows of other splits in these
+    files point at images that are absent. UTKFace has no annotation files (labels are in the
+    names); note that its reader re-splits whatever files it finds, and that the package readers
+    look for ``.jpg`` (UTKFace) and ``.png`` (ChestX-ray) files only.
+
+    ``out_root`` gets a ``mtlue_protected.json`` describing the export. The folder is written
+    under a temporary sibling and renamed into place; an existing non-empty ``out_root`` raises,
+    unless it is the same export (same source digest and format), which is returned unchanged.
+
+    Args:
+        protected: the protected cache (:func:`write_protected`'s result, or its folder).
+        clean_root: the original dataset root the clean cache was built from.
+        out_root: folder to create.
+        image_format: ``"png"`` or ``"jpeg"``.
+        jpeg_quality: 1..100 for ``"jpeg"``.
+        progress: print a progress line.
+        workers: encoding threads (default: up to 8).
+
+    Returns:
+        ``out_root``.
+    """
+    cache = protected if isinstance(protected, Cache) else open_cache(protected)
+    manifest = cache.manifest
+    fmt = _check_image_format(image_format, jpeg_quality, manifest)
+    row_files = _row_files(cache)
+    dataset = manifest["dataset"]
+    source = Path(clean_root).expanduser()
+    if not source.is_dir():
+        raise FileNotFoundError(f"clean_root {source} is not a folder; pass the original {dataset} dataset root")
+    out = Path(out_root).expanduser()
+    marker = {
+        "kind": "protected_image_files", "dataset": dataset, "split": manifest.get("split"),
+        "method": manifest["method"], "eps": manifest.get("eps"), "source_digest": manifest["source_digest"],
+        "image_format": fmt, "jpeg_quality": jpeg_quality if fmt == "jpeg" else None,
+        "size": list(cache.images.shape[-2:]), "channels": int(cache.images.shape[1]), "count": len(row_files),
+        "protected_cache": str(Path(cache.path).resolve()),
+        "note": "images at the cache's working resolution; PNG/npy are the exact protected pixels",
+    }  # fmt: skip
+    if fmt == "jpeg":
+        warnings.warn(
+            "write_image_files(image_format='jpeg'): lossy JPEG re-encoding changes the protected pixels "
+            "and weakens the protection; publish PNG unless you must",
+            UserWarning,
+            stacklevel=2,
+        )
+    if _existing_files(out, marker):
+        return out
+
+    partial = _fresh_partial(out)
+    try:
+        if dataset == "nyuv2":
+            _write_nyuv2_files(cache, row_files, source, partial, progress)
+        else:
+            renamed = _write_image_rows(cache, row_files, partial, fmt, jpeg_quality, progress, workers)
+            _copy_annotations(dataset, source, partial, renamed)
+        write_json(partial / MARKER_FILE, {**marker, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _move_into_place(partial, out, lambda: _same_files(read_json(out / MARKER_FILE), marker))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_image_format(image_format: str, jpeg_quality: int, manifest: dict) -> str:
+    fmt = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg"}.get(str(image_format).lower())
+    if fmt is None:
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    if fmt == "jpeg" and not (isinstance(jpeg_quality, (int, np.integer)) and 1 <= jpeg_quality <= 100):
+        raise ValueError(f"jpeg_quality must be an int in 1..100, got {jpeg_quality!r}")
+    if "method" not in manifest or "source_digest" not in manifest:
+        raise ValueError("protected must be a protected export written by write_protected (its manifest.json "
+                         "has no 'method'/'source_digest')")  # fmt: skip
+    if manifest.get("dataset") == "nyuv2" and fmt != "png":
+        raise ValueError("nyuv2: images are written losslessly as .npy arrays; image_format must be 'png'")
+    return fmt
+
+
+def _row_files(cache: Cache) -> list[str]:
+    row_files = cache.manifest.get("row_files")
+    if not row_files:
+        raise ValueError(
+            f"{cache.path}/manifest.json has no 'row_files' (the source file of each row): the clean cache was "
+            "built by an older mtlue_fast; rebuild it (build_cache) and export again"
+        )
+    if len(row_files) != len(cache.images):
+        raise ValueError(f"{cache.path}/manifest.json lists {len(row_files)} row_files for {len(cache.images)} images")
+    for rel in row_files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{cache.path}/manifest.json: row file {rel!r} is not a path inside the dataset root")
+    return list(row_files)
+
+
+def _existing_files(out: Path, marker: dict) -> bool:
+    """True when ``out`` already holds this very export; False when it is missing or empty."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose another out_root")
+    if not any(out.iterdir()):
+        return False
+    found = read_json(out / MARKER_FILE)
+    if _same_files(found, marker):
+        return True
+    raise ValueError(
+        f"{out} exists and is not empty" + (" (it holds a different protected export)" if found else "")
+        + "; it is never overwritten: remove it yourself or choose another out_root"
+    )
+
+
+def _same_files(found: dict | None, marker: dict) -> bool:
+    keys = ("source_digest", "image_format", "jpeg_quality")
+    return found is not None and all(found.get(k) == marker[k] for k in keys)
+
+
+def exported_name(rel: str, fmt: str) -> str:
+    """The relative path of the written file: the extension replaced by ``.png``/``.jpg`` where it
+    differs (``img/000001.jpg`` -> ``img/000001.png``; ``x.jpg.chip.jpg`` -> ``x.jpg.chip.png``)."""
+    path = Path(rel)
+    suffix = ".png" if fmt == "png" else ".jpg"
+    keep = (".png",) if fmt == "png" else (".jpg",)
+    return rel if path.suffix.lower() in keep else str(path.with_suffix(suffix))
+
+
+def _write_image_rows(cache: Cache, row_files: list[str], folder: Path, fmt: str, quality: int, show: bool,
+                      workers: int | None) -> dict[str, str]:  # fmt: skip
+    """Encode every row to ``folder / exported_name(row_files[i])``; return {old basename: new basename}
+    for the names that changed."""
+    from PIL import Image
+
+    targets = [exported_name(rel, fmt) for rel in row_files]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{cache.path}: two rows map to the same exported file name; cannot write them")
+    for parent in sorted({str(Path(t).parent) for t in targets}):
+        (folder / parent).mkdir(parents=True, exist_ok=True)
+    mode = "L" if cache.images.shape[1] == 1 else "RGB"
+    if fmt == "png":
+        options: dict = {"format": "PNG", "compress_level": 6}
+    else:  # 4:4:4 chroma: the least lossy JPEG at a given quality
+        options = {"format": "JPEG", "quality": int(quality), "subsampling": 0}
+
+    def encode(rows: range) -> int:
+        block = np.asarray(cache.images[rows.start : rows.stop])
+        for offset, i in enumerate(rows):
+            array = block[offset, 0] if mode == "L" else block[offset].transpose(1, 2, 0)
+            Image.fromarray(np.ascontiguousarray(array), mode).save(folder / targets[i], **options)
+        return len(rows)
+
+    bar = Progress(len(targets), f"writing {fmt} files", enabled=show)
+    threads = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for done in pool.map(encode, _chunks(len(targets), 256)):
+            bar.update(done)
+    bar.close()
+    return {Path(old).name: Path(new).name for old, new in zip(row_files, targets) if old != new}
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+def _annotation_files(dataset: str, source: Path) -> list[str]:
+    """The annotation files (relative to the root) the package's reader needs, as present in ``source``."""
+    if dataset == "celeba":
+        wanted = required = ["list_attr_celeba.txt", "list_eval_partition.txt"]
+    elif dataset == "chestxray":
+        from ..data.formats.chestxray import CSV_NAMES, LIST_OF_SPLIT
+
+        wanted = [*CSV_NAMES, *LIST_OF_SPLIT.values()]
+        required = list(LIST_OF_SPLIT.values())
+        if not any((source / name).is_file() for name in CSV_NAMES):
+            raise FileNotFoundError(f"chestxray: expected {' or '.join(CSV_NAMES)} in clean_root {source}, not found")
+    elif dataset == "utkface":
+        return []
+    else:
+        raise ValueError(f"write_image_files: no layout known for dataset {dataset!r}")
+    missing = [name for name in required if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{dataset}: expected {', '.join(missing)} in clean_root {source}, not found")
+    return [name for name in wanted if (source / name).is_file()]
+
+
+_TOKEN = re.compile(rb"[^\s,|\"]+")
+
+
+def _copy_annotations(dataset: str, source: Path, folder: Path, renamed: dict[str, str]) -> None:
+    """Copy the annotation files, replacing every whole-token occurrence of a renamed image name."""
+    table = {old.encode(): new.encode() for old, new in renamed.items()}
+    for name in _annotation_files(dataset, source):
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not table:
+            shutil.copyfile(source / name, target)
+            continue
+        data = (source / name).read_bytes()
+        target.write_bytes(_TOKEN.sub(lambda m: table.get(m.group(0), m.group(0)), data))
+
+
+def _write_nyuv2_files(cache: Cache, row_files: list[str], source: Path, folder: Path, show: bool) -> None:
+    """NYUv2: ``<split>/image/<i>.npy`` as uint8 HxWx3 plus the row's label/depth/normal maps copied."""
+    from ..data.formats.nyuv2 import MAP_FOLDERS
+
+    bar = Progress(len(row_files), "writing nyuv2 arrays", enabled=show)
+    for i, rel in enumerate(row_files):
+        path = Path(rel)
+        if path.parent.name != "image" or path.suffix != ".npy":
+            raise ValueError(f"nyuv2: row file {rel!r} is not of the form <split>/image/<i>.npy")
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, np.ascontiguousarray(np.asarray(cache.images[i]).transpose(1, 2, 0)), allow_pickle=False)
+        for sub in MAP_FOLDERS:
+            rel_map = path.parent.parent / sub / path.name
+            if not (source / rel_map).is_file():
+                raise FileNotFoundError(f"nyuv2: expected {rel_map} in clean_root {source}, not found")
+            (folder / rel_map).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel_map, folder / rel_map)
+        bar.update(1)
+    bar.close()
