@@ -27,16 +27,17 @@ class FakeCache:
     manifest: dict
 
 
-def make_cache(n: int, seed: int, size: int = 36, channels: int = 3) -> FakeCache:
+def make_cache(n: int, seed: int, size: int = 36, channels: int = 3, strength: float = 1.0) -> FakeCache:
+    """``strength`` scales the patterns (1.0: obvious; ~0.2: subtle, as real features are)."""
     rng = np.random.default_rng(seed)
     labels = np.stack([rng.random(n) < 0.3, rng.random(n) < 0.5, rng.integers(0, 3, n)], 1).astype(np.int64)
     images = rng.normal(0.3, 0.08, (n, channels, size, size))
     half = size // 2
-    images[labels[:, 0] == 1, :, 4:half - 4, 4:half - 4] += 0.45  # a bright square top-left
-    images[labels[:, 1] == 1, :, half:, ::4] += 0.4  # vertical stripes in the bottom half
-    images += (labels[:, 2] * 0.12)[:, None, None, None]  # overall brightness in three levels
+    images[labels[:, 0] == 1, :, 4:half - 4, 4:half - 4] += 0.45 * strength  # a bright square top-left
+    images[labels[:, 1] == 1, :, half:, ::4] += 0.4 * strength  # vertical stripes in the bottom half
+    images += (labels[:, 2] * 0.12 * strength)[:, None, None, None]  # overall brightness in three levels
     images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    digest = f"fake-{n}-{seed}-{size}-{channels}"
+    digest = f"fake-{n}-{seed}-{size}-{channels}-{strength}"
     return FakeCache(images, labels, list(TASKS), list(CLASSES), {"dataset": None, "source_digest": digest})
 
 

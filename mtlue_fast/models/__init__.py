@@ -2,6 +2,7 @@
 
 from .backbones import BACKBONES, build_backbone, uses_small_stem, vit_patch_size
 from .mtl import DENSE_BACKBONES, NYUV2_DENSE_TASKS, DenseMultiTaskNet, MultiTaskNet, build_model
+from .generator import DenseGenerator, DenseLabelPrior, MTLGenerator, encoder_stride, generator_feature_size
 
 __all__ = [
     "BACKBONES",
@@ -13,4 +14,5 @@ __all__ = [
     "build_model",
     "uses_small_stem",
     "vit_patch_size",
+    "DenseGenerator", "DenseLabelPrior", "MTLGenerator", "encoder_stride", "generator_feature_size",
 ]

@@ -1,0 +1,471 @@
+"""The MTL-UE generator loop (SPEC sections 4-5): train the generator against a surrogate.
+
+``generate(train_cache, out_dir, config, surrogates=...)`` trains an
+:class:`~mtlue_fast.models.generator.MTLGenerator` on the (clean) training cache:
+
+per batch: ``raw = G(x, y)``; ``x' = perturb_apply(x, raw, eps, crop, flip)`` (bounded, added,
+clamped to [0, 1] and cropped/flipped as the victim will see it, one fused op; SEP: no augmentation);
+``L = L_base(f, x', y) + lambda1 * L_intra + lambda2 * L_inter`` (``embedding_reg`` on the label-prior
+table); one Adam step on the generator.
+
+- EM: the surrogate starts untrained; after every generator pass it trains for ``train_steps`` epochs
+  on freshly generated poisons (train mode, clip 5).
+- TAP: one frozen surrogate trained on clean data.
+- SEP: the checkpoints of one clean training, all resident; the generator runs once per batch and
+  the checkpoints' losses are averaged (``shared_pass=False`` reruns it per checkpoint, for the
+  benchmark only).
+
+After each pass the stop test runs the surrogate (eval mode, no gradients) on a fixed random subset
+of the training set (default 4096) perturbed by the generator in eval mode: EM stops when the mean
+error over the protected tasks is <= 0.01, TAP when >= 0.9, SEP >= 0.99, or at the pass cap.
+
+``out_dir`` gets ``last.pt`` after every pass (an interrupted generation resumes from the last pass),
+``history.jsonl``, and when done ``generator.pt`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops import reference
+from ..data.loader import DeviceBatches, window_gather
+from ..fileio import atomic_path, read_json, write_json
+from ..models.generator import MTLGenerator
+from ..progress import Progress
+from ..train import checkpoint
+from ..train.config import cpu_has_native_bf16
+from ..train.tasks import TaskView, select_tasks
+from .objectives import BASES, Objective
+
+UINT8_SCALE = 1.0 / 255.0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of one generator training (SPEC 4-5 defaults).
+
+    Attributes:
+        base: ``"em"``, ``"tap"`` or ``"sep"``. targeted: binary tasks use the ``1 - y`` target.
+        eps: L-inf budget on the [0, 1] scale. mode: ``"clamp"`` or ``"tanh"`` output mapping.
+        lambda_intra, lambda_inter: weights of ``L_intra`` and ``L_inter`` (paper: 20 and 100).
+        lr, weight_decay, milestones, gamma: Adam and MultiStepLR (stepped once per pass).
+        table_lr: learning rate of the label-prior table (None = ``lr``).
+        batch_size: per step. max_passes, stop_error: None = the base method's defaults.
+        stop_subset: samples in the fixed stop-test subset.
+        train_steps: EM's surrogate training after each generator pass, in epochs over the freshly
+            generated poisons (SPEC: "train_steps (default 2) surrogate updates"; read as passes,
+            matching the generator's full pass, since a couple of optimiser steps cannot fit a
+            surrogate to the poisons).
+        augment: per-sample random crop + flip of ``x + delta`` as the victim sees it (SEP: never).
+        crop: the augmentation's window ``(h, w)``; None = the dataset's victim crop.
+        protect: tasks (indices or names) the perturbation protects; None = all.
+        width, embed_dim: generator size (1.0 and 16 in the paper).
+        fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
+        fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
+            plain torch ops (the straightforward path, for the benchmark).
+        amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). channels_last, compile.
+        seed: generator initialisation, data order, augmentation, stop subset.
+    """
+
+    base: str = "tap"
+    targeted: bool = False
+    eps: float = 8 / 255
+    mode: str = "clamp"
+    lambda_intra: float = 20.0
+    lambda_inter: float = 100.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    milestones: tuple[int, ...] = (60, 80)
+    gamma: float = 0.1
+    table_lr: float | None = None
+    batch_size: int = 512
+    max_passes: int | None = None
+    stop_error: float | None = None
+    stop_subset: int = 4096
+    train_steps: int = 2
+    augment: bool = True
+    crop: tuple[int, int] | None = None
+    protect: tuple | None = None
+    width: float = 1.0
+    embed_dim: int = 16
+    fast: bool = True
+    shared_pass: bool = True
+    fused_ops: bool = True
+    amp: bool | str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"generate config field 'base' must be one of {', '.join(BASES)}, got {self.base!r}")
+        if self.mode not in ("clamp", "tanh"):
+            raise ValueError(f"generate config field 'mode' must be 'clamp' or 'tanh', got {self.mode!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"generate config field 'eps' must be in (0, 1), got {self.eps!r}")
+        for name in ("batch_size", "stop_subset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> GenerateConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class GenerateResult:
+    out_dir: Path
+    passes: int
+    stopped: str  # "stop_error" or "max_passes"
+    history: list[dict] = field(default_factory=list)
+
+    def load_generator(self, device: torch.device | str = "cpu") -> MTLGenerator:
+        return load_generator(self.out_dir / "generator.pt", device)
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> MTLGenerator:
+    """A generator saved by :func:`generate`, in eval mode on ``device``."""
+    stored = torch.load(path, map_location="cpu", weights_only=False)
+    generator = MTLGenerator(**stored["generator_args"])
+    generator.load_state_dict(stored["generator"])
+    return generator.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def generator_args(view: TaskView, config: GenerateConfig) -> dict:
+    return {
+        "num_classes": list(view.num_classes), "in_channels": view.channels,
+        "image_size": tuple(int(s) for s in view.images.shape[-2:]), "task_names": list(view.task_names),
+        "embed_dim": config.embed_dim, "width": config.width, "eps": config.eps, "mode": config.mode,
+        "protect": list(config.protect) if config.protect is not None else None, "fast": config.fast,
+    }  # fmt: skip
+
+
+def _use_amp(config: GenerateConfig, device: torch.device) -> bool:
+    if config.amp == "auto":
+        return device.type == "cuda" or cpu_has_native_bf16()
+    return bool(config.amp)
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.to(torch.float32).mul_(UINT8_SCALE)
+
+
+def _surrogate_outputs(models: Sequence[nn.Module], x: torch.Tensor, amp: bool) -> list:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        return [m(x) for m in models]
+
+
+class GeneratorStep:
+    """One generator update: perturb (fused op), augment, surrogate loss(es), embedding regularisers.
+
+    Returns the detached total loss (no host read).
+    """
+
+    def __init__(self, generator: MTLGenerator, objective: Objective, surrogates: Sequence[nn.Module],
+                 optimizer: torch.optim.Optimizer, config: GenerateConfig, crop: tuple[int, int], amp: bool):
+        self.generator, self.objective, self.surrogates = generator, objective, list(surrogates)
+        self.optimizer, self.config, self.crop, self.amp = optimizer, config, crop, amp
+        self.augment = config.augment and config.base != "sep"
+        self.offsets = generator.task_offsets
+        self.raw_fn = torch.compile(generator.raw) if config.compile else generator.raw
+
+    def perturbed(self, images: torch.Tensor, labels, generator_rng: torch.Generator | None = None) -> torch.Tensor:
+        """``x'``: the augmented perturbed batch ``[B, C, h, w]`` (float32, graph to the generator)."""
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            raw = self.raw_fn(_to_float(images), labels)
+        batch, _, height, width = images.shape
+        h, w = self.crop
+        device = images.device
+        if self.augment:
+            tops = torch.randint(0, height - h + 1, (batch,), device=device)
+            lefts = torch.randint(0, width - w + 1, (batch,), device=device)
+            crop = torch.stack([tops, lefts], 1)
+            flip = torch.rand(batch, device=device) < 0.5
+        else:
+            crop = torch.tensor([[(height - h) // 2, (width - w) // 2]], device=device).expand(batch, 2)
+            flip = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.config.fused_ops:
+            return ops.perturb_apply(images, raw.float(), self.config.eps, mode=self.config.mode, crop=crop, flip=flip, out_size=(h, w))
+        return unfused_perturb(images, raw.float(), self.config.eps, self.config.mode, crop, flip, (h, w))
+
+    def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
+        if self.config.shared_pass or len(self.surrogates) == 1:
+            x_adv = self.perturbed(images, labels)
+            outputs = _surrogate_outputs(self.surrogates, x_adv, self.amp)
+            base = self.objective.ensemble_loss(outputs, labels)
+        else:  # the naive SEP: one generator pass per checkpoint
+            losses = []
+            for model in self.surrogates:
+                x_adv = self.perturbed(images, labels)
+                losses.append(self.objective.loss(_surrogate_outputs([model], x_adv, self.amp)[0], labels))
+            base = sum(losses) / len(losses)
+        total = base
+        if self.config.lambda_intra or self.config.lambda_inter:
+            regulariser = ops.embedding_reg if self.config.fused_ops else reference.embedding_reg
+            intra, inter = regulariser(self.generator.embedding_table(), self.offsets)
+            total = total + self.config.lambda_intra * intra + self.config.lambda_inter * inter
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return total.detach()
+
+
+def unfused_perturb(images: torch.Tensor, raw: torch.Tensor, eps: float, mode: str, crop: torch.Tensor,
+                    flip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``perturb_apply`` composed of separate torch ops (bound, add, clamp, gather): each a full pass
+    over the batch in memory. The straightforward path of the benchmark."""
+    delta = raw.clamp(-eps, eps) if mode == "clamp" else eps * torch.tanh(raw)
+    perturbed = (images.to(raw.dtype) * UINT8_SCALE + delta).clamp(0, 1)
+    index = torch.arange(len(images), device=images.device)
+    return window_gather(perturbed, index, crop[:, 0], crop[:, 1], flip, size)
+
+
+def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig) -> torch.optim.Optimizer:
+    table = [generator.table]
+    rest = [p for p in generator.parameters() if p is not generator.table and p.requires_grad]
+    groups = [{"params": rest}, {"params": table, "lr": config.table_lr or config.lr}]
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@torch.no_grad()
+def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objective: Objective, view: TaskView,
+              subset: np.ndarray, config: GenerateConfig, crop: tuple[int, int], device: torch.device, amp: bool) -> float:
+    """Mean error over the protected tasks of the surrogate(s) on the perturbed, centre-cropped subset
+    (generator and surrogates in eval mode; SEP: the checkpoints' mean). One host read. NaN for
+    dense datasets (no error rate: those runs stop at the pass cap)."""
+    if view.dense:
+        return math.nan
+    was_training = generator.training
+    generator.eval()
+    for m in surrogates:
+        m.eval()
+    errors, count = None, 0
+    for start in range(0, len(subset), config.batch_size):
+        rows = np.sort(subset[start : start + config.batch_size])
+        images = torch.from_numpy(np.ascontiguousarray(view.images[rows])).to(device)
+        labels = torch.from_numpy(np.asarray(view.labels)[rows]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            raw = generator.raw(_to_float(images), labels)
+        x_adv = ops.perturb_apply(images, raw.float(), config.eps, mode=config.mode, out_size=crop)
+        for outputs in _surrogate_outputs(surrogates, x_adv, amp):
+            batch_errors = objective.errors(outputs.float(), labels)
+            errors = batch_errors if errors is None else errors + batch_errors
+        count += len(rows) * len(surrogates)
+    generator.train(was_training)
+    return objective.mean_error(errors, count)
+
+
+def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer, step: GeneratorStep,
+                         batches: DeviceBatches, epochs: int, pass_index: int) -> None:
+    """EM's inner step: the surrogate trains for ``epochs`` passes over freshly generated poisons
+    (train mode, grad-norm clip 5; the generator in eval mode, no gradients)."""
+    from ..mtl.losses import ClassificationLoss
+
+    loss_fn = ClassificationLoss(step.objective.num_classes)
+    surrogate.train()
+    step.generator.eval()
+    for epoch in range(epochs):
+        batches.set_epoch(pass_index * max(epochs, 1) + epoch)
+        for images, labels in batches:
+            with torch.no_grad():
+                x_adv = step.perturbed(images, labels)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=step.amp):
+                loss = loss_fn(surrogate(x_adv), labels).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(surrogate.parameters(), 5.0)
+            optimizer.step()
+    step.generator.train()
+    surrogate.eval()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def generate(
+    train_cache,
+    out_dir: str | Path,
+    config: GenerateConfig = GenerateConfig(),
+    *,
+    surrogates: nn.Module | Sequence[nn.Module],
+    device: torch.device | str = "cpu",
+    resume: bool = True,
+    surrogate_lr: float = 1e-3,
+    on_pass_end: Callable[[dict], None] | None = None,
+) -> GenerateResult:
+    """Train the generator on ``train_cache`` against ``surrogates`` (see the module docstring).
+
+    Args:
+        train_cache: the clean training cache (``mtlue_fast.data.Cache`` or the same fields).
+        out_dir: this stage's folder.
+        config: :class:`GenerateConfig`.
+        surrogates: TAP: the clean surrogate; SEP: the list of checkpoint models; EM: a freshly
+            initialised (untrained) network, trained here between passes (its state is checkpointed).
+        device: where to train.
+        resume: continue from ``out_dir/last.pt`` (same settings and data) when present.
+        surrogate_lr: EM's surrogate Adam learning rate.
+        on_pass_end: called with each pass's record after it is saved.
+    """
+    device = torch.device(device)
+    out = Path(out_dir)
+    models = [surrogates] if isinstance(surrogates, nn.Module) else list(surrogates)
+    if not models:
+        raise ValueError("generate needs at least one surrogate model")
+    if config.base != "sep" and len(models) != 1:
+        raise ValueError(f"base {config.base!r} takes one surrogate, got {len(models)}")
+    view = select_tasks(train_cache, None, config.crop)
+    crop = view.crop
+    args = generator_args(view, config)
+    surrogate_digest = checkpoint.digest([_state_digest(m) for m in models]) if config.base != "em" else "em"
+    run_digest = checkpoint.digest({"config": config.to_dict(), "data": view.identity, "surrogates": surrogate_digest})
+    finished = read_json(out / "result.json")
+    if resume and finished is not None and finished.get("digest") == run_digest:
+        return GenerateResult(out, finished["passes"], finished["stopped"], _read_history(out))
+    out.mkdir(parents=True, exist_ok=True)
+    amp = _use_amp(config, device)
+
+    torch.manual_seed(config.seed)
+    generator = MTLGenerator(**args).to(device)
+    if config.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+    models = [m.to(device).eval() for m in models]
+    for m in models:
+        m.requires_grad_(config.base == "em")
+    objective = Objective(config.base, view.num_classes, targeted=config.targeted, protected=generator.protected_tasks, dense=view.dense)
+    max_passes = config.max_passes or objective.max_passes
+    stop_error = objective.stop_error if config.stop_error is None else config.stop_error
+    optimizer = make_generator_optimizer(generator, config)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+    em_optimizer = torch.optim.Adam(models[0].parameters(), lr=surrogate_lr, weight_decay=1e-4) if config.base == "em" else None
+
+    start_pass, history = 0, []
+    state = checkpoint.load(out / "last.pt", run_digest) if resume else None
+    if state is not None:
+        generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if em_optimizer is not None:
+            models[0].load_state_dict(state["surrogate"])
+            em_optimizer.load_state_dict(state["surrogate_optimizer"])
+        start_pass, history = state["passes"], state["history"]
+        checkpoint.set_rng_state(state["rng"])
+        if config.progress:
+            print(f"generator: resuming after pass {start_pass} from {out / 'last.pt'}", file=sys.stderr, flush=True)
+
+    batches = DeviceBatches(view.images, view.labels, config.batch_size, device, train=False, shuffle=True,
+                            seed=config.seed, drop_last=len(view.images) >= config.batch_size)
+    em_batches = DeviceBatches(view.images, view.labels, config.batch_size, device, train=False, shuffle=True,
+                               seed=config.seed + 1, drop_last=len(view.images) >= config.batch_size) if em_optimizer is not None else None
+    subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
+    step = GeneratorStep(generator, objective, models, optimizer, config, crop, amp)
+    stopped = "max_passes"
+    if history and _met(history[-1]["stop_error"], objective.base, stop_error):
+        stopped = "stop_error"
+    for pass_index in range(start_pass, max_passes if stopped == "max_passes" else start_pass):
+        generator.train()
+        batches.set_epoch(pass_index)
+        progress = Progress(batches.num_samples, f"generator ({config.base}) pass {pass_index + 1}/{max_passes}",
+                            enabled=config.progress, every=30.0)
+        loss_sum, steps, started = None, 0, time.perf_counter()
+        for images, labels in batches:
+            loss = step(images, labels)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            steps += 1
+            progress.update(images.shape[0])
+        scheduler.step()
+        if em_optimizer is not None:
+            _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index)
+        error = stop_test(generator, models, objective, view, subset, config, crop, device, amp)
+        with torch.no_grad():
+            intra, inter = ops.embedding_reg(generator.embedding_table().float(), generator.task_offsets)
+        record = {
+            "pass": pass_index + 1, "loss": float(loss_sum / max(steps, 1)) if loss_sum is not None else math.nan,
+            "stop_error": error, "intra": float(intra), "inter": float(inter),
+            "seconds": time.perf_counter() - started, "images_per_second": batches.num_samples / max(time.perf_counter() - started, 1e-9),
+        }  # fmt: skip
+        history.append(record)
+        _write_history(out / "history.jsonl", history)
+        state = {
+            "digest": run_digest, "passes": pass_index + 1, "history": history, "generator": generator.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+        }  # fmt: skip
+        if em_optimizer is not None:
+            state.update(surrogate=models[0].state_dict(), surrogate_optimizer=em_optimizer.state_dict())
+        checkpoint.save(out / "last.pt", state)
+        if config.progress:
+            print(f"generator ({config.base}) pass {pass_index + 1}: loss {record['loss']:.4f}, "
+                  f"surrogate error {error:.3f} (stop at {'<=' if config.base == 'em' else '>='} {stop_error}), "
+                  f"intra {record['intra']:.3f}, inter {record['inter']:.3f}", file=sys.stderr, flush=True)
+        if on_pass_end is not None:
+            on_pass_end(record)
+        if _met(error, config.base, stop_error):
+            stopped = "stop_error"
+            break
+
+    checkpoint.save(out / "generator.pt", {"generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+                                           "generator_args": args, "passes": len(history)})
+    write_json(out / "result.json", {"digest": run_digest, "passes": len(history), "stopped": stopped,
+                                     "config": config.to_dict(), "history": history})
+    return GenerateResult(out, len(history), stopped, history)
+
+
+def _met(error: float, base: str, threshold: float) -> bool:
+    if error is None or math.isnan(error):
+        return False
+    return error <= threshold if base == "em" else error >= threshold
+
+
+def _state_digest(model: nn.Module) -> str:
+    """A cheap fingerprint of a surrogate's weights (sums per tensor)."""
+    sums = [float(v.double().sum()) for v in model.state_dict().values() if v.is_floating_point()]
+    return checkpoint.digest([round(s, 6) for s in sums])
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+
+
+def _read_history(out: Path) -> list[dict]:
+    path = out / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_generator(generator: MTLGenerator, clean_cache, out_dir: str | Path, *, device: torch.device | str = "cpu",
+                     batch_size: int = 256, method: str = "mtlue", settings: dict | None = None, progress: bool = True):
+    """Run ``generator`` (eval mode, no augmentation) over the clean training cache in order and write the
+    protected dataset (:func:`mtlue_fast.ue.export.write_protected`). Returns the protected cache."""
+    from .export import write_protected
+
+    device = torch.device(device)
+    generator = generator.to(device).eval()
+
+    @torch.no_grad()
+    def perturb(images, labels, indices):
+        return generator.delta(generator.raw(_to_float(images), labels)).float()
+
+    return write_protected(clean_cache, out_dir, perturb, method=method, eps=generator.eps, device=device,
+                           batch_size=batch_size, settings=settings, progress=progress)
