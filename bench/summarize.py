@@ -21,7 +21,7 @@ def summarize(path: str) -> str:
     gpu = device.startswith("cuda")
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     copy_gbps = None
-    if all(b["extra_info"].get("kind") in ("victim", "weighting") for b in data["benchmarks"]):
+    if all(b["extra_info"].get("kind") in ("victim", "weighting", "generator") for b in data["benchmarks"]):
         return summarize_victim(data, device=info.get("bench_device", "?"))
     if all("images" in b["extra_info"] for b in data["benchmarks"]):
         return summarize_throughput(data, device=info.get("bench_device", "?"))
@@ -77,16 +77,20 @@ def summarize_throughput(data: dict, device: str) -> str:
 
 
 def summarize_victim(data: dict, device: str) -> str:
-    """bench_victim.py: training images/s per path with the ratio to the straightforward path, and
-    each weighting strategy's step time relative to equal weighting (``ew``)."""
+    """bench_victim.py / bench_generator.py: images/s per path with the ratio to the straightforward
+    path (SEP: to one generator pass per checkpoint), and each weighting strategy's step time
+    relative to equal weighting (``ew``)."""
     lines = [f"Device: {device}; {data['datetime'][:10]}", ""]
     by_kind: dict[str, dict[str, list[tuple[str, float, float]]]] = defaultdict(lambda: defaultdict(list))
     for bench in data["benchmarks"]:
         extra, median = bench["extra_info"], bench["stats"]["median"]
         by_kind[extra["kind"]][bench["group"]].append((extra["variant"], extra["images"] / median, median))
-    for group, rows in by_kind["victim"].items():
-        base = dict((v, rate) for v, rate, _ in rows).get("straightforward")
-        lines += [f"{group}:", "", "| path | images/s | vs straightforward |", "|---|---:|---:|"]
+    groups = {**by_kind["victim"], **by_kind["generator"]}
+    for group, rows in groups.items():
+        rates = dict((v, rate) for v, rate, _ in rows)
+        baseline = "straightforward" if "straightforward" in rates else "pass per checkpoint"
+        base = rates.get(baseline)
+        lines += [f"{group}:", "", f"| path | images/s | vs {baseline} |", "|---|---:|---:|"]
         for variant, rate, _ in sorted(rows, key=lambda r: -r[1]):
             ratio = f"{rate / base:.2f}x" if base else "-"
             lines.append(f"| {variant} | {rate:,.0f} | {ratio} |")

@@ -1,0 +1,115 @@
+"""Generator training throughput (issue 5): straightforward vs fast path, and SEP's shared pass.
+
+Run:  pytest bench/bench_generator.py --benchmark-json bench/results/<name>.json
+      python bench/summarize.py bench/results/<name>.json
+
+CelebA-shaped batches (uint8 3 x 70 x 70, crop 64 + flip, 40 binary tasks) against a ResNet-18
+surrogate, TAP objective plus the embedding regularisers. On a GPU: the paper's generator (width 1)
+at batch 512, as in the issue's targets. On a CPU: width 0.25 at batch 32 (the generator costs
+~5 GFLOP per image at width 1); the ratios between paths are what a CPU run is for.
+
+- ``straightforward``: fp32, the first transposed convolution over the concatenated ``16K + 128``
+  channels, eager, clamp / add / crop as separate torch ops, plain ``embedding_reg`` reference;
+- ``fast``: the linearity identity (per-(task, class) maps once per step, one matrix product per
+  batch), the fused ops, bf16 autocast (GPU, or CPUs with AMX), channels-last, ``torch.compile``
+  of the generator on GPUs;
+- SEP with 15 checkpoints: one shared generator pass per batch vs one pass per checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from mtlue_fast.models import build_model
+from mtlue_fast.models.generator import MTLGenerator
+from mtlue_fast.ue.generate import GenerateConfig, GeneratorStep, make_generator_optimizer
+from mtlue_fast.ue.objectives import Objective
+
+NUM_TASKS = 40
+CROP = (64, 64)
+
+
+def sizes(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"width": 1.0, "surrogate_width": 1.0, "batch_size": 512, "steps": 10}
+    return {"width": 0.25, "surrogate_width": 0.25, "batch_size": 32, "steps": 2}
+
+
+@dataclass
+class Batches:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def batches(bench_device) -> Batches:
+    size = sizes(bench_device)
+    rng = np.random.default_rng(0)
+    n = size["batch_size"]
+    images = torch.from_numpy(rng.integers(0, 256, (n, 3, 70, 70), dtype=np.uint8)).to(bench_device)
+    labels = torch.from_numpy((rng.random((n, NUM_TASKS)) < 0.3).astype(np.int64)).to(bench_device)
+    return Batches(images, labels)
+
+
+def surrogate(device: torch.device, width: float, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model([2] * NUM_TASKS, backbone="resnet18", in_channels=3, crop=CROP, width=width).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def make_step(device: torch.device, config: GenerateConfig, surrogates, base: str) -> GeneratorStep:
+    size = sizes(device)
+    torch.manual_seed(0)
+    generator = MTLGenerator([2] * NUM_TASKS, in_channels=3, image_size=(70, 70), width=size["width"], fast=config.fast).to(device)
+    if config.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+    optimizer = make_generator_optimizer(generator, config)
+    amp = config.amp if isinstance(config.amp, bool) else (device.type == "cuda")
+    return GeneratorStep(generator, Objective(base, [2] * NUM_TASKS), surrogates, optimizer, config, CROP, amp)
+
+
+def _fast_amp(device: torch.device):
+    from mtlue_fast.train.config import cpu_has_native_bf16
+
+    return device.type == "cuda" or cpu_has_native_bf16()
+
+
+PATHS = {
+    "straightforward": lambda device: GenerateConfig(fast=False, fused_ops=False, amp=False, channels_last=False, compile=False),
+    "fast": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=device.type == "cuda"),
+    "fast-fp32": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=False, channels_last=False, compile=False),
+}
+
+
+def _run(step: GeneratorStep, batches: Batches, steps: int, device: torch.device):
+    def once():
+        for _ in range(steps):
+            step(batches.images, batches.labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return once
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_generator_training(benchmark, batches, bench_device, path):
+    size = sizes(bench_device)
+    step = make_step(bench_device, PATHS[path](bench_device), [surrogate(bench_device, size["surrogate_width"])], "tap")
+    benchmark.group = f"generator training tap w{size['width']} b{size['batch_size']} 40 tasks {bench_device.type}"
+    benchmark.extra_info.update(images=size["batch_size"] * size["steps"], variant=path, kind="generator")
+    benchmark.pedantic(_run(step, batches, size["steps"], bench_device), rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-pass", "pass-per-checkpoint"])
+def test_sep_step(benchmark, batches, bench_device, shared):
+    size = sizes(bench_device)
+    checkpoints = [surrogate(bench_device, size["surrogate_width"], seed) for seed in range(15)]
+    fast = PATHS["fast-fp32" if bench_device.type == "cpu" else "fast"](bench_device).replace(base="sep", shared_pass=shared)
+    step = make_step(bench_device, fast, checkpoints, "sep")
+    benchmark.group = f"sep step 15 checkpoints w{size['width']} b{size['batch_size']} {bench_device.type}"
+    benchmark.extra_info.update(images=size["batch_size"], variant="shared pass" if shared else "pass per checkpoint", kind="generator")
+    benchmark.pedantic(_run(step, batches, 1, bench_device), rounds=3, iterations=1, warmup_rounds=1)
