@@ -117,3 +117,31 @@ def test_sep_shared_pass_equals_one_pass_per_checkpoint():
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_dense_generation_and_export(tmp_path):
+    from test_train import make_dense_cache
+
+    fake = make_dense_cache(16, 0)
+    root = tmp_path / "clean"
+    root.mkdir()
+    np.save(root / "images.npy", fake.images)
+    for name, array in fake.labels.items():
+        np.save(root / f"{name}.npy", array)
+    manifest = {
+        "dataset": "nyuv2", "split": "train", "task_names": fake.task_names, "num_classes": fake.num_classes,
+        "source_digest": "dense-test", "count": 16, "channels": 3, "size": [32, 32],
+        "row_files": [f"train/image/{i}.npy" for i in range(16)],
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    clean = open_cache(root)
+    torch.manual_seed(0)
+    model = build_model({"segmentation": 13, "depth": 1, "normal": 3}, dense=True, backbone="resnet18", width=0.25)
+    config = FAST_GEN.replace(base="tap", max_passes=2, batch_size=8, crop=None)
+    result = generate(clean, tmp_path / "generator", config, surrogates=model)
+    assert result.passes == 2 and result.stopped == "max_passes"
+    assert all(np.isnan(r["stop_error"]) for r in result.history)
+    protected = export_generator(result.load_generator(), clean, tmp_path / "protected", progress=False)
+    delta = np.asarray(protected.images).astype(np.int16) - np.asarray(clean.images)
+    assert 0 < np.abs(delta).max() <= 8
+    assert np.array_equal(np.asarray(protected.labels["seg"]), fake.labels["seg"])

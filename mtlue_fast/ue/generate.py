@@ -42,11 +42,11 @@ from .. import ops
 from ..ops import reference
 from ..data.loader import DeviceBatches, window_gather
 from ..fileio import atomic_path, read_json, write_json
-from ..models.generator import MTLGenerator
+from ..models.generator import DenseGenerator, MTLGenerator
 from ..progress import Progress
 from ..train import checkpoint
 from ..train.config import cpu_has_native_bf16
-from ..train.tasks import TaskView, select_tasks
+from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
 from .objectives import BASES, Objective
 
 UINT8_SCALE = 1.0 / 255.0
@@ -138,10 +138,10 @@ class GenerateResult:
         return load_generator(self.out_dir / "generator.pt", device)
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu") -> MTLGenerator:
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> MTLGenerator | DenseGenerator:
     """A generator saved by :func:`generate`, in eval mode on ``device``."""
     stored = torch.load(path, map_location="cpu", weights_only=False)
-    generator = MTLGenerator(**stored["generator_args"])
+    generator = build_generator(**stored["generator_args"])
     generator.load_state_dict(stored["generator"])
     return generator.to(device).eval()
 
@@ -150,12 +150,19 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> MTLG
 
 
 def generator_args(view: TaskView, config: GenerateConfig) -> dict:
-    return {
-        "num_classes": list(view.num_classes), "in_channels": view.channels,
-        "image_size": tuple(int(s) for s in view.images.shape[-2:]), "task_names": list(view.task_names),
+    """Constructor arguments of the generator for ``view`` (``dense`` picks :class:`DenseGenerator`)."""
+    common = {
+        "in_channels": view.channels, "image_size": tuple(int(s) for s in view.images.shape[-2:]),
         "embed_dim": config.embed_dim, "width": config.width, "eps": config.eps, "mode": config.mode,
-        "protect": list(config.protect) if config.protect is not None else None, "fast": config.fast,
+        "protect": list(config.protect) if config.protect is not None else None,
     }  # fmt: skip
+    if view.dense:
+        return {"dense": True, "tasks": {name: DENSE_TASKS[name][1] for name in view.task_names}, **common}
+    return {"dense": False, "num_classes": list(view.num_classes), "task_names": list(view.task_names), "fast": config.fast, **common}
+
+
+def build_generator(dense: bool = False, **args) -> MTLGenerator | DenseGenerator:
+    return DenseGenerator(**args) if dense else MTLGenerator(**args)
 
 
 def _use_amp(config: GenerateConfig, device: torch.device) -> bool:
@@ -183,8 +190,10 @@ class GeneratorStep:
                  optimizer: torch.optim.Optimizer, config: GenerateConfig, crop: tuple[int, int], amp: bool):
         self.generator, self.objective, self.surrogates = generator, objective, list(surrogates)
         self.optimizer, self.config, self.crop, self.amp = optimizer, config, crop, amp
-        self.augment = config.augment and config.base != "sep"
-        self.offsets = generator.task_offsets
+        # SEP: no augmentation (SPEC 5). Dense labels would have to move with the image: the
+        # generator sees NYUv2 pairs unaugmented.
+        self.augment = config.augment and config.base != "sep" and getattr(generator, "task_offsets", None) is not None
+        self.offsets = getattr(generator, "task_offsets", None)  # None: dense, no label-prior table
         self.raw_fn = torch.compile(generator.raw) if config.compile else generator.raw
 
     def perturbed(self, images: torch.Tensor, labels, generator_rng: torch.Generator | None = None) -> torch.Tensor:
@@ -218,7 +227,7 @@ class GeneratorStep:
                 losses.append(self.objective.loss(_surrogate_outputs([model], x_adv, self.amp)[0], labels))
             base = sum(losses) / len(losses)
         total = base
-        if self.config.lambda_intra or self.config.lambda_inter:
+        if self.offsets is not None and (self.config.lambda_intra or self.config.lambda_inter):
             regulariser = ops.embedding_reg if self.config.fused_ops else reference.embedding_reg
             intra, inter = regulariser(self.generator.embedding_table(), self.offsets)
             total = total + self.config.lambda_intra * intra + self.config.lambda_inter * inter
@@ -239,9 +248,11 @@ def unfused_perturb(images: torch.Tensor, raw: torch.Tensor, eps: float, mode: s
 
 
 def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig) -> torch.optim.Optimizer:
-    table = [generator.table]
-    rest = [p for p in generator.parameters() if p is not generator.table and p.requires_grad]
-    groups = [{"params": rest}, {"params": table, "lr": config.table_lr or config.lr}]
+    table = getattr(generator, "table", None)  # dense generators have label-map modules instead
+    rest = [p for p in generator.parameters() if p is not table and p.requires_grad]
+    groups = [{"params": rest}]
+    if table is not None:
+        groups.append({"params": [table], "lr": config.table_lr or config.lr})
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -277,9 +288,9 @@ def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer,
                          batches: DeviceBatches, epochs: int, pass_index: int) -> None:
     """EM's inner step: the surrogate trains for ``epochs`` passes over freshly generated poisons
     (train mode, grad-norm clip 5; the generator in eval mode, no gradients)."""
-    from ..mtl.losses import ClassificationLoss
+    from ..mtl.losses import ClassificationLoss, DenseLoss
 
-    loss_fn = ClassificationLoss(step.objective.num_classes)
+    per_task = DenseLoss() if step.objective.dense else ClassificationLoss(step.objective.num_classes)
     surrogate.train()
     step.generator.eval()
     for epoch in range(epochs):
@@ -288,7 +299,7 @@ def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer,
             with torch.no_grad():
                 x_adv = step.perturbed(images, labels)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=step.amp):
-                loss = loss_fn(surrogate(x_adv), labels).sum()
+                loss = per_task(surrogate(x_adv), labels).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(surrogate.parameters(), 5.0)
@@ -343,7 +354,7 @@ def generate(
     amp = _use_amp(config, device)
 
     torch.manual_seed(config.seed)
-    generator = MTLGenerator(**args).to(device)
+    generator = build_generator(**args).to(device)
     if config.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     models = [m.to(device).eval() for m in models]
@@ -394,8 +405,10 @@ def generate(
         if em_optimizer is not None:
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index)
         error = stop_test(generator, models, objective, view, subset, config, crop, device, amp)
-        with torch.no_grad():
-            intra, inter = ops.embedding_reg(generator.embedding_table().float(), generator.task_offsets)
+        intra = inter = math.nan
+        if not view.dense:
+            with torch.no_grad():
+                intra, inter = ops.embedding_reg(generator.embedding_table().float(), generator.task_offsets)
         record = {
             "pass": pass_index + 1, "loss": float(loss_sum / max(steps, 1)) if loss_sum is not None else math.nan,
             "stop_error": error, "intra": float(intra), "inter": float(inter),
