@@ -717,6 +717,11 @@ _CHEST_FACTORS: dict[str, dict[str, float]] = {
     "chronic": {"Emphysema": 0.5, "Fibrosis": 0.5, "Pneumothorax": 0.4, "Pleural_Thickening": 0.4, "Hernia": 0.2},
 }  # fmt: skip
 
+# Multiplies every finding's amplitude below. Calibrated with the package's own victim (ResNet-18 at
+# width 0.25, 64x64 cache, random crop 56, 14 epochs, batch 128, 10,000 training images): mean AUC 0.89
+# (1.0x gave 0.60-0.71, 2.0x 0.84). The per-finding ratios are the ridge-calibrated ones.
+_CHEST_AMP_SCALE = 2.5
+
 # Each finding's look, coordinates relative to the whole image (lungs at x ~0.3 and ~0.7).
 # mirror=True: the finding appears on a random side. Colour +1 = opacity (brighter), -1 = lucency.
 _CHEST_PATTERNS: dict[str, _Pattern] = {
@@ -815,7 +820,7 @@ def _chest_images(rng: np.random.Generator, labels: np.ndarray, hw: tuple[int, i
     canvas[:, pad : pad + h, pad : pad + w] = _chest_background(rng, b, h, w)
     for k, pattern in enumerate(patterns):
         which = np.flatnonzero(labels[:, k])
-        _draw(canvas, pad, region, pattern, which, _strength(rng, which.size, pattern.amp), rng)
+        _draw(canvas, pad, region, pattern, which, _strength(rng, which.size, pattern.amp * _CHEST_AMP_SCALE), rng)
     return _finish(canvas, pad, rng, 0.02)[..., 0]
 
 
