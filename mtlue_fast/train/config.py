@@ -47,6 +47,10 @@ class TrainConfig:
         sync_every_step: read the loss to the host after every step (the straightforward path).
         deterministic: ``torch.use_deterministic_algorithms(True)`` (bitwise-reproducible resume).
     Other:
+        defense: a training-time victim defence applied to every batch (``"augment"``: strong
+            augmentation; ``"adv"``: PGD adversarial training at ``defense_eps``); ``"none"``. The
+            data-level defences (jpeg, bdr, grayscale) transform the cache before training instead.
+        defense_eps: the adversarial-training budget on the [0, 1] scale.
         seed: model initialisation, data order and augmentation.
         progress: print a progress line and a summary per epoch.
     """
@@ -78,6 +82,8 @@ class TrainConfig:
     host_augment: bool = False
     sync_every_step: bool = False
     deterministic: bool = False
+    defense: str = "none"
+    defense_eps: float = 8 / 255
     seed: int = 0
     progress: bool = True
 
@@ -94,6 +100,7 @@ class TrainConfig:
         _check(self.metric in ("accuracy", "auc", AUTO), "metric", "'accuracy', 'auc' or 'auto'", self.metric)
         _check(self.eval_every >= 1, "eval_every", ">= 1", self.eval_every)
         _check(self.keep_every >= 0, "keep_every", ">= 0", self.keep_every)
+        _check(self.defense in ("none", "augment", "adv"), "defense", "'none', 'augment' or 'adv'", self.defense)
         for name in ("amp", "channels_last", "fused_adam", "resident"):
             value = getattr(self, name)
             _check(isinstance(value, bool) or value == AUTO, name, "true, false or 'auto'", value)

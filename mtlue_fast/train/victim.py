@@ -328,6 +328,11 @@ class TrainStep:
         if config.compile:
             self.encode = torch.compile(model.encode, mode=config.compile_mode)
             self.decode = torch.compile(model.decode, mode=config.compile_mode)
+        self.defense = None
+        if config.defense != "none":
+            from ..defenses import batch_defense
+
+            self.defense = batch_defense(config.defense, eps=config.defense_eps, seed=config.seed)
         self.detach = strategy.needs_task_grads and config.grad_space == "representation"
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())
@@ -335,6 +340,8 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
         x = _to_float(images, self.channels_last)
+        if self.defense is not None:
+            x = self.defense(x, labels, self.model, self.loss_fn)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             encoded = self.encode(x)
             rep = encoded.detach().requires_grad_() if self.detach else encoded

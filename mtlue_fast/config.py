@@ -1,0 +1,279 @@
+"""The run configuration: YAML files + overlays + CLI overrides -> one frozen dataclass tree.
+
+Resolution order (later wins): ``configs/<dataset>.yaml`` (or ``--config``), its ``synthetic:``
+overlay when no ``--data-root`` is given, the ``presets.<name>:`` overlay (``--preset``), the
+dedicated CLI flags, then every ``--set key=value`` (dotted keys, e.g. ``train.epochs=5``).
+Unknown keys are errors that list the valid ones; values are checked by the dataclasses
+(``TrainConfig``, ``GenerateConfig``, :class:`DataSettings`, :class:`RunConfig`), whose messages name
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .data.specs import DATASETS
+from .train.config import TrainConfig
+from .ue.generate import GenerateConfig
+
+METHODS = ("mtlue", "pgd", "ar", "random")
+VICTIMS = ("mtl", "stl")
+DEFENSES = ("none", "jpeg", "bdr", "grayscale", "augment", "adv")
+STAGES = ("prepare", "surrogate", "generate", "export", "victim", "report")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the data comes from and at which resolution it is used.
+
+    Attributes:
+        cache_size: ``[H, W]`` of the uint8 cache (None: the SPEC working resolution).
+        crop: the victim's crop ``[h, w]`` (None: the SPEC crop scaled to the cache).
+        decoder: ``auto`` (DALI when installed), ``dali`` or ``pil``.
+        synthetic_train, synthetic_test: images of the built-in synthetic sample (no --data-root).
+        synthetic_size: ``[H, W]`` of the synthetic images (None: the dataset's default).
+        synthetic_seed: its seed.
+    """
+
+    cache_size: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None
+    decoder: str = "auto"
+    synthetic_train: int = 10000
+    synthetic_test: int = 3000
+    synthetic_size: tuple[int, int] | None = None
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("auto", "dali", "pil"):
+            raise ConfigError(f"data.decoder must be 'auto', 'dali' or 'pil', got {self.decoder!r}")
+        for name in ("synthetic_train", "synthetic_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("cache_size", "crop", "synthetic_size"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise ConfigError(f"data.{name} must be [height, width] of positive integers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``python -m mtlue_fast.run`` does.
+
+    Attributes:
+        dataset: ``celeba``, ``chestxray``, ``utkface`` or ``nyuv2``.
+        data: :class:`DataSettings`.
+        train: victims' and the clean surrogate's :class:`~mtlue_fast.train.TrainConfig`.
+        generate: the generator's :class:`~mtlue_fast.ue.generate.GenerateConfig` (its ``eps`` is
+            the run's budget for every method).
+        method: ``mtlue`` or a baseline: ``pgd`` (sample-wise, with ``generate.base``), ``ar``, ``random``.
+        victim: ``mtl`` (one multi-task network) or ``stl`` (one network per task).
+        defense: victim-side defence on the protected training data (``none``, ``jpeg``, ``bdr``,
+            ``grayscale``, ``augment``, ``adv``).
+        sep_every: SEP's checkpoint spacing in epochs of the clean surrogate run.
+        export_images: also write the protected images in the dataset's original layout.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    dataset: str
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    method: str = "mtlue"
+    victim: str = "mtl"
+    defense: str = "none"
+    sep_every: int = 4
+    export_images: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = {"dataset": DATASETS, "method": METHODS, "victim": VICTIMS, "defense": DEFENSES, "device": ("auto", "cpu", "cuda")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.sep_every < 1:
+            raise ConfigError(f"sep_every must be >= 1, got {self.sep_every!r}")
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the configuration accepts (``train.epochs``, ``generate.base``, ...)."""
+    keys = []
+    for f in fields(cls):
+        nested = _dataclass_type(cls, f.name)
+        if nested is not None:
+            keys += valid_keys(nested, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = _hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def build(cls: type, values: dict, prefix: str = ""):
+    """``cls(**values)`` with nested dataclasses built recursively, lists turned into tuples where the
+    field is a tuple, and unknown keys or wrong types reported with their dotted name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(valid_keys(cls, prefix))}"
+        )
+    kwargs = {}
+    hints = _hints(cls)
+    for name, value in values.items():
+        nested = _dataclass_type(cls, name)
+        if nested is not None:
+            kwargs[name] = build(nested, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _coerce(value, hint, key: str):
+    """Check ``value`` against the annotation ``hint`` (bool/int/float/str/tuple/dict/None unions)."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if origin is dict and isinstance(value, dict):
+            return dict(value)
+    expected = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint) or hint
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", tuple: "a list",
+            dict: "a mapping", type(None): "null"}.get(origin, str(hint))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- files and overrides
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """Recursive dict merge (overlay wins; nested mappings merged key by key)."""
+    out = dict(base)
+    for key, value in (overlay or {}).items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """``["train.epochs=5", "generate.base=em"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in valid_keys():
+            raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid_keys())}")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def resolve(
+    dataset: str,
+    *,
+    config_file: str | Path | None = None,
+    synthetic: bool,
+    preset: str = "default",
+    overrides: dict | None = None,
+    assignments: list[str] | None = None,
+) -> RunConfig:
+    """The :class:`RunConfig` for ``dataset`` (see the module docstring for the order)."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    path = Path(config_file) if config_file else CONFIG_DIR / f"{dataset}.yaml"
+    data = read_yaml(path)
+    overlays = {"synthetic": data.pop("synthetic", {}) or {}, "presets": data.pop("presets", {}) or {}}
+    if data.get("dataset", dataset) != dataset:
+        raise ConfigError(f"config file {path} is for dataset {data['dataset']!r}, not {dataset!r}")
+    data["dataset"] = dataset
+    if synthetic:
+        data = merge(data, overlays["synthetic"])
+    if preset != "default":
+        presets = overlays["presets"]
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r} in {path}; available: default, {', '.join(presets)}")
+        data = merge(data, presets[preset])
+    data = merge(data, overrides or {})
+    data = merge(data, parse_set(assignments or []))
+    return build(RunConfig, data)
+
+
+def dump(config: RunConfig) -> str:
+    """The resolved configuration as YAML (what ``OUT/config.yaml`` holds)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=True)
