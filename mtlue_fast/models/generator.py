@@ -67,20 +67,25 @@ def _pair(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int
     return int(size[0]), int(size[1])
 
 
-def encoder_stride(image_size: int | Sequence[int]) -> int:
+def encoder_stride(image_size: int | Sequence[int], override: int | None = None) -> int:
     """The encoder's overall stride for an image size (the stem rule, in one place).
 
     2 (3x3 stride-1 stem, no max-pool; ``layer2`` halves) if ``min(H, W) < 192``: CelebA 70 -> 35,
     UTKFace 140 -> 70. Otherwise 8 (torchvision's 7x7 stride-2 stem + max-pool): ChestX-ray
-    256 -> 32, NYUv2 288x384 -> 36x48.
+    256 -> 32, NYUv2 288x384 -> 36x48. ``override`` (2 or 8) replaces the rule: reduced images
+    (e.g. a 64x64 CPU sample) can use the 1/8 encoder, whose label-prior maps are 16x smaller.
     """
+    if override is not None:
+        if override not in (2, 8):
+            raise ValueError(f"stride must be 2 or 8 (or None for the size rule), got {override!r}")
+        return override
     return 2 if min(_pair(image_size)) < DENSE_STRIDE_MIN_SIDE else 8
 
 
-def generator_feature_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+def generator_feature_size(image_size: int | Sequence[int], stride: int | None = None) -> tuple[int, int]:
     """``(S_h, S_w)`` of the encoder output: every stride-2 layer (k3 p1, or the 7x7 p3 stem, or the
     3x3 p1 max-pool) maps n to ceil(n / 2)."""
-    stride = encoder_stride(image_size)
+    stride = encoder_stride(image_size, stride)
     halvings = int(math.log2(stride))
     out = []
     for n in _pair(image_size):
@@ -140,10 +145,10 @@ def _init_conv_transpose(module: nn.ConvTranspose2d) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_encoder(in_channels: int, image_size: tuple[int, int], width: float) -> tuple[nn.Sequential, int]:
+def build_encoder(in_channels: int, image_size: tuple[int, int], width: float, stride: int | None = None) -> tuple[nn.Sequential, int]:
     """ResNet-18 trunk through ``layer2`` (stem per :func:`encoder_stride`), Kaiming init, and its
     channel count ``round(128 * width)``: ``[B, in_channels, H, W] -> [B, F, S_h, S_w]``."""
-    small = encoder_stride(image_size) == 2
+    small = encoder_stride(image_size, stride) == 2
     net, _ = build_resnet("resnet18", in_channels, width, small_stem=small)
     encoder = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
     return encoder, scaled(128, width)
@@ -185,6 +190,7 @@ class _GeneratorBody(nn.Module):
         width: float,
         eps: float,
         mode: str,
+        stride: int | None = None,
     ) -> None:
         super().__init__()
         _check_common_args(in_channels, embed_dim, width, eps, mode)
@@ -194,9 +200,9 @@ class _GeneratorBody(nn.Module):
         self.width = float(width)
         self.eps = float(eps)
         self.mode = mode
-        self.stride = encoder_stride(self.image_size)
-        self.feature_size = generator_feature_size(self.image_size)
-        self.encoder, self.feature_channels = build_encoder(in_channels, self.image_size, width)
+        self.stride = encoder_stride(self.image_size, stride)
+        self.feature_size = generator_feature_size(self.image_size, stride)
+        self.encoder, self.feature_channels = build_encoder(in_channels, self.image_size, width, stride)
         c1, c2 = scaled(64, width), scaled(32, width)
         self.up1 = nn.ConvTranspose2d(prior_channels + self.feature_channels, c1, 4, stride=2, padding=1)
         _init_conv_transpose(self.up1)
@@ -286,6 +292,7 @@ class MTLGenerator(_GeneratorBody):
         protect: task indices or names that get label-dependent perturbations (None = all). An
             unprotected task's map is the mean of its class maps, whatever its label.
         fast: default path of :meth:`raw` (see the module docstring).
+        stride: encoder stride 2 or 8 overriding :func:`encoder_stride`'s size rule (None: the rule).
 
     Attributes:
         table: ``nn.Parameter [R, D*S_h*S_w]``, N(0, 1) at init.
@@ -306,6 +313,7 @@ class MTLGenerator(_GeneratorBody):
         mode: str = "clamp",
         protect: Sequence[int | str] | None = None,
         fast: bool = True,
+        stride: int | None = None,
     ) -> None:
         classes = tuple(num_classes)
         if not classes or any(not isinstance(c, int) or isinstance(c, bool) or c < 2 for c in classes):
@@ -321,6 +329,7 @@ class MTLGenerator(_GeneratorBody):
             width=width,
             eps=eps,
             mode=mode,
+            stride=stride,
         )
         self.num_classes = classes
         self.task_names = names

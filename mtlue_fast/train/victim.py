@@ -272,6 +272,8 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, history = state["epoch"], state["history"]
+            if parts.step.defense is not None and state.get("defense") is not None:
+                parts.step.defense.load_state_dict(state["defense"])
             checkpoint.set_rng_state(state["rng"])
             if config.progress:
                 print(f"{label}: resuming after epoch {start_epoch} from {out / 'last.pt'}", file=sys.stderr, flush=True)
@@ -297,6 +299,7 @@ def train(
                 "digest": run_digest, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
                 "weighting": strategy.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                "defense": step.defense.state_dict() if step.defense is not None else None,
             })  # fmt: skip
             if config.progress:
                 _print_epoch(label, record, config.epochs, view.dense)
@@ -332,7 +335,7 @@ class TrainStep:
         if config.defense != "none":
             from ..defenses import batch_defense
 
-            self.defense = batch_defense(config.defense, eps=config.defense_eps, seed=config.seed)
+            self.defense = batch_defense(config.defense, eps=config.defense_eps, seed=config.seed, amp=amp)
         self.detach = strategy.needs_task_grads and config.grad_space == "representation"
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())

@@ -72,6 +72,8 @@ class GenerateConfig:
         crop: the augmentation's window ``(h, w)``; None = the dataset's victim crop.
         protect: tasks (indices or names) the perturbation protects; None = all.
         width, embed_dim: generator size (1.0 and 16 in the paper).
+        stride: the encoder's stride, 2 or 8 (None: SPEC's rule by image size); 8 on a small image
+            makes the label-prior maps 16x smaller (the CPU default's choice).
         fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
         fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
             plain torch ops (the straightforward path, for the benchmark).
@@ -100,6 +102,7 @@ class GenerateConfig:
     protect: tuple | None = None
     width: float = 1.0
     embed_dim: int = 16
+    stride: int | None = None
     fast: bool = True
     shared_pass: bool = True
     fused_ops: bool = True
@@ -158,7 +161,8 @@ def generator_args(view: TaskView, config: GenerateConfig) -> dict:
     }  # fmt: skip
     if view.dense:
         return {"dense": True, "tasks": {name: DENSE_TASKS[name][1] for name in view.task_names}, **common}
-    return {"dense": False, "num_classes": list(view.num_classes), "task_names": list(view.task_names), "fast": config.fast, **common}
+    return {"dense": False, "num_classes": list(view.num_classes), "task_names": list(view.task_names),
+            "fast": config.fast, "stride": config.stride, **common}
 
 
 def build_generator(dense: bool = False, **args) -> MTLGenerator | DenseGenerator:
