@@ -1,0 +1,133 @@
+"""``python -m mtlue_fast.run`` end to end on the synthetic samples (smoke preset), reruns, resume
+and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtlue_fast import run as run_module
+from mtlue_fast.run import main
+
+REPORT_FIELDS = (
+    "dataset", "synthetic", "data_root", "tasks", "metric", "clean", "protected", "drop", "clean_cache", "eps",
+    "base", "method", "backbone", "weighting", "victim", "timings", "throughput", "versions", "git",
+    "perturbation_stats",
+)  # fmt: skip
+
+
+def smoke(out, dataset="chestxray", *extra):
+    return main(["--dataset", dataset, "--preset", "smoke", "--device", "cpu", "--out", str(out), "--quiet", *extra])
+
+
+def check_outputs(out, dense: bool = False) -> dict:
+    assert (out / "config.yaml").exists()
+    images = np.load(out / "protected" / "train_images.npy", mmap_mode="r")
+    delta = np.load(out / "protected" / "delta.npy", mmap_mode="r")
+    assert images.dtype == np.uint8 and delta.dtype == np.int8 and images.shape == delta.shape
+    assert np.abs(delta).max() <= 8
+    if not dense:
+        labels = np.load(out / "protected" / "train_labels.npy")
+        assert len(labels) == len(images)
+    report = json.loads((out / "report.json").read_text())
+    for field in REPORT_FIELDS:
+        assert field in report, field
+    assert report["synthetic"] is True and report["eps"] == pytest.approx(8 / 255)
+    clean_images = np.load(f"{report['clean_cache']}/train_images.npy", mmap_mode="r")
+    assert np.array_equal(np.asarray(clean_images).astype(np.int16) + np.asarray(delta), np.asarray(images))
+    if not dense:
+        for side in ("clean", "protected"):
+            assert 0.0 <= report[side]["mean"] <= 1.0
+        assert math.isfinite(report["drop"])
+    assert (out / "report.md").exists() and (out / "figures" / "metrics.png").exists()
+    return report
+
+
+def test_chestxray_smoke_run_then_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert smoke(out) == 0
+    report = check_outputs(out)
+    assert report["metric"] == "auc" and len(report["tasks"]) == 14
+    assert "drop" in capsys.readouterr().out
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "surrogate" / "final.pt", out / "generator" / "generator.pt", out / "protected" / "images.npy")}
+    assert smoke(out) == 0  # same command: every stage is already done
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_changed_setting_reruns_only_what_depends_on_it(tmp_path):
+    out = tmp_path / "run"
+    assert smoke(out) == 0
+    surrogate = (out / "surrogate" / "final.pt").stat().st_mtime_ns
+    generator = (out / "generator" / "generator.pt").stat().st_mtime_ns
+    assert smoke(out, "chestxray", "--set", "generate.lambda_inter=50") == 2  # another run's settings: refused
+    assert smoke(out, "chestxray", "--set", "generate.lambda_inter=50", "--resume") == 0
+    assert (out / "surrogate" / "final.pt").stat().st_mtime_ns == surrogate
+    assert (out / "generator" / "generator.pt").stat().st_mtime_ns != generator
+
+
+def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.Run, "generate", interrupted)
+    assert smoke(out) == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    surrogate = (out / "surrogate" / "final.pt").stat().st_mtime_ns
+    monkeypatch.undo()
+    assert smoke(out) == 0
+    assert (out / "surrogate" / "final.pt").stat().st_mtime_ns == surrogate  # not retrained
+    check_outputs(out)
+
+
+@pytest.mark.parametrize("dataset", ["celeba", pytest.param("utkface", marks=pytest.mark.slow)])
+def test_smoke_runs_for_other_formats(tmp_path, dataset):
+    assert smoke(tmp_path / dataset, dataset) == 0
+    check_outputs(tmp_path / dataset)
+
+
+def test_nyuv2_smoke_run(tmp_path):
+    assert smoke(tmp_path / "nyuv2", "nyuv2") == 0
+    report = check_outputs(tmp_path / "nyuv2", dense=True)
+    assert isinstance(report["metric"], dict)
+
+
+@pytest.mark.parametrize("method", ["random", pytest.param("ar", marks=pytest.mark.slow)])
+def test_baseline_methods(tmp_path, method):
+    assert smoke(tmp_path / method, "chestxray", "--method", method, "--stages", "prepare,export,report,victim,surrogate") == 0
+    assert json.loads((tmp_path / method / "report.json").read_text())["method"] == method
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_input_gives_one_clear_message(tmp_path, capsys):
+    assert main(["--dataset", "chestxray", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "does not exist" in _error(capsys)
+    celeba_like = tmp_path / "celeba_root"
+    celeba_like.mkdir()
+    (celeba_like / "list_attr_celeba.txt").write_text("1\nSmiling\n")
+    assert main(["--dataset", "chestxray", "--data-root", str(celeba_like), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "error:" in _error(capsys)
+    assert smoke(tmp_path / "c", "chestxray", "--set", "train.epoch=3") == 2
+    assert "unknown config key 'train.epoch'" in _error(capsys)
+    assert smoke(tmp_path / "d", "chestxray", "--stages", "prepare,train") == 2
+    assert "unknown stage 'train'" in _error(capsys)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert smoke(foreign) == 2
+    assert "not an mtlue_fast run" in _error(capsys) and (foreign / "notes.txt").read_text() == "keep me"
+    if not torch.cuda.is_available():
+        assert main(["--dataset", "chestxray", "--device", "cuda", "--out", str(tmp_path / "e"), "--quiet"]) == 2
+        assert "no CUDA GPU" in _error(capsys)
+    assert main(["--dataset", "mnist"]) == 2
