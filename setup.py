@@ -20,6 +20,8 @@ CSRC_PACKAGES = {
     "mtlue_fast._csrc.cuda": "csrc/cuda",
 }
 SOURCE_PATTERNS = ["*.cpp", "*.cu", "*.h", "*.cuh"]
+# The run configs (configs/*.yaml) ship inside the package too, so an installed package finds them.
+CONFIG_PACKAGES = {"mtlue_fast._configs": "configs"}
 
 
 def extension_build():
@@ -53,9 +55,9 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
-    packages=find_packages(include=["mtlue_fast", "mtlue_fast.*"]) + list(CSRC_PACKAGES),
-    package_dir=CSRC_PACKAGES,
-    package_data={name: SOURCE_PATTERNS for name in CSRC_PACKAGES},
+    packages=find_packages(include=["mtlue_fast", "mtlue_fast.*"]) + list(CSRC_PACKAGES) + list(CONFIG_PACKAGES),
+    package_dir={**CSRC_PACKAGES, **CONFIG_PACKAGES},
+    package_data={**{name: SOURCE_PATTERNS for name in CSRC_PACKAGES}, "mtlue_fast._configs": ["*.yaml"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

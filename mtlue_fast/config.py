@@ -26,7 +26,17 @@ METHODS = ("mtlue", "pgd", "ar", "random")
 VICTIMS = ("mtl", "stl")
 DEFENSES = ("none", "jpeg", "bdr", "grayscale", "augment", "adv")
 STAGES = ("prepare", "surrogate", "generate", "export", "victim", "report")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dir() -> Path:
+    """The folder of the shipped YAML configs: ``configs/`` of a source checkout, else the copy
+    installed with the package (``mtlue_fast._configs``)."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / "chestxray.yaml").is_file():
+        return checkout
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("mtlue_fast._configs")))
 
 
 class ConfigError(ValueError):
@@ -256,7 +266,7 @@ def resolve(
     """The :class:`RunConfig` for ``dataset`` (see the module docstring for the order)."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    path = Path(config_file) if config_file else CONFIG_DIR / f"{dataset}.yaml"
+    path = Path(config_file) if config_file else config_dir() / f"{dataset}.yaml"
     data = read_yaml(path)
     overlays = {"synthetic": data.pop("synthetic", {}) or {}, "presets": data.pop("presets", {}) or {}}
     if data.get("dataset", dataset) != dataset:
