@@ -21,7 +21,7 @@ CSRC_PACKAGES = {
 }
 SOURCE_PATTERNS = ["*.cpp", "*.cu", "*.h", "*.cuh"]
 # The run configs (configs/*.yaml) ship inside the package too, so an installed package finds them.
-CONFIG_PACKAGES = {"mtlue_fast._configs": "configs"}
+CONFIG_PACKAGES = {"mtlue_fast._configs": "configs", "mtlue_fast._configs.overlays": "configs/overlays"}
 
 
 def extension_build():
@@ -57,7 +57,7 @@ ext_modules, cmdclass = extension_build()
 setup(
     packages=find_packages(include=["mtlue_fast", "mtlue_fast.*"]) + list(CSRC_PACKAGES) + list(CONFIG_PACKAGES),
     package_dir={**CSRC_PACKAGES, **CONFIG_PACKAGES},
-    package_data={**{name: SOURCE_PATTERNS for name in CSRC_PACKAGES}, "mtlue_fast._configs": ["*.yaml"]},
+    package_data={**{name: SOURCE_PATTERNS for name in CSRC_PACKAGES}, **{name: ["*.yaml"] for name in CONFIG_PACKAGES}},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

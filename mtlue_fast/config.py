@@ -1,7 +1,8 @@
 """The run configuration: YAML files + overlays + CLI overrides -> one frozen dataclass tree.
 
 Resolution order (later wins): ``configs/<dataset>.yaml`` (or ``--config``), its ``synthetic:``
-overlay when no ``--data-root`` is given, the ``presets.<name>:`` overlay (``--preset``), the
+overlay when no ``--data-root`` is given, the ``presets.<name>:`` overlay (``--preset``), overlay
+files (``--overlay``: a path, or a name in ``configs/overlays/`` such as ``base-sep``), the
 dedicated CLI flags, then every ``--set key=value`` (dotted keys, e.g. ``train.epochs=5``).
 Unknown keys are errors that list the valid ones; values are checked by the dataclasses
 (``TrainConfig``, ``GenerateConfig``, :class:`DataSettings`, :class:`RunConfig`), whose messages name
@@ -260,6 +261,7 @@ def resolve(
     config_file: str | Path | None = None,
     synthetic: bool,
     preset: str = "default",
+    overlays: list[str] | None = None,
     overrides: dict | None = None,
     assignments: list[str] | None = None,
 ) -> RunConfig:
@@ -268,20 +270,34 @@ def resolve(
         raise ConfigError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     path = Path(config_file) if config_file else config_dir() / f"{dataset}.yaml"
     data = read_yaml(path)
-    overlays = {"synthetic": data.pop("synthetic", {}) or {}, "presets": data.pop("presets", {}) or {}}
+    sections = {"synthetic": data.pop("synthetic", {}) or {}, "presets": data.pop("presets", {}) or {}}
     if data.get("dataset", dataset) != dataset:
         raise ConfigError(f"config file {path} is for dataset {data['dataset']!r}, not {dataset!r}")
     data["dataset"] = dataset
     if synthetic:
-        data = merge(data, overlays["synthetic"])
+        data = merge(data, sections["synthetic"])
     if preset != "default":
-        presets = overlays["presets"]
+        presets = sections["presets"]
         if preset not in presets:
             raise ConfigError(f"unknown preset {preset!r} in {path}; available: default, {', '.join(presets)}")
         data = merge(data, presets[preset])
+    for overlay in overlays or []:
+        data = merge(data, read_yaml(overlay_path(overlay)))
     data = merge(data, overrides or {})
     data = merge(data, parse_set(assignments or []))
     return build(RunConfig, data)
+
+
+def overlay_path(name: str) -> Path:
+    """An overlay file: an existing path, or ``configs/overlays/<name>.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = config_dir() / "overlays" / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in (config_dir() / "overlays").glob("*.yaml"))
+    raise ConfigError(f"overlay {name!r} is neither a file nor one of: {', '.join(names)}")
 
 
 def dump(config: RunConfig) -> str:

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="run directory (default runs/<dataset>-<base>-<timestamp>)")
     parser.add_argument("--config", help="YAML config (default configs/<dataset>.yaml)")
     parser.add_argument("--preset", default="default", help="'default' or 'smoke' (the whole pipeline in about a minute on a CPU)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="NAME_OR_FILE",
+                        help="config overlay: a YAML file or a name in configs/overlays (e.g. base-sep, backbone-vit_b_16)")
     parser.add_argument("--base", choices=("tap", "em", "sep"), help="base UE objective (default tap)")
     parser.add_argument("--method", choices=METHODS, help="mtlue or a baseline: pgd (sample-wise), ar, random")
     parser.add_argument("--backbone", choices=BACKBONES)
@@ -451,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
     synthetic = args.data_root is None
     cfg = config_module.resolve(
         args.dataset, config_file=args.config, synthetic=synthetic, preset=args.preset,
-        overrides=overrides_from_args(args), assignments=args.set,
+        overlays=args.overlay, overrides=overrides_from_args(args), assignments=args.set,
     )  # fmt: skip
     device = resolve_device(cfg.device)
     out = Path(args.out) if args.out else default_out(cfg)

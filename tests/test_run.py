@@ -131,3 +131,16 @@ def test_bad_input_gives_one_clear_message(tmp_path, capsys):
         assert main(["--dataset", "chestxray", "--device", "cuda", "--out", str(tmp_path / "e"), "--quiet"]) == 2
         assert "no CUDA GPU" in _error(capsys)
     assert main(["--dataset", "mnist"]) == 2
+
+
+@pytest.mark.slow
+def test_stl_victims_sep_partial_protection_and_image_export(tmp_path):
+    out = tmp_path / "run"
+    code = smoke(out, "utkface", "--victim", "stl", "--base", "sep", "--export-images", "--protect-tasks", "age,race",
+                 "--set", "sep_every=1")
+    assert code == 0
+    report = check_outputs(out)
+    assert report["victim"] == "stl" and report["base"] == "sep"
+    assert len(list((out / "surrogate").glob("epoch_*.pt"))) == 2
+    assert any((out / "protected" / "images").rglob("*.png"))
+    assert sorted(p.name for p in (out / "victim" / "protected").iterdir() if p.is_dir()) == ["task_age", "task_gender", "task_race"]
