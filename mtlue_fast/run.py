@@ -159,7 +159,8 @@ class Run:
 
     def digest(self, stage: str) -> str:
         cfg = self.cfg.to_dict()
-        parts = {"data": [cfg["dataset"], cfg["data"], self.data_root]}
+        caches = [c.manifest.get("source_digest") for c in (self.train_cache, self.test_cache) if c is not None]
+        parts = {"data": [cfg["dataset"], cfg["data"], self.data_root, caches]}
         parts["surrogate"] = parts["data"] + [cfg["train"], cfg["sep_every"], cfg["generate"]["base"]]
         parts["generate"] = parts["surrogate"] + [cfg["generate"], cfg["method"]]
         parts["export"] = parts["generate"] + [cfg["export_images"]]
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return run(args)
-    except (UserError, ConfigError, DatasetFormatError) as err:
+    except (UserError, ConfigError, DatasetFormatError, ValueError) as err:
+        # The package's ValueErrors name the argument, file or field and what was expected.
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
