@@ -35,9 +35,7 @@ def config_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "configs"
     if (checkout / "chestxray.yaml").is_file():
         return checkout
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("mtlue_fast._configs")))
+    return Path(__file__).resolve().parent / "_configs"
 
 
 class ConfigError(ValueError):
