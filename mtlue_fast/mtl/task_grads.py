@@ -20,6 +20,12 @@ Two spaces (``space``):
 
 Task-specific parameters (the heads) always receive the gradient of the unweighted sum of the task
 losses: each head only sees its own task, so there is nothing to reconcile there.
+
+Under ``torch.distributed`` (see :mod:`mtlue_fast.dist`) the strategies see the global batch: the
+Gram matrix of the representation-space gradients is summed over ranks (each rank holds its own
+samples' columns), parameter-space gradients and GradNorm's layer gradients are averaged, and
+:meth:`TaskGradients.global_losses` averages the losses. The combined gradient is then applied
+locally and averaged with every other gradient by the training loop.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from .. import dist
 
 SPACES = ("representation", "parameters")
 
@@ -99,13 +107,33 @@ class TaskGradients:
                     for g, p in zip(grads, self.shared)
                 ]
                 self._grads = torch.cat(rows, dim=1).float()
+                world = dist.info().world_size
+                if world > 1:  # every rank's parameters are the same: average to the global gradient
+                    self._grads = dist.all_reduce_sum(self._grads) / world
         return self._grads
+
+    def gram(self) -> torch.Tensor:
+        """``G G^T [K, K]`` float64 of the global batch's task gradients (summed over ranks)."""
+        grads = self.task_grads().double()
+        gram = grads @ grads.T
+        world = dist.info().world_size
+        if world > 1 and self.space == "representation":
+            # Rank r holds the columns of its samples, each 1/world of the global mean's gradient.
+            gram = dist.all_reduce_sum(gram) / world**2
+        return gram
+
+    def global_losses(self) -> torch.Tensor:
+        """``[K]`` detached losses of the global batch (the mean over ranks)."""
+        losses = self.losses.detach().clone()
+        world = dist.info().world_size
+        return dist.all_reduce_sum(losses) / world if world > 1 else losses
 
     def layer_grads(self, weight: torch.Tensor) -> torch.Tensor:
         """``[K, *weight.shape]``: per-task gradients of one shared tensor (GradNorm's last layer)."""
         eye = torch.eye(self.num_tasks, dtype=self.losses.dtype, device=self.losses.device)
         (grad,) = torch.autograd.grad(self.losses, weight, eye, retain_graph=True, is_grads_batched=True)
-        return grad
+        world = dist.info().world_size
+        return dist.all_reduce_sum(grad.detach().clone()) / world if world > 1 else grad
 
     def apply(self, combined: torch.Tensor) -> None:
         """Write ``combined [P]`` as the shared gradient; heads get the unweighted sum's gradient."""

@@ -67,13 +67,24 @@ class GradientWeighting(Weighting):
 
     needs_task_grads = True
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(combined [P], weights [K] or None)`` from ``task_grads [K, P]`` float32."""
+    def combine(
+        self, task_grads: torch.Tensor, losses: torch.Tensor, gram: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(combined [P], weights [K])`` from ``task_grads [K, P]`` float32: the strategies decide
+        their weights from the Gram matrix ``G G^T`` (float64; computed here when None) and the
+        losses alone, so under ``torch.distributed`` the global batch's Gram can be passed in."""
+        if gram is None:
+            gram = task_grads.double() @ task_grads.double().T
+        weights = self.weights_from_gram(gram, losses).to(task_grads.dtype)
+        return weights @ task_grads, weights
+
+    def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """``[K]`` combination weights from the Gram matrix ``[K, K]`` and the losses ``[K]``."""
         raise NotImplementedError
 
     def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor | None:
         with torch.no_grad():
-            combined, weights = self.combine(grads.task_grads(), losses.detach())
+            combined, weights = self.combine(grads.task_grads(), grads.global_losses(), grads.gram())
         grads.apply(combined)
         return weights
 
@@ -151,6 +162,11 @@ class DWA(LossWeighting):
         ready = self.epochs_seen >= 2
         return torch.where(ready, dynamic, torch.ones_like(dynamic)).to(losses.dtype)
 
+    def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor:
+        weights = self.weights(grads.global_losses())  # the history follows the global batch
+        grads.backward_weighted(weights)
+        return weights.detach()
+
     def epoch_end(self) -> None:
         mean = self.loss_sum / self.steps.clamp_min(1)
         self.history.copy_(torch.stack([self.history[1], mean]))
@@ -193,7 +209,7 @@ class GradNorm(LossWeighting):
     def backward(self, losses: torch.Tensor, grads: TaskGradients) -> torch.Tensor:
         if self.layer is None:
             raise ValueError("gradnorm needs the last shared layer: call attach(model) first")
-        detached = losses.detach().float()
+        detached = grads.global_losses().float()
         self.initial_losses.copy_(torch.where(self.started, self.initial_losses, detached))
         self.started.fill_(True)
         norms = grads.layer_grads(self.layer).flatten(1).float().norm(dim=1).detach()  # [K]
@@ -223,21 +239,19 @@ class PCGrad(GradientWeighting):
 
     name = "pcgrad"
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = task_grads.shape[0]
-        gram = task_grads.double() @ task_grads.double().T
-        keys = torch.rand(k, k, device=task_grads.device)
+    def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        k = gram.shape[0]
+        keys = torch.rand(k, k, device=gram.device)
         keys.fill_diagonal_(2.0)  # own task sorts last and is never used
         order = keys.argsort(dim=1)
-        rows = torch.arange(k, device=task_grads.device)
+        rows = torch.arange(k, device=gram.device)
         coefficients = torch.eye(k, dtype=gram.dtype, device=gram.device)
         for step in range(k - 1):
             partner = order[:, step]
             dot = (coefficients @ gram)[rows, partner]  # projected g_i . g_partner
             scale = torch.where(dot < 0, dot / torch.diagonal(gram)[partner].clamp_min(1e-30), torch.zeros_like(dot))
             coefficients[rows, partner] -= scale
-        weights = coefficients.sum(0).to(task_grads.dtype)
-        return weights @ task_grads, weights
+        return coefficients.sum(0)
 
 
 def min_norm_weights(gram: torch.Tensor, iterations: int = 100) -> torch.Tensor:
@@ -292,16 +306,15 @@ class MGDA(GradientWeighting):
             raise ValueError(f"mgda normalize must be one of {self.NORMALIZATIONS}, got {normalize!r}")
         self.normalize, self.iterations = normalize, iterations
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = torch.ones(task_grads.shape[0], device=task_grads.device, dtype=torch.float64)
+    def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(gram.shape[0], device=gram.device, dtype=torch.float64)
         if self.normalize in ("l2", "loss+"):
-            scale = scale * task_grads.double().norm(dim=1)
+            scale = scale * torch.diagonal(gram).clamp_min(0).sqrt()
         if self.normalize in ("loss", "loss+"):
             scale = scale * losses.double()
-        scaled = task_grads.double() / scale.clamp_min(1e-20)[:, None]
-        weights = min_norm_weights(scaled @ scaled.T, self.iterations)
-        weights = (weights / scale.clamp_min(1e-20)).float()
-        return weights @ task_grads, weights
+        scale = scale.clamp_min(1e-20)
+        weights = min_norm_weights(gram / (scale[:, None] * scale[None, :]), self.iterations)
+        return weights / scale
 
 
 class AlignedMTL(GradientWeighting):
@@ -315,8 +328,7 @@ class AlignedMTL(GradientWeighting):
 
     name = "aligned_mtl"
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gram = task_grads.double() @ task_grads.double().T
+    def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         eigenvalues, vectors = torch.linalg.eigh(gram)
         tolerance = eigenvalues.max() * gram.shape[0] * torch.finfo(gram.dtype).eps
         kept = eigenvalues > tolerance
@@ -324,8 +336,7 @@ class AlignedMTL(GradientWeighting):
         smallest = torch.where(kept, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
         smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
         balance = smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T
-        weights = balance.sum(1).float()
-        return weights @ task_grads, weights
+        return balance.sum(1)
 
 
 def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, iterations: int = 30) -> torch.Tensor:
@@ -383,10 +394,8 @@ class FairGrad(GradientWeighting):
             raise ValueError(f"fairgrad alpha must be > 0, got {alpha}")
         self.alpha, self.iterations = alpha, iterations
 
-    def combine(self, task_grads: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gram = task_grads.double() @ task_grads.double().T
-        weights = fairgrad_weights(gram, self.alpha, self.iterations).float()
-        return weights @ task_grads, weights
+    def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return fairgrad_weights(gram, self.alpha, self.iterations)
 
 
 STRATEGIES: dict[str, type[Weighting]] = {
