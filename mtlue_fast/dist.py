@@ -162,12 +162,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         dims = [0] + list(range(2, x.dim()))
         x32 = x.float()
-        stats = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), x32.new_tensor([x32.numel() / x32.shape[1]])])
+        # Sums in float64: E[x^2] - E[x]^2 in float32 loses digits when the mean is large.
+        x64 = x.double()
+        stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), x64.new_tensor([x64.numel() / x64.shape[1]])])
         all_reduce_sum(stats)
         c = x.shape[1]
         count = stats[-1]
-        mean = stats[:c] / count
-        var = (stats[c : 2 * c] / count - mean * mean).clamp_min(0)
+        mean64 = stats[:c] / count
+        var64 = (stats[c : 2 * c] / count - mean64 * mean64).clamp_min(0)
+        mean, var, count = mean64.float(), var64.float(), count.float()
         invstd = torch.rsqrt(var + eps)
         shape = [1, c] + [1] * (x.dim() - 2)
         xhat = (x32 - mean.view(shape)) * invstd.view(shape)

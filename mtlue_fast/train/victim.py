@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import dist
 from ..data.loader import DeviceBatches
 from ..fileio import atomic_path, read_json, write_json
 from ..models import build_model
@@ -161,7 +162,8 @@ def build_training(view: TaskView, config: TrainConfig, device: torch.device | s
     switches = config.resolved(device)
     torch.manual_seed(config.seed)
     args = model_args(view, config)
-    model = build_model(**args).to(device)
+    model = dist.convert_sync_batchnorm(build_model(**args), device.type).to(device)
+    dist.broadcast_parameters(model)
     if switches["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     strategy = weighting_registry.get(config.weighting, view.num_tasks, **config.weighting_options).to(device)
@@ -178,11 +180,13 @@ def make_batches(view: TaskView, config: TrainConfig, device: torch.device | str
     device = torch.device(device)
     batch_device = torch.device("cpu") if config.host_augment else device
     resident = config.resident  # "auto" is DeviceBatches' own: resident on a GPU when it fits
-    if not train:
+    if not train:  # evaluation runs on rank 0 over the whole test split
         return DeviceBatches(view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=False, resident=resident)
+    place = dist.info()
     return DeviceBatches(
-        view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=True, seed=config.seed,
-        drop_last=len(view.images) >= config.batch_size, resident=resident, scales=_scales(dataset),
+        view.images, view.labels, dist.per_rank_batch(config.batch_size, place.world_size), batch_device,
+        crop=view.crop, train=True, seed=config.seed, drop_last=len(view.images) >= config.batch_size,
+        resident=resident, scales=_scales(dataset), rank=place.rank, world_size=place.world_size,
     )  # fmt: skip
 
 
@@ -259,6 +263,7 @@ def train(
     if resume and finished is not None and finished.get("digest") == run_digest:
         return _result_from_json(out, finished)
     switches = config.resolved(device)
+    place = dist.info()
     out.mkdir(parents=True, exist_ok=True)
 
     with _deterministic(config.deterministic):
@@ -275,7 +280,7 @@ def train(
             if parts.step.defense is not None and state.get("defense") is not None:
                 parts.step.defense.load_state_dict(state["defense"])
             checkpoint.set_rng_state(state["rng"])
-            if config.progress:
+            if config.progress and place.is_main:
                 print(f"{label}: resuming after epoch {start_epoch} from {out / 'last.pt'}", file=sys.stderr, flush=True)
         metrics = make_metrics(view, config, dataset, device)
         train_batches = make_batches(view, config, device, train=True, dataset=dataset)
@@ -287,33 +292,46 @@ def train(
             strategy.epoch_end()
             scheduler.step()
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                record["test"] = evaluate(
-                    model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
-                    encode=encode, decode=decode,
-                )  # fmt: skip
+                test = None
+                if place.is_main:  # rank 0 evaluates the whole test split; the others wait for it
+                    test = evaluate(
+                        model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
+                        encode=encode, decode=decode,
+                    )  # fmt: skip
+                record["test"] = dist.broadcast_object(test)
             history.append(record)
-            _write_history(out / "metrics.jsonl", history)
-            if config.keep_every and (epoch + 1) % config.keep_every == 0:
-                checkpoint.save_weights(out / f"epoch_{epoch + 1:03d}.pt", model, {"epoch": epoch + 1, "model_args": args})
-            checkpoint.save(out / "last.pt", {
-                "digest": run_digest, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
-                "weighting": strategy.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                "defense": step.defense.state_dict() if step.defense is not None else None,
-            })  # fmt: skip
-            if config.progress:
+            if place.is_main:
+                _save_epoch(out, history, model, strategy, optimizer, scheduler, parts.step, args, run_digest, epoch, config)
+            dist.barrier()
+            if config.progress and place.is_main:
                 _print_epoch(label, record, config.epochs, view.dense)
             if on_epoch_end is not None:
                 on_epoch_end(record)
 
-    checkpoint.save_weights(out / "final.pt", model, {"epoch": config.epochs, "model_args": args})
+    if place.is_main:
+        checkpoint.save_weights(out / "final.pt", model, {"epoch": config.epochs, "model_args": args})
     final = history[-1].get("test", {}) if history else {}
     result = {
         "digest": run_digest, "metrics": final, "task_names": list(view.task_names), "config": config.to_dict(),
         "epochs": config.epochs, "images_per_second": throughput,
     }  # fmt: skip
-    write_json(out / "result.json", result)
+    if place.is_main:
+        write_json(out / "result.json", result)
+    dist.barrier()
     return TrainResult(out, final, history, view.task_names, throughput)
+
+
+def _save_epoch(out, history, model, strategy, optimizer, scheduler, step, args, run_digest, epoch, config) -> None:
+    """Rank 0's writes after an epoch: the metrics history, a kept checkpoint, ``last.pt``."""
+    _write_history(out / "metrics.jsonl", history)
+    if config.keep_every and (epoch + 1) % config.keep_every == 0:
+        checkpoint.save_weights(out / f"epoch_{epoch + 1:03d}.pt", model, {"epoch": epoch + 1, "model_args": args})
+    checkpoint.save(out / "last.pt", {
+        "digest": run_digest, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
+        "weighting": strategy.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+        "defense": step.defense.state_dict() if step.defense is not None else None,
+    })  # fmt: skip
 
 
 class TrainStep:
@@ -340,6 +358,7 @@ class TrainStep:
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())
         self.clipped = [p for p in model.parameters() if p.requires_grad]
+        self.averaged = self.clipped + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
         x = _to_float(images, self.channels_last)
@@ -355,6 +374,7 @@ class TrainStep:
             encoded=encoded if self.detach else None, space=self.config.grad_space,
         )  # fmt: skip
         self.strategy.backward(losses, grads)
+        dist.average_gradients(self.averaged)
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.clipped, self.config.grad_clip, foreach=True)
         self.optimizer.step()
@@ -369,7 +389,9 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: tor
     batches.set_epoch(epoch)
     loss_sum = None
     steps, images_seen = 0, 0
-    progress = Progress(batches.num_samples, f"{label} epoch {epoch + 1}/{config.epochs}", enabled=config.progress, every=30.0)
+    place = dist.info()
+    progress = Progress(batches.num_samples * place.world_size, f"{label} epoch {epoch + 1}/{config.epochs}",
+                        enabled=config.progress and place.is_main, every=30.0)
     start = time.perf_counter()
     for images, labels in batches:
         if images.device != device:  # host-side augmentation: copy each batch
@@ -379,11 +401,13 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: tor
         if config.sync_every_step:
             float(losses.sum())  # the straightforward path's per-step host read
         steps += 1
-        images_seen += images.shape[0]
-        progress.update(images.shape[0])
+        images_seen += images.shape[0] * place.world_size
+        progress.update(images.shape[0] * place.world_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
+    if loss_sum is not None and place.distributed:
+        loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size
     mean_losses = (loss_sum / max(steps, 1)).tolist() if loss_sum is not None else []
     throughput = images_seen / max(elapsed, 1e-9)
     record = {
