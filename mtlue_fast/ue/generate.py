@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
+from .. import dist, ops
 from ..ops import reference
 from ..data.loader import DeviceBatches, window_gather
 from ..fileio import atomic_path, read_json, write_json
@@ -208,10 +208,14 @@ class GeneratorStep:
         h, w = self.crop
         device = images.device
         if self.augment:
-            tops = torch.randint(0, height - h + 1, (batch,), device=device)
-            lefts = torch.randint(0, width - w + 1, (batch,), device=device)
+            # Drawn for the global batch, this rank keeping its interleaved share (as DeviceBatches
+            # shards the samples), so the augmentation does not depend on the process count.
+            place = dist.info()
+            total = batch * place.world_size
+            tops = torch.randint(0, height - h + 1, (total,), device=device)[place.rank :: place.world_size]
+            lefts = torch.randint(0, width - w + 1, (total,), device=device)[place.rank :: place.world_size]
             crop = torch.stack([tops, lefts], 1)
-            flip = torch.rand(batch, device=device) < 0.5
+            flip = (torch.rand(total, device=device) < 0.5)[place.rank :: place.world_size]
         else:
             crop = torch.tensor([[(height - h) // 2, (width - w) // 2]], device=device).expand(batch, 2)
             flip = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -237,6 +241,7 @@ class GeneratorStep:
             total = total + self.config.lambda_intra * intra + self.config.lambda_inter * inter
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        dist.average_gradients(self.generator.parameters())
         self.optimizer.step()
         return total.detach()
 
@@ -306,6 +311,7 @@ def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer,
                 loss = per_task(surrogate(x_adv), labels).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(surrogate.parameters())
             nn.utils.clip_grad_norm_(surrogate.parameters(), 5.0)
             optimizer.step()
     step.generator.train()
@@ -358,10 +364,12 @@ def generate(
     amp = _use_amp(config, device)
 
     torch.manual_seed(config.seed)
-    generator = build_generator(**args).to(device)
+    place = dist.info()
+    generator = dist.convert_sync_batchnorm(build_generator(**args), device.type).to(device)
+    dist.broadcast_parameters(generator)
     if config.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
-    models = [m.to(device).eval() for m in models]
+    models = [dist.convert_sync_batchnorm(m, device.type).to(device).eval() for m in models]
     for m in models:
         m.requires_grad_(config.base == "em")
     objective = Objective(config.base, view.num_classes, targeted=config.targeted, protected=generator.protected_tasks, dense=view.dense)
@@ -383,12 +391,16 @@ def generate(
         start_pass, history = state["passes"], state["history"]
         checkpoint.set_rng_state(state["rng"])
         if config.progress:
-            print(f"generator: resuming after pass {start_pass} from {out / 'last.pt'}", file=sys.stderr, flush=True)
+            if place.is_main:
+                print(f"generator: resuming after pass {start_pass} from {out / 'last.pt'}", file=sys.stderr, flush=True)
 
-    batches = DeviceBatches(view.images, view.labels, config.batch_size, device, train=False, shuffle=True,
-                            seed=config.seed, drop_last=len(view.images) >= config.batch_size)
-    em_batches = DeviceBatches(view.images, view.labels, config.batch_size, device, train=False, shuffle=True,
-                               seed=config.seed + 1, drop_last=len(view.images) >= config.batch_size) if em_optimizer is not None else None
+    rank_batch = dist.per_rank_batch(config.batch_size, place.world_size)
+    batches = DeviceBatches(view.images, view.labels, rank_batch, device, train=False, shuffle=True,
+                            seed=config.seed, drop_last=len(view.images) >= config.batch_size,
+                            rank=place.rank, world_size=place.world_size)
+    em_batches = DeviceBatches(view.images, view.labels, rank_batch, device, train=False, shuffle=True,
+                               seed=config.seed + 1, drop_last=len(view.images) >= config.batch_size,
+                               rank=place.rank, world_size=place.world_size) if em_optimizer is not None else None
     subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
     step = GeneratorStep(generator, objective, models, optimizer, config, crop, amp)
     stopped = "max_passes"
@@ -397,18 +409,22 @@ def generate(
     for pass_index in range(start_pass, max_passes if stopped == "max_passes" else start_pass):
         generator.train()
         batches.set_epoch(pass_index)
-        progress = Progress(batches.num_samples, f"generator ({config.base}) pass {pass_index + 1}/{max_passes}",
-                            enabled=config.progress, every=30.0)
+        progress = Progress(batches.num_samples * place.world_size, f"generator ({config.base}) pass {pass_index + 1}/{max_passes}",
+                            enabled=config.progress and place.is_main, every=30.0)
         loss_sum, steps, started = None, 0, time.perf_counter()
         for images, labels in batches:
             loss = step(images, labels)
             loss_sum = loss if loss_sum is None else loss_sum + loss
             steps += 1
-            progress.update(images.shape[0])
+            progress.update(images.shape[0] * place.world_size)
         scheduler.step()
         if em_optimizer is not None:
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index)
-        error = stop_test(generator, models, objective, view, subset, config, crop, device, amp)
+        if loss_sum is not None and place.distributed:
+            loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size
+        # Rank 0 runs the stop test (eval mode: no collectives) and tells the others.
+        error = stop_test(generator, models, objective, view, subset, config, crop, device, amp) if place.is_main else None
+        error = dist.broadcast_object(error)
         intra = inter = math.nan
         if not view.dense:
             with torch.no_grad():
@@ -419,15 +435,18 @@ def generate(
             "seconds": time.perf_counter() - started, "images_per_second": batches.num_samples / max(time.perf_counter() - started, 1e-9),
         }  # fmt: skip
         history.append(record)
-        _write_history(out / "history.jsonl", history)
+        if place.is_main:
+            _write_history(out / "history.jsonl", history)
         state = {
             "digest": run_digest, "passes": pass_index + 1, "history": history, "generator": generator.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
         }  # fmt: skip
         if em_optimizer is not None:
             state.update(surrogate=models[0].state_dict(), surrogate_optimizer=em_optimizer.state_dict())
-        checkpoint.save(out / "last.pt", state)
-        if config.progress:
+        if place.is_main:
+            checkpoint.save(out / "last.pt", state)
+        dist.barrier()
+        if config.progress and place.is_main:
             print(f"generator ({config.base}) pass {pass_index + 1}: loss {record['loss']:.4f}, "
                   f"surrogate error {error:.3f} (stop at {'<=' if config.base == 'em' else '>='} {stop_error}), "
                   f"intra {record['intra']:.3f}, inter {record['inter']:.3f}", file=sys.stderr, flush=True)
@@ -437,10 +456,12 @@ def generate(
             stopped = "stop_error"
             break
 
-    checkpoint.save(out / "generator.pt", {"generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
-                                           "generator_args": args, "passes": len(history)})
-    write_json(out / "result.json", {"digest": run_digest, "passes": len(history), "stopped": stopped,
-                                     "config": config.to_dict(), "history": history})
+    if place.is_main:
+        checkpoint.save(out / "generator.pt", {"generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+                                               "generator_args": args, "passes": len(history)})
+        write_json(out / "result.json", {"digest": run_digest, "passes": len(history), "stopped": stopped,
+                                         "config": config.to_dict(), "history": history})
+    dist.barrier()
     return GenerateResult(out, len(history), stopped, history)
 
 
@@ -471,11 +492,19 @@ def _read_history(out: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- export
 
 
-def export_generator(generator: MTLGenerator, clean_cache, out_dir: str | Path, *, device: torch.device | str = "cpu",
-                     batch_size: int = 256, method: str = "mtlue", settings: dict | None = None, progress: bool = True):
+def export_generator(generator: MTLGenerator | DenseGenerator, clean_cache, out_dir: str | Path, *,
+                     device: torch.device | str = "cpu", batch_size: int = 256, method: str = "mtlue",
+                     settings: dict | None = None, progress: bool = True):
     """Run ``generator`` (eval mode, no augmentation) over the clean training cache in order and write the
-    protected dataset (:func:`mtlue_fast.ue.export.write_protected`). Returns the protected cache."""
-    from .export import write_protected
+    protected dataset (:func:`mtlue_fast.ue.export.write_protected`). Returns the protected cache.
+
+    Under ``torch.distributed`` the export is sharded: rank r computes the batches r, r + N, ... (the
+    same batches a single process would compute) and writes their int8 deltas to a part file; rank 0
+    then assembles them in dataset order through ``write_protected``, so the result is the
+    single-process export byte for byte.
+    """
+    from ..data import open_cache
+    from .export import export_digest, write_protected
 
     device = torch.device(device)
     generator = generator.to(device).eval()
@@ -484,5 +513,68 @@ def export_generator(generator: MTLGenerator, clean_cache, out_dir: str | Path, 
     def perturb(images, labels, indices):
         return generator.delta(generator.raw(_to_float(images), labels)).float()
 
-    return write_protected(clean_cache, out_dir, perturb, method=method, eps=generator.eps, device=device,
-                           batch_size=batch_size, settings=settings, progress=progress)
+    place = dist.info()
+    if not place.distributed:
+        return write_protected(clean_cache, out_dir, perturb, method=method, eps=generator.eps, device=device,
+                               batch_size=batch_size, settings=settings, progress=progress)
+    out = Path(out_dir)
+    digest = export_digest(clean_cache.manifest["source_digest"], method, generator.eps, settings or {})
+    done = read_json(out / "manifest.json")
+    if done is not None and done.get("source_digest") == digest:
+        dist.barrier()
+        return open_cache(out)
+    parts = out.parent / f".{out.name}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    _export_shard(perturb, clean_cache, parts / f"rank{place.rank}.npy", device, batch_size, place)
+    dist.barrier()
+    if place.is_main:
+        deltas = _assemble_shards(parts, len(clean_cache.images), batch_size, place.world_size)
+
+        def stored(images, labels, indices):
+            # int8 levels / 255: quantize_export rounds them back to the same integers exactly.
+            rows = indices.cpu().numpy()
+            return torch.from_numpy(deltas[rows].astype(np.float32) / 255.0).to(images.device)
+
+        write_protected(clean_cache, out, stored, method=method, eps=generator.eps, device=device,
+                        batch_size=batch_size, settings=settings, progress=progress)
+        import shutil
+
+        shutil.rmtree(parts, ignore_errors=True)
+    dist.barrier()
+    return open_cache(out)
+
+
+def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_size: int, place) -> None:
+    """This rank's batches (``rank, rank + N, ...`` of the in-order batches), as int8 deltas."""
+    n = len(clean_cache.images)
+    starts = list(range(place.rank * batch_size, n, batch_size * place.world_size))
+    rows = sum(min(batch_size, n - s) for s in starts)
+    shard = np.zeros((rows, *clean_cache.images.shape[1:]), dtype=np.int8)
+    labels = clean_cache.labels
+    offset = 0
+    for start in starts:
+        stop = min(start + batch_size, n)
+        images = torch.from_numpy(np.ascontiguousarray(clean_cache.images[start:stop])).to(device)
+        if isinstance(labels, dict):
+            batch_labels = {k: torch.from_numpy(np.ascontiguousarray(v[start:stop])).to(device) for k, v in labels.items()}
+        else:
+            batch_labels = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
+        indices = torch.arange(start, stop, device=device)
+        delta = perturb(images, batch_labels, indices)
+        _, delta_q = ops.quantize_export(images, delta)
+        shard[offset : offset + stop - start] = delta_q.cpu().numpy()
+        offset += stop - start
+    np.save(path, shard)
+
+
+def _assemble_shards(parts: Path, n: int, batch_size: int, world: int) -> np.ndarray:
+    """The int8 deltas of all ranks' shards in dataset order ``[N, C, H, W]``."""
+    shards = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world)]
+    out = np.lib.format.open_memmap(parts / "assembled.npy", mode="w+", dtype=np.int8, shape=(n, *shards[0].shape[1:]))
+    offsets = [0] * world
+    for batch_index, start in enumerate(range(0, n, batch_size)):
+        rank = batch_index % world
+        stop = min(start + batch_size, n)
+        out[start:stop] = shards[rank][offsets[rank] : offsets[rank] + stop - start]
+        offsets[rank] += stop - start
+    return out
