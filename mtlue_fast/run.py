@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import config as config_module
+from . import dist
 from .config import DEFENSES, METHODS, STAGES, ConfigError, RunConfig
 from .data.records import DatasetFormatError
 from .data.specs import DATASETS
@@ -170,7 +171,8 @@ class Run:
 
     def record(self, stage: str, seconds: float, **extra) -> None:
         self.records[stage] = {"digest": self.digest(stage), "seconds": round(seconds, 3), **extra}
-        write_json(self.stages_path, self.records)
+        if dist.info().is_main:
+            write_json(self.stages_path, self.records)
 
     def stage_dir(self, stage: str, name: str | None = None) -> Path:
         """``OUT/<name>``, emptied first when it holds this package's output for other inputs."""
@@ -178,7 +180,9 @@ class Run:
         previous = self.records.get(stage, {}).get("digest")
         if previous is not None and previous != self.digest(stage) and path.exists():
             self.log(f"{stage}: settings changed since the last run, redoing it")
-            shutil.rmtree(path)
+            if dist.info().is_main:
+                shutil.rmtree(path)
+            dist.barrier()
         return path
 
     # -- stages
@@ -191,7 +195,7 @@ class Run:
         root = self.data_root
         if self.synthetic:
             root = str(self.out / "synthetic" / self.cfg.dataset)
-            if not Path(root).exists():
+            if not Path(root).exists() and dist.info().is_main:
                 self.log(
                     f"{BANNER}\nNo --data-root given: using the BUILT-IN SYNTHETIC {self.cfg.dataset} sample "
                     f"({data.synthetic_train} train / {data.synthetic_test} test images), written in the dataset's\n"
@@ -201,11 +205,16 @@ class Run:
                                      data.synthetic_seed, data.synthetic_size)
         elif not Path(root).is_dir():
             raise UserError(f"--data-root {root} does not exist or is not a directory")
+        dist.barrier()  # the synthetic sample exists for every rank
         cache_dir = self.out / "cache" if self.synthetic else None
+        main = dist.info().is_main
         kwargs = {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
-                  "progress": self.cfg.train.progress}
-        self.train_cache = build_cache(self.cfg.dataset, root, "train", cache_dir, **kwargs)
-        self.test_cache = build_cache(self.cfg.dataset, root, "test", cache_dir, **kwargs)
+                  "progress": self.cfg.train.progress and main}
+        for turn in ("main", "others"):  # rank 0 builds the caches once; the others then open them
+            if (turn == "main") == main:
+                self.train_cache = build_cache(self.cfg.dataset, root, "train", cache_dir, **kwargs)
+                self.test_cache = build_cache(self.cfg.dataset, root, "test", cache_dir, **kwargs)
+            dist.barrier()
         self.data_path = root
 
     def _crop(self):
@@ -258,8 +267,10 @@ class Run:
         elif cfg.method == "pgd" and cfg.generate.base == "em":
             from .ue.pgd import em_pgd
 
-            em_pgd(self.train_cache, path, self._surrogates(), eps=cfg.generate.eps, device=self.device,
-                   batch_size=cfg.generate.batch_size, progress=cfg.generate.progress)
+            if dist.info().is_main:  # the sample-wise baseline runs in one process
+                em_pgd(self.train_cache, path, self._surrogates(), eps=cfg.generate.eps, device=self.device,
+                       batch_size=cfg.generate.batch_size, progress=cfg.generate.progress)
+            dist.barrier()
 
     def export(self):
         from .ue.export import write_image_files, write_protected
@@ -274,15 +285,21 @@ class Run:
 
             generator = load_generator(self.out / "generator" / "generator.pt", self.device)
             protected = export_generator(generator, self.train_cache, path, device=self.device, settings=settings, progress=progress)
-        else:
-            perturb = self._baseline_perturb()
-            protected = write_protected(self.train_cache, path, perturb, method=f"{cfg.method}-{cfg.generate.base}",
-                                        eps=eps, device=self.device, batch_size=min(cfg.generate.batch_size, 256),
-                                        settings=settings, progress=progress)
-        link_contract_names(protected.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"})
-        if cfg.export_images:
-            if self.synthetic or self.data_root:
+        else:  # the baselines export from one process
+            if dist.info().is_main:
+                perturb = self._baseline_perturb()
+                write_protected(self.train_cache, path, perturb, method=f"{cfg.method}-{cfg.generate.base}",
+                                eps=eps, device=self.device, batch_size=min(cfg.generate.batch_size, 256),
+                                settings=settings, progress=progress)
+            dist.barrier()
+            from .data import open_cache
+
+            protected = open_cache(path)
+        if dist.info().is_main:
+            link_contract_names(protected.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"})
+            if cfg.export_images:
                 write_image_files(protected, self.data_path, path / "images")
+        dist.barrier()
         self.protected = protected
         return protected
 
@@ -323,7 +340,10 @@ class Run:
         if cfg.defense in ("jpeg", "bdr", "grayscale"):
             from .defenses import defend_cache
 
-            protected = defend_cache(cfg.defense, protected, base / f"defended-{cfg.defense}")
+            if dist.info().is_main:
+                defend_cache(cfg.defense, protected, base / f"defended-{cfg.defense}")
+            dist.barrier()
+            protected = defend_cache(cfg.defense, protected, base / f"defended-{cfg.defense}")  # complete: opened
         runs = {}
         if cfg.victim == "stl":
             runs["clean"] = train_stl(self.train_cache, self.test_cache, base / "clean", train_cfg, device=self.device, crop=self._crop())
@@ -457,14 +477,25 @@ def run(args: argparse.Namespace) -> int:
         overlays=args.overlay, overrides=overrides_from_args(args), assignments=args.set,
     )  # fmt: skip
     device = resolve_device(cfg.device)
-    out = Path(args.out) if args.out else default_out(cfg)
-    resolved = config_module.dump(cfg)
-    check_out_dir(out, resolved, args.resume, args.force, log)
-    out.mkdir(parents=True, exist_ok=True)
-    from .fileio import atomic_path
+    place = dist.setup(device.type)
+    if device.type == "cuda" and place.distributed:
+        import torch
 
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(resolved)
+        device = torch.device("cuda", place.local_rank)
+    if not place.is_main:
+        log = lambda text: None  # noqa: E731 - only rank 0 talks
+    out = Path(args.out) if args.out else default_out(cfg)
+    if place.distributed and not args.out:
+        out = Path(dist.broadcast_object(str(out)))  # one timestamp for every rank
+    resolved = config_module.dump(cfg)
+    if place.is_main:
+        check_out_dir(out, resolved, args.resume, args.force, log)
+        out.mkdir(parents=True, exist_ok=True)
+        from .fileio import atomic_path
+
+        with atomic_path(out / "config.yaml") as tmp:
+            tmp.write_text(resolved)
+    dist.barrier()
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     runner = Run(cfg, out, data_root, device, log)
     runner.requested = stages
@@ -485,12 +516,13 @@ def run(args: argparse.Namespace) -> int:
         if name == "surrogate" and result is not None:
             extra["images_per_second"] = result.images_per_second
         if name == "victim":
-            write_json(out / "victims.json", runner.results["victims"])
+            if place.is_main:
+                write_json(out / "victims.json", runner.results["victims"])
             ips = runner.results["victims"]["protected"].get("images_per_second")
             if ips:
                 extra["images_per_second"] = ips
         runner.record(name, time.perf_counter() - t, **extra)
-    if "report" in stages:
+    if "report" in stages and place.is_main:
         t = time.perf_counter()
         report = runner.report()
         runner.record("report", time.perf_counter() - t)
@@ -498,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(summary_table(report))
         print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)")
+    dist.barrier()
     return 0
 
 
@@ -509,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (UserError, ConfigError, DatasetFormatError, ValueError) as err:
+        if dist.info().distributed:
+            print(f"rank {dist.info().rank}: ", end="", file=sys.stderr)
         # The package's ValueErrors name the argument, file or field and what was expected.
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -523,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last finished step", file=sys.stderr)
         return 130
+    finally:
+        dist.teardown()
 
 
 if __name__ == "__main__":

@@ -213,3 +213,31 @@ def test_generator_training_and_sharded_export(tmp_path):
     two = json.loads((tmp_path / "generator-two" / "result.json").read_text())["history"]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one.history], rtol=1e-3)
     np.testing.assert_allclose([r["stop_error"] for r in two], [r["stop_error"] for r in one.history], atol=0.02)
+
+
+# ---------------------------------------------------------------------------- the whole command
+
+RUN_FLAGS = ["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu", "--quiet",
+             "--set", "train.amp=false", "--set", "train.channels_last=false", "--set", "train.deterministic=true",
+             "--set", "generate.amp=false"]  # fmt: skip
+
+
+def _run_job(rank: int, out: str) -> None:
+    from mtlue_fast.run import main
+
+    assert main([*RUN_FLAGS, "--out", out]) == 0
+
+
+def test_run_command_with_two_processes_matches_one(tmp_path):
+    from mtlue_fast.run import main
+
+    assert main([*RUN_FLAGS, "--out", str(tmp_path / "one")]) == 0
+    spawn(_run_job, str(tmp_path / "two"))
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    for side in ("clean", "protected"):
+        assert two[side]["mean"] == pytest.approx(one[side]["mean"], abs=0.02), side
+    assert (tmp_path / "two" / "protected" / "train_images.npy").exists()
+    stages_one = json.loads((tmp_path / "one" / "stages.json").read_text())
+    stages_two = json.loads((tmp_path / "two" / "stages.json").read_text())
+    assert stages_one.keys() == stages_two.keys()
