@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, job, args) -> None:
+def _entry(rank: int, world: int, port: int, timeout_s: int, job, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), MTLUE_DIST_TIMEOUT="120")  # fmt: skip
+                      LOCAL_RANK=str(rank), MTLUE_DIST_TIMEOUT=str(timeout_s))  # fmt: skip
     torch.set_num_threads(1)
     dist.setup("cpu")
     try:
@@ -40,8 +41,8 @@ def _entry(rank: int, world: int, port: int, job, args) -> None:
         dist.teardown()
 
 
-def spawn(job, *args, world: int = 2) -> None:
-    mp.spawn(_entry, args=(world, _free_port(), job, args), nprocs=world, join=True)
+def spawn(job, *args, world: int = 2, timeout_s: int = 120) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), timeout_s, job, args), nprocs=world, join=True)
 
 
 # ---------------------------------------------------------------------------- sync batch norm
@@ -241,3 +242,51 @@ def test_run_command_with_two_processes_matches_one(tmp_path):
     stages_one = json.loads((tmp_path / "one" / "stages.json").read_text())
     stages_two = json.loads((tmp_path / "two" / "stages.json").read_text())
     assert stages_one.keys() == stages_two.keys()
+
+
+# ---------------------------------------------------------------------------- failures and resume
+
+
+def _dying_job(rank: int, marker: str) -> None:
+    if rank == 1:
+        raise SystemExit(3)  # a rank that dies before the first collective
+    started = time.perf_counter()
+    try:
+        dist.barrier()
+    except Exception as err:  # noqa: BLE001 - what the surviving rank sees
+        Path(marker).write_text(f"{time.perf_counter() - started:.1f} {type(err).__name__}")
+
+
+def test_a_dead_rank_ends_the_job_within_the_timeout(tmp_path):
+    marker = tmp_path / "survivor"
+    with pytest.raises(Exception):
+        spawn(_dying_job, str(marker), timeout_s=10)
+    seconds = float(marker.read_text().split()[0])
+    assert seconds < 60
+
+
+def _interrupted_job(rank: int, out: str) -> None:
+    from test_train import make_cache
+
+    from mtlue_fast.train import train
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    try:
+        train(make_cache(128, 0), make_cache(48, 1), out, _config("ew"), crop=(32, 32), on_epoch_end=stop)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_training_started_with_two_processes_resumes_with_one(tmp_path):
+    from test_train import make_cache
+
+    from mtlue_fast.train import train
+
+    spawn(_interrupted_job, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "final.pt").exists()
+    resumed = train(make_cache(128, 0), make_cache(48, 1), tmp_path / "run", _config("ew"), crop=(32, 32))
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert (tmp_path / "run" / "final.pt").exists()
