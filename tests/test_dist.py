@@ -249,7 +249,9 @@ def test_run_command_with_two_processes_matches_one(tmp_path):
 
 def _dying_job(rank: int, marker: str) -> None:
     if rank == 1:
-        raise SystemExit(3)  # a rank that dies before the first collective
+        # A rank that dies before the first collective. Exit status 0 on purpose: with a failing
+        # status, torch.multiprocessing.spawn would kill the survivor before it can report.
+        os._exit(0)
     started = time.perf_counter()
     try:
         dist.barrier()
@@ -259,10 +261,9 @@ def _dying_job(rank: int, marker: str) -> None:
 
 def test_a_dead_rank_ends_the_job_within_the_timeout(tmp_path):
     marker = tmp_path / "survivor"
-    with pytest.raises(Exception):
-        spawn(_dying_job, str(marker), timeout_s=10)
+    spawn(_dying_job, str(marker), timeout_s=10)
     seconds = float(marker.read_text().split()[0])
-    assert seconds < 60
+    assert seconds < 60  # an error (closed connection or the 10 s collective timeout), not a hang
 
 
 def _interrupted_job(rank: int, out: str) -> None:
