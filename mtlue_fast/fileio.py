@@ -37,6 +37,20 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """One JSON object per line, written atomically (per-epoch / per-pass histories)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; empty when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_json(path: str | Path) -> dict | None:
     """The parsed file, or None when it is missing or unreadable."""
     try:

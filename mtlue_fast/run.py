@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import shutil
 import sys
@@ -350,8 +349,7 @@ class Run:
             runs["protected"] = train_stl(protected, self.test_cache, base / "protected", protected_cfg, device=self.device, crop=self._crop())
             self.results["victims"] = {k: {"metrics": v, "images_per_second": None} for k, v in runs.items()}
             return
-        reuse = self.surrogate_result is not None and self.cfg.train.replace(keep_every=0) == train_cfg
-        if reuse:
+        if self.surrogate_result is not None:  # same recipe by construction (keep_every only saves more)
             self.log("victim (clean): the clean surrogate was trained with the victim's recipe; reusing its result")
             clean = self.surrogate_result
         else:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from mtlue_fast.models import DenseGenerator, DenseLabelPrior, MTLGenerator, encoder_stride, generator_feature_size
-from mtlue_fast.ops import perturb_apply
 
 EPS = 8 / 255
 # (num_classes, in_channels, image size, batch): the three true dataset shapes

@@ -58,6 +58,18 @@ def test_chestxray_smoke_run_then_rerun_skips(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_force_redoes_every_stage_and_keeps_foreign_files(tmp_path):
+    out = tmp_path / "run"
+    assert smoke(out) == 0
+    surrogate = (out / "surrogate" / "final.pt").stat().st_mtime_ns
+    (out / "my_notes.txt").write_text("mine")
+    assert smoke(out, "chestxray", "--set", "train.lr=0.002", "--force") == 0
+    assert (out / "surrogate" / "final.pt").stat().st_mtime_ns != surrogate  # retrained, not reused
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert "lr: 0.002" in (out / "config.yaml").read_text()
+    check_outputs(out)
+
+
 @pytest.mark.slow
 def test_changed_setting_reruns_only_what_depends_on_it(tmp_path):
     out = tmp_path / "run"

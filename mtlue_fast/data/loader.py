@@ -274,6 +274,15 @@ class DeviceBatches:
         return self.images.nbytes + label_bytes <= RESIDENT_FRACTION * free
 
 
+def to_unit_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` -> float32 in [0, 1] (times 1/255, as the fused ops scale), optionally
+    in channels-last memory format."""
+    from ..ops.reference import UINT8_SCALE
+
+    x = images.to(torch.float32).mul_(UINT8_SCALE)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def window_gather(
     data: torch.Tensor,
     index: torch.Tensor,

@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .losses import SEG_IGNORE, TaskLayout

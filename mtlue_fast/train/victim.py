@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..data.loader import DeviceBatches
-from ..fileio import atomic_path, read_json, write_json
+from ..data.loader import DeviceBatches, to_unit_float
+from ..fileio import read_json, read_jsonl, write_json, write_jsonl
 from ..models import build_model
 from ..mtl import weighting as weighting_registry
 from ..mtl.losses import ClassificationLoss, DenseLoss
@@ -40,9 +40,6 @@ from ..progress import Progress
 from . import checkpoint
 from .config import TrainConfig
 from .tasks import DENSE_TASKS, TaskView, select_tasks
-
-UINT8_SCALE = 1.0 / 255.0
-
 
 @dataclass
 class TrainResult:
@@ -85,20 +82,12 @@ def make_loss(view: TaskView) -> Callable:
     """Per-task losses ``(outputs, labels) -> [K]`` for ``view``'s tasks."""
     if not view.dense:
         return ClassificationLoss(view.num_classes)
-    dense = DenseLoss()
-    pick = [list(DENSE_TASKS).index(name) for name in view.task_names]
+    per_task = {"segmentation": DenseLoss.segmentation, "depth": DenseLoss.depth, "normal": DenseLoss.normal}
 
-    def dense_loss(outputs: dict, labels: dict) -> torch.Tensor:
-        full = {**{k: v for k, v in outputs.items()}}
-        return torch.stack([_dense_task_loss(dense, name, full, labels) for name in view.task_names]) if len(pick) < 3 else dense(outputs, labels)
+    def dense_loss(outputs: dict, labels: dict) -> torch.Tensor:  # the selected tasks, in view order
+        return torch.stack([per_task[name](outputs[name], labels[DENSE_TASKS[name][0]]) for name in view.task_names])
 
     return dense_loss
-
-
-def _dense_task_loss(dense: DenseLoss, name: str, outputs: dict, labels: dict) -> torch.Tensor:
-    label_key = DENSE_TASKS[name][0]
-    method = {"segmentation": dense.segmentation, "depth": dense.depth, "normal": dense.normal}[name]
-    return method(outputs[name], labels[label_key])
 
 
 def make_metrics(view: TaskView, config: TrainConfig, dataset: str | None, device: torch.device):
@@ -131,11 +120,6 @@ def _deterministic(enabled: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def _to_float(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = images.to(torch.float32).mul_(UINT8_SCALE)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _to_device(labels, device: torch.device):
@@ -211,7 +195,7 @@ def evaluate(
     device = next(model.parameters()).device
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), _to_device(labels, device)
-        x = _to_float(images, channels_last)
+        x = to_unit_float(images, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = decode(encode(x), x.shape[-2:])
         metrics.update(outputs, labels)
@@ -323,7 +307,7 @@ def train(
 
 def _save_epoch(out, history, model, strategy, optimizer, scheduler, step, args, run_digest, epoch, config) -> None:
     """Rank 0's writes after an epoch: the metrics history, a kept checkpoint, ``last.pt``."""
-    _write_history(out / "metrics.jsonl", history)
+    write_jsonl(out / "metrics.jsonl", history)
     if config.keep_every and (epoch + 1) % config.keep_every == 0:
         checkpoint.save_weights(out / f"epoch_{epoch + 1:03d}.pt", model, {"epoch": epoch + 1, "model_args": args})
     checkpoint.save(out / "last.pt", {
@@ -361,7 +345,7 @@ class TrainStep:
         self.averaged = self.clipped + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
-        x = _to_float(images, self.channels_last)
+        x = to_unit_float(images, self.channels_last)
         if self.defense is not None:
             x = self.defense(x, labels, self.model, self.loss_fn)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -423,13 +407,6 @@ def _scales(dataset: str | None):
     return NYUV2_SCALES if dataset == "nyuv2" else None
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    import json
-
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
-
-
 def _print_epoch(label: str, record: dict, epochs: int, dense: bool) -> None:
     text = f"{label} epoch {record['epoch']}/{epochs}: loss {record['train_loss_mean']:.4f}, {record['images_per_second']:.0f} img/s"
     test = record.get("test")
@@ -440,11 +417,7 @@ def _print_epoch(label: str, record: dict, epochs: int, dense: bool) -> None:
 
 
 def _result_from_json(out: Path, stored: dict) -> TrainResult:
-    history = []
-    if (out / "metrics.jsonl").exists():
-        import json
-
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = read_jsonl(out / "metrics.jsonl")
     return TrainResult(out, stored["metrics"], history, tuple(stored["task_names"]), stored.get("images_per_second", math.nan))
 
 

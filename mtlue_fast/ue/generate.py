@@ -26,7 +26,6 @@ error over the protected tasks is <= 0.01, TAP when >= 0.9, SEP >= 0.99, or at t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -40,8 +39,9 @@ from torch import nn
 
 from .. import dist, ops
 from ..ops import reference
-from ..data.loader import DeviceBatches, window_gather
-from ..fileio import atomic_path, read_json, write_json
+from ..ops._checks import MODES
+from ..data.loader import DeviceBatches, to_unit_float
+from ..fileio import read_json, read_jsonl, write_json, write_jsonl
 from ..models.generator import DenseGenerator, MTLGenerator
 from ..progress import Progress
 from ..train import checkpoint
@@ -49,7 +49,6 @@ from ..train.config import cpu_has_native_bf16
 from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
 from .objectives import BASES, Objective
 
-UINT8_SCALE = 1.0 / 255.0
 
 
 @dataclass(frozen=True)
@@ -175,10 +174,6 @@ def _use_amp(config: GenerateConfig, device: torch.device) -> bool:
     return bool(config.amp)
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.to(torch.float32).mul_(UINT8_SCALE)
-
-
 def _surrogate_outputs(models: Sequence[nn.Module], x: torch.Tensor, amp: bool) -> list:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         return [m(x) for m in models]
@@ -203,7 +198,7 @@ class GeneratorStep:
     def perturbed(self, images: torch.Tensor, labels, generator_rng: torch.Generator | None = None) -> torch.Tensor:
         """``x'``: the augmented perturbed batch ``[B, C, h, w]`` (float32, graph to the generator)."""
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            raw = self.raw_fn(_to_float(images), labels)
+            raw = self.raw_fn(to_unit_float(images), labels)
         batch, _, height, width = images.shape
         h, w = self.crop
         device = images.device
@@ -217,11 +212,14 @@ class GeneratorStep:
             crop = torch.stack([tops, lefts], 1)
             flip = (torch.rand(total, device=device) < 0.5)[place.rank :: place.world_size]
         else:
-            crop = torch.tensor([[(height - h) // 2, (width - w) // 2]], device=device).expand(batch, 2)
-            flip = torch.zeros(batch, dtype=torch.bool, device=device)
+            crop = flip = None  # the fused op centre-crops
         if self.config.fused_ops:
             return ops.perturb_apply(images, raw.float(), self.config.eps, mode=self.config.mode, crop=crop, flip=flip, out_size=(h, w))
-        return unfused_perturb(images, raw.float(), self.config.eps, self.config.mode, crop, flip, (h, w))
+        # The straightforward path: the pure-PyTorch definition (bound, add, clamp, gather as
+        # separate ops), which wants an explicit window.
+        if crop is None:
+            crop = torch.tensor([[(height - h) // 2, (width - w) // 2]], device=device).expand(batch, 2)
+        return reference.perturb_apply(images, raw.float(), self.config.eps, MODES[self.config.mode], crop, flip, (h, w))
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
         if self.config.shared_pass or len(self.surrogates) == 1:
@@ -244,16 +242,6 @@ class GeneratorStep:
         dist.average_gradients(self.generator.parameters())
         self.optimizer.step()
         return total.detach()
-
-
-def unfused_perturb(images: torch.Tensor, raw: torch.Tensor, eps: float, mode: str, crop: torch.Tensor,
-                    flip: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``perturb_apply`` composed of separate torch ops (bound, add, clamp, gather): each a full pass
-    over the batch in memory. The straightforward path of the benchmark."""
-    delta = raw.clamp(-eps, eps) if mode == "clamp" else eps * torch.tanh(raw)
-    perturbed = (images.to(raw.dtype) * UINT8_SCALE + delta).clamp(0, 1)
-    index = torch.arange(len(images), device=images.device)
-    return window_gather(perturbed, index, crop[:, 0], crop[:, 1], flip, size)
 
 
 def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig) -> torch.optim.Optimizer:
@@ -283,7 +271,7 @@ def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objectiv
         images = torch.from_numpy(np.ascontiguousarray(view.images[rows])).to(device)
         labels = torch.from_numpy(np.asarray(view.labels)[rows]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            raw = generator.raw(_to_float(images), labels)
+            raw = generator.raw(to_unit_float(images), labels)
         x_adv = ops.perturb_apply(images, raw.float(), config.eps, mode=config.mode, out_size=crop)
         for outputs in _surrogate_outputs(surrogates, x_adv, amp):
             batch_errors = objective.errors(outputs.float(), labels)
@@ -359,7 +347,7 @@ def generate(
     run_digest = checkpoint.digest({"config": config.to_dict(), "data": view.identity, "surrogates": surrogate_digest})
     finished = read_json(out / "result.json")
     if resume and finished is not None and finished.get("digest") == run_digest:
-        return GenerateResult(out, finished["passes"], finished["stopped"], _read_history(out))
+        return GenerateResult(out, finished["passes"], finished["stopped"], read_jsonl(out / "history.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
     amp = _use_amp(config, device)
 
@@ -436,7 +424,7 @@ def generate(
         }  # fmt: skip
         history.append(record)
         if place.is_main:
-            _write_history(out / "history.jsonl", history)
+            write_jsonl(out / "history.jsonl", history)
         state = {
             "digest": run_digest, "passes": pass_index + 1, "history": history, "generator": generator.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
@@ -477,18 +465,6 @@ def _state_digest(model: nn.Module) -> str:
     return checkpoint.digest([round(s, 6) for s in sums])
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
-
-
-def _read_history(out: Path) -> list[dict]:
-    path = out / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------------------- export
 
 
@@ -511,7 +487,7 @@ def export_generator(generator: MTLGenerator | DenseGenerator, clean_cache, out_
 
     @torch.no_grad()
     def perturb(images, labels, indices):
-        return generator.delta(generator.raw(_to_float(images), labels)).float()
+        return generator.delta(generator.raw(to_unit_float(images), labels)).float()
 
     place = dist.info()
     if not place.distributed:

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from ..fileio import read_json, write_json
+from ..ops.reference import UINT8_SCALE
 from ..train import checkpoint
 from ..train.tasks import select_tasks
 from .objectives import Objective
 
-UINT8_SCALE = 1.0 / 255.0
 STATE_LEVELS = 127
 
 
