@@ -26,7 +26,8 @@ import torch
 
 from mtlue_fast.models import build_model
 from mtlue_fast.models.generator import MTLGenerator
-from mtlue_fast.ue.generate import GenerateConfig, GeneratorStep, make_generator_optimizer
+from mtlue_fast.ue.generate import GeneratorStep, make_generator_optimizer
+from mtlue_fast.ue.settings import GenerateConfig
 from mtlue_fast.ue.objectives import Objective
 
 NUM_TASKS = 40
@@ -73,7 +74,7 @@ def make_step(device: torch.device, config: GenerateConfig, surrogates, base: st
 
 
 def _fast_amp(device: torch.device):
-    from mtlue_fast.train.config import cpu_has_native_bf16
+    from mtlue_fast.train.settings import cpu_has_native_bf16
 
     return device.type == "cuda" or cpu_has_native_bf16()
 

@@ -92,7 +92,8 @@ def _generator(device: str, world: int):
     from mtlue_fast import dist
     from mtlue_fast.models import build_model
     from mtlue_fast.models.generator import MTLGenerator
-    from mtlue_fast.ue.generate import GenerateConfig, GeneratorStep, make_generator_optimizer
+    from mtlue_fast.ue.generate import GeneratorStep, make_generator_optimizer
+    from mtlue_fast.ue.settings import GenerateConfig
     from mtlue_fast.ue.objectives import Objective
 
     batch = 32

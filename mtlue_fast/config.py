@@ -12,6 +12,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -20,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from .data.specs import DATASETS
-from .train.config import TrainConfig
-from .ue.generate import GenerateConfig
+from .train.settings import TrainConfig
+from .ue.settings import GenerateConfig
 
 METHODS = ("mtlue", "pgd", "ar", "random")
 VICTIMS = ("mtl", "stl")
@@ -76,13 +77,45 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class VictimSettings:
+    """The victims that measure the protection, separate from the surrogate the generator attacks.
+
+    Attributes:
+        seeds: how many clean/protected victim pairs to train (``--victim-seeds``).
+        first_seed: the first pair's seed; pair ``i`` uses ``first_seed + i`` (None: the surrogate's
+            ``train.seed + 1``). No victim seed may equal the surrogate's seed: such a victim starts from
+            the very weights the generator attacked and retraces the surrogate's data order.
+        backbone, weighting: the victims' recipe (None: the surrogate's ``train.backbone`` /
+            ``train.weighting``); ``--backbone`` / ``--weighting`` set these, so a protected export
+            can be measured against other recipes (transfer) without redoing it.
+        reuse_surrogate: report the clean surrogate's metrics as every pair's clean victim instead of
+            training clean victims (cheaper, flattering: off by default).
+    """
+
+    seeds: int = 1
+    first_seed: int | None = None
+    backbone: str | None = None
+    weighting: str | None = None
+    reuse_surrogate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"victims.seeds must be >= 1, got {self.seeds!r}")
+        if self.first_seed is not None and self.first_seed < 0:
+            raise ConfigError(f"victims.first_seed must be >= 0, got {self.first_seed!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one ``python -m mtlue_fast.run`` does.
 
     Attributes:
         dataset: ``celeba``, ``chestxray``, ``utkface`` or ``nyuv2``.
         data: :class:`DataSettings`.
-        train: victims' and the clean surrogate's :class:`~mtlue_fast.train.TrainConfig`.
+        train: the clean surrogate's :class:`~mtlue_fast.train.TrainConfig` (its ``seed``, ``backbone``
+            and ``weighting`` are the surrogate's); the victims train with the same settings except
+            for what ``victims`` changes.
+        victims: :class:`VictimSettings` (seeds and recipe of the victims).
         generate: the generator's :class:`~mtlue_fast.ue.generate.GenerateConfig` (its ``eps`` is
             the run's budget for every method).
         method: ``mtlue`` or a baseline: ``pgd`` (sample-wise, with ``generate.base``), ``ar``, ``random``.
@@ -97,6 +130,7 @@ class RunConfig:
     dataset: str
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    victims: VictimSettings = field(default_factory=VictimSettings)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     method: str = "mtlue"
     victim: str = "mtl"
@@ -112,9 +146,43 @@ class RunConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.sep_every < 1:
             raise ConfigError(f"sep_every must be >= 1, got {self.sep_every!r}")
+        if self.train.seed in self.victim_seeds():
+            raise ConfigError(
+                f"victims.first_seed={self.victims.first_seed} with victims.seeds={self.victims.seeds} includes the "
+                f"surrogate's seed train.seed={self.train.seed}; victims must have seeds of their own"
+            )
+        for name in ("backbone", "weighting"):
+            value = getattr(self.victims, name)
+            if value is not None:
+                self.train.replace(**{name: value})  # TrainConfig checks the name
+
+    def victim_seeds(self) -> list[int]:
+        """The victims' seeds, one per clean/protected pair (never the surrogate's ``train.seed``)."""
+        first = self.victims.first_seed if self.victims.first_seed is not None else self.train.seed + 1
+        return list(range(first, first + self.victims.seeds))
+
+    def victim_train(self, seed: int):
+        """The :class:`TrainConfig` of the victims of ``seed``: the surrogate's settings with the
+        victims' recipe and seed, keeping no checkpoints."""
+        changes = {name: getattr(self.victims, name) for name in ("backbone", "weighting") if getattr(self.victims, name)}
+        return self.train.replace(seed=seed, keep_every=0, **changes)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def identity(self) -> dict:
+        """:meth:`to_dict` without the switches that only change what is printed (``progress``), so a
+        ``--quiet`` rerun is the same run."""
+        return identity_of(self.to_dict())
+
+
+def identity_of(settings: dict) -> dict:
+    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``."""
+    out = dict(settings)
+    for section in ("train", "generate"):
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != "progress"}
+    return out
 
 
 def _plain(value):
@@ -157,9 +225,7 @@ def build(cls: type, values: dict, prefix: str = ""):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(valid_keys(cls, prefix))}"
-        )
+        raise ConfigError(unknown_key_message(prefix + str(unknown[0]), cls, prefix))
     kwargs = {}
     hints = _hints(cls)
     for name, value in values.items():
@@ -174,6 +240,54 @@ def build(cls: type, values: dict, prefix: str = ""):
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def unknown_key_message(key: str, cls: type = RunConfig, prefix: str = "") -> str:
+    """``unknown config key 'train.lrr'; did you mean 'train.lr'?`` for the dotted ``key`` not found in
+    the section ``cls`` (whose dotted keys start with ``prefix``). Suggests up to 3 close keys: the
+    section's names close to ``key``'s remainder first, then (at the top level) dotted keys close to
+    the whole ``key`` (a misspelt section); failing both, other sections' keys whose last part is close to
+    ``key``'s (a key in the wrong section). With none close, or when ``key`` names the section itself,
+    lists only the section's own keys (a nested section as ``name.*``)."""
+    section = _section_entries(cls, prefix)
+    rest = key[len(prefix):]
+    ranked = _close_keys(key, rest, section, prefix) if rest else []
+    if ranked:
+        quoted = [repr(k) for k in ranked]
+        listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        return f"unknown config key {key!r}; did you mean {listed}?"
+    where = f"{prefix}*" if prefix else "the top level"
+    return f"unknown config key {key!r}; valid keys in {where}: {', '.join(section.values())}"
+
+
+def _close_keys(key: str, rest: str, section: dict[str, str], prefix: str) -> list[str]:
+    """Up to 3 valid keys close to ``key`` (``rest``: its part after the section ``prefix``)."""
+    near = [section[name] for name in difflib.get_close_matches(rest, list(section), n=3)]
+    others = [k for k in valid_keys() if not (k.startswith(prefix) and "." not in k[len(prefix):])]
+    if not prefix:  # the first part names no section: perhaps a misspelt one
+        near += difflib.get_close_matches(key, others, n=3)
+    if not near:
+        last = key.rsplit(".", 1)[-1]
+        lasts = difflib.get_close_matches(last, {k.rsplit(".", 1)[-1] for k in others}, n=3)
+        near = [k for name in lasts for k in others if k.rsplit(".", 1)[-1] == name]
+    return [k for k in dict.fromkeys(near) if k != key][:3]
+
+
+def _section_entries(cls: type, prefix: str) -> dict[str, str]:
+    """``{field name: dotted key}`` of one section; a nested section's key is ``prefix + name + ".*"``."""
+    return {f.name: f"{prefix}{f.name}.*" if _dataclass_type(cls, f.name) else prefix + f.name for f in fields(cls)}
+
+
+def _key_section(key: str) -> tuple[type, str]:
+    """The deepest section named by the leading parts of the dotted ``key`` (all of it when ``key``
+    names a section): ``(dataclass, prefix)``."""
+    cls, prefix = RunConfig, ""
+    for part in key.split("."):
+        nested = _dataclass_type(cls, part) if part in {f.name for f in fields(cls)} else None
+        if nested is None:
+            break
+        cls, prefix = nested, f"{prefix}{part}."
+    return cls, prefix
 
 
 def _coerce(value, hint, key: str):
@@ -243,7 +357,7 @@ def parse_set(assignments: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         if key not in valid_keys():
-            raise ConfigError(f"unknown config key {key!r} in --set; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(unknown_key_message(key, *_key_section(key)))
         value = yaml.safe_load(raw) if raw.strip() else None
         node = out
         *parents, leaf = key.split(".")

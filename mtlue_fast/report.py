@@ -3,11 +3,14 @@
 Everything here takes plain Python data (numbers, dicts, numpy arrays or memory maps) so that the
 report can be rebuilt from a finished run's files. The report dict's field names are a contract with
 other tools (see :func:`build_report`); ``report.json`` is strict JSON (NaN and infinities are written
-as ``null``). Figures are drawn with Pillow only.
+as ``null``). Scores come per victim seed (``victims``: one clean and one protected victim per seed);
+the top-level ``clean`` / ``protected`` / ``drop`` / ``drop_std`` are computed from them. Figures are
+drawn with matplotlib (its Agg renderer, without pyplot's global state), imported on first use.
 
 Units: images are uint8 pixel values (0..255); perturbation statistics are in those units;
 ``eps`` is on the [0, 1] scale (shown as ``k/255`` in the Markdown); timings are seconds and
-throughputs images per second.
+throughputs images per second; scores are in the metric's own units (accuracy / ROC-AUC in [0, 1];
+dense NYUv2 metrics as described by the ``metric`` dict).
 """
 
 from __future__ import annotations
@@ -18,22 +21,27 @@ import numbers
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from .fileio import atomic_path
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 CLASSIFICATION_METRICS = ("accuracy", "auc")
+METRIC_LABELS = {"accuracy": "accuracy", "auc": "ROC-AUC"}
 STRING_FIELDS = ("dataset", "clean_cache", "base", "method", "backbone", "weighting", "victim")
-OPTIONAL_FIELDS = ("stl", "defense")
+SIDES = ("clean", "protected")  # computed from ``victims``; callers must not pass them
 STATS_KEYS = ("per_task", "mean_abs_delta", "max_abs_delta", "samples")
 CHUNK_BYTES = 32 << 20  # float64 working set of one chunk of deltas in perturbation_stats
-AMPLIFY = 10  # perturbation row of samples.png: delta * AMPLIFY + 128
-_RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow < 9.1 has the constants on Image
-CLEAN_COLOR = (66, 126, 186)
-PROTECTED_COLOR = (232, 121, 38)
+DPI = 150  # figures are saved at this resolution
+MIN_FIGURE_INCHES = 8.0  # metrics.png is at least 8 in (1200 px at DPI) wide
+INCHES_PER_TASK = 0.35  # ... and this much wider per task
+TILE_INCHES = 1.2  # one image of samples.png
+COLORS = {"clean": "#427eba", "protected": "#e87926"}
 
 
 # =========================================================================== perturbation statistics
@@ -213,34 +221,84 @@ class _StatsAccumulator:
 
 
 def build_report(**fields: Any) -> dict:
-    """The validated report dict, with ``drop = clean.mean - protected.mean`` computed.
+    """The validated report dict, with the means over victim seeds and the drop computed.
 
     Required fields: ``dataset`` (str), ``synthetic`` (bool), ``data_root`` (str | None), ``tasks``
     (list of str), ``metric`` (``"accuracy"``, ``"auc"`` or a dict describing dense metrics),
-    ``clean`` / ``protected`` (``{"mean": float, "per_task": {task: float}}``; None and NaN mean
+    ``surrogate`` (``{"seed": int, "backbone": str, "weighting": str}``: the recipe the generator
+    attacked), ``victims`` (non-empty list of ``{"seed": int, "clean": scores, "protected": scores}``
+    with distinct seeds, scores being ``{"mean": float, "per_task": {task: float}}``; None and NaN mean
     undefined), ``clean_cache`` (str), ``eps`` (float in [0, 1]), ``base``, ``method``, ``backbone``,
-    ``weighting``, ``victim`` (str), ``timings`` ({stage: seconds}), ``throughput`` ({stage:
-    images/s}), ``versions`` (dict), ``git`` (str | None), ``perturbation_stats`` (from
-    :func:`perturbation_stats`). Optional: ``stl``, ``defense`` (dicts). A given ``drop`` is
-    recomputed; any other extra field is kept unchanged. Paths are turned into strings and numbers
-    into Python floats.
+    ``weighting``, ``victim`` (str; ``backbone`` / ``weighting`` / ``victim`` describe the victims'
+    recipe), ``timings`` ({stage: seconds}), ``throughput`` ({stage: images/s}), ``versions`` (dict),
+    ``git`` (str | None), ``perturbation_stats`` (from :func:`perturbation_stats`). Optional:
+    ``stl`` (dict), ``defense`` (str or dict: the victim-side defence both victims of a seed trained
+    under). Any other extra field is kept unchanged. Paths are turned into strings and numbers into
+    Python floats.
+
+    Computed: each victim's ``drop = clean.mean - protected.mean``; top-level ``clean`` and
+    ``protected`` (the mean over victims of ``mean``, and per task the mean over victims, both ignoring
+    undefined entries: None when all are undefined), ``drop`` (the mean of the victims' defined drops)
+    and ``drop_std`` (their sample standard deviation, ddof=1; None with fewer than two). A given
+    ``drop`` / ``drop_std`` is recomputed.
 
     Raises:
-        ValueError: naming the first missing or ill-typed field.
+        ValueError: naming the first missing or ill-typed field, or a given ``clean`` / ``protected``
+            (they are computed from ``victims``).
     """
+    for name in SIDES:
+        if name in fields:
+            raise ValueError(
+                f"report field {name!r} is computed from 'victims' (the mean over victim seeds); pass each "
+                f"seed's clean and protected scores in 'victims' instead"
+            )
     report = dict(fields)
     for name, check in _CHECKS.items():
         if name not in fields:
             raise ValueError(f"report field {name!r} is missing")
         report[name] = check(name, fields[name])
-    tasks = report["tasks"]
-    for name in ("clean", "protected"):
-        report[name] = _check_scores(name, fields[name], tasks)
-    for name in OPTIONAL_FIELDS:
-        if fields.get(name) is not None:
-            report[name] = _check_mapping(name, fields[name])
-    report["drop"] = report["clean"]["mean"] - report["protected"]["mean"]
+    report["victims"] = _check_victims("victims", fields["victims"], report["tasks"])
+    if fields.get("stl") is not None:
+        report["stl"] = _check_mapping("stl", fields["stl"])
+    if fields.get("defense") is not None:
+        report["defense"] = _check_defense("defense", fields["defense"])
+    report.update(aggregate_victims(report["victims"], report["tasks"]))
     return report
+
+
+def aggregate_victims(victims: Sequence[Mapping], tasks: Sequence[str]) -> dict:
+    """``{"clean", "protected", "drop", "drop_std"}`` over checked victims (see :func:`build_report`).
+
+    Args:
+        victims: ``[{"seed", "clean", "protected", "drop"}]`` as :func:`build_report` checks them.
+        tasks: the report's task order; a task appears in ``per_task`` when any victim has it.
+    """
+    out: dict[str, Any] = {side: _mean_scores([v[side] for v in victims], tasks) for side in SIDES}
+    drops = _defined([v["drop"] for v in victims])
+    out["drop"] = float(np.mean(drops)) if drops else None
+    out["drop_std"] = float(np.std(drops, ddof=1)) if len(drops) >= 2 else None
+    return out
+
+
+def _defined(values: Sequence[Any]) -> list[float]:
+    """The finite numbers among ``values`` (None, NaN and infinities are undefined)."""
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean_defined(values: Sequence[Any]) -> float | None:
+    """Mean of the defined entries of ``values``; None when there are none."""
+    defined = _defined(values)
+    return float(np.mean(defined)) if defined else None
+
+
+def _mean_scores(scores: Sequence[Mapping], tasks: Sequence[str]) -> dict:
+    """``{"mean", "per_task"}``: the mean over ``scores`` of each field, ignoring undefined entries."""
+    per_task = {
+        task: _mean_defined([s["per_task"].get(task) for s in scores])
+        for task in tasks
+        if any(task in s["per_task"] for s in scores)
+    }
+    return {"mean": _mean_defined([s["mean"] for s in scores]), "per_task": per_task}
 
 
 def _check_str(name: str, value: Any) -> str:
@@ -263,6 +321,13 @@ def _check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _check_int(name: str, value: Any) -> int:
+    """An integer (numpy integers accepted; bools and floats rejected) as int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"report field {name!r} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
 def _check_number(name: str, value: Any) -> float:
     """A real number as float; None becomes NaN (undefined). Bools and strings are rejected."""
     if value is None:
@@ -270,6 +335,13 @@ def _check_number(name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"report field {name!r} must be a number, got {type(value).__name__}")
     return float(value)
+
+
+def _check_list(name: str, value: Any) -> list:
+    """A non-empty list or tuple (not a string or mapping) as a list."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"report field {name!r} must be a non-empty list")
+    return list(value)
 
 
 def _check_tasks(name: str, value: Any) -> list[str]:
@@ -302,6 +374,11 @@ def _check_mapping(name: str, value: Any) -> dict:
     return dict(value)
 
 
+def _check_defense(name: str, value: Any) -> str | dict:
+    """A defence name or a dict describing it."""
+    return value if isinstance(value, str) else _check_mapping(name, value)
+
+
 def _check_number_map(name: str, value: Any) -> dict[str, float]:
     """``{str: number}`` with float values."""
     mapping = _check_mapping(name, value)
@@ -314,6 +391,45 @@ def _check_stats(name: str, value: Any) -> dict:
     if missing:
         raise ValueError(f"report field {name!r} lacks {', '.join(missing)} (see perturbation_stats)")
     return stats
+
+
+def _require(name: str, mapping: Mapping, keys: Sequence[str]) -> None:
+    """ValueError naming ``name`` and the first of ``keys`` missing from ``mapping``."""
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"report field {name!r} lacks {', '.join(repr(k) for k in missing)}")
+
+
+def _check_surrogate(name: str, value: Any) -> dict:
+    """``{"seed": int, "backbone": str, "weighting": str}`` (extra keys kept)."""
+    surrogate = _check_mapping(name, value)
+    _require(name, surrogate, ("seed", "backbone", "weighting"))
+    surrogate["seed"] = _check_int(f"{name}.seed", surrogate["seed"])
+    for key in ("backbone", "weighting"):
+        surrogate[key] = _check_str(f"{name}.{key}", surrogate[key])
+    return surrogate
+
+
+def _check_victims(name: str, value: Any, tasks: list[str]) -> list[dict]:
+    """The victims list: each checked by :func:`_check_victim`, seeds distinct."""
+    victims = [_check_victim(f"{name}[{i}]", v, tasks) for i, v in enumerate(_check_list(name, value))]
+    seeds = [v["seed"] for v in victims]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"report field {name!r} repeats victim seeds {repeated}")
+    return victims
+
+
+def _check_victim(name: str, value: Any, tasks: list[str]) -> dict:
+    """``{"seed": int, "clean": scores, "protected": scores}`` plus ``drop = clean.mean - protected.mean``
+    (NaN when either is undefined); extra keys kept."""
+    victim = _check_mapping(name, value)
+    _require(name, victim, ("seed", *SIDES))
+    victim["seed"] = _check_int(f"{name}.seed", victim["seed"])
+    for side in SIDES:
+        victim[side] = _check_scores(f"{name}.{side}", victim[side], tasks)
+    victim["drop"] = victim["clean"]["mean"] - victim["protected"]["mean"]
+    return victim
 
 
 def _check_scores(name: str, value: Any, tasks: list[str]) -> dict:
@@ -334,8 +450,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "data_root": _check_opt_str,
     "tasks": _check_tasks,
     "metric": _check_metric,
-    "clean": _check_mapping,  # fully checked against the tasks after the loop
-    "protected": _check_mapping,
+    "surrogate": _check_surrogate,
+    "victims": _check_list,  # fully checked against the tasks after the loop
     "clean_cache": _check_str,
     "eps": _check_eps,
     **{name: _check_str for name in ("base", "method", "backbone", "weighting", "victim")},
@@ -419,11 +535,12 @@ def write_report(
     num_samples: int = 8,
 ) -> dict:
     """Write ``report.json``, ``report.md``, ``figures/metrics.png`` (and ``figures/samples.png``
-    when both image arrays are given) under ``out_dir``, each atomically.
+    when both image arrays are given) under ``out_dir``, each atomically; PNGs at :data:`DPI`.
 
     Args:
         report: the dict of :func:`build_report` (written as given; renderers tolerate gaps).
-        clean_images, protected_images: uint8 ``[N, C, H, W]`` arrays for the sample grid.
+        clean_images, protected_images: uint8 ``[N, C, H, W]`` arrays for the sample grid (memory maps
+            are fine: only the shown rows are read).
         channels: image channels to show (1 index: grayscale, 3: RGB); None: channel 0 for 1- or
             2-channel images, else the first three.
         num_samples: columns of the sample grid (evenly spaced rows of the arrays).
@@ -438,10 +555,10 @@ def write_report(
     data = to_json_safe(dict(report))
     _write_text(out / "report.json", json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
     _write_text(out / "report.md", render_markdown(data))
-    _write_png(out / "figures" / "metrics.png", metrics_figure(data))
+    _write_figure(out / "figures" / "metrics.png", metrics_figure(data))
     if clean_images is not None:
         figure = samples_figure(clean_images, protected_images, channels=channels, count=num_samples)
-        _write_png(out / "figures" / "samples.png", figure)
+        _write_figure(out / "figures" / "samples.png", figure)
     return data
 
 
@@ -468,9 +585,10 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _write_png(path: Path, image: Image.Image) -> None:
+def _write_figure(path: Path, figure: Figure) -> None:
+    """Save ``figure`` as a PNG at :data:`DPI` (atomically)."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        figure.savefig(tmp, format="png", dpi=DPI)
 
 
 # =========================================================================== text
@@ -491,8 +609,13 @@ def _fmt(x: Any, digits: int = 4, sign: bool = False) -> str:
     return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _victims(report: Mapping) -> list[Mapping]:
+    """The report's per-seed victim entries (an empty list when absent)."""
+    return [v for v in report.get("victims") or [] if isinstance(v, Mapping)]
+
+
 def _score_rows(report: Mapping) -> list[tuple[str, float, float, float]]:
-    """``(task, clean, protected, protected - clean)`` per task of the report."""
+    """``(task, clean, protected, protected - clean)`` per task: the means over victim seeds."""
     clean = (report.get("clean") or {}).get("per_task") or {}
     prot = (report.get("protected") or {}).get("per_task") or {}
     rows = []
@@ -502,12 +625,13 @@ def _score_rows(report: Mapping) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-def _means(report: Mapping) -> tuple[float, float, float]:
-    """``(clean mean, protected mean, drop)``; the drop is recomputed when absent."""
+def _means(report: Mapping) -> tuple[float, float, float, float]:
+    """``(clean mean, protected mean, drop, drop std)`` (NaN where undefined); the drop is recomputed
+    when the field is absent."""
     c = _value((report.get("clean") or {}).get("mean"))
     p = _value((report.get("protected") or {}).get("mean"))
-    drop = _value(report.get("drop")) if report.get("drop") is not None else c - p
-    return c, p, drop
+    drop = _value(report.get("drop")) if "drop" in report else c - p
+    return c, p, drop, _value(report.get("drop_std"))
 
 
 def _metric_name(report: Mapping) -> str:
@@ -517,11 +641,28 @@ def _metric_name(report: Mapping) -> str:
     return str(metric or "metric")
 
 
+def _seed_count_text(report: Mapping) -> str:
+    """``"3 victim seeds"`` / ``"1 victim seed"``."""
+    n = len(_victims(report))
+    return f"{n} victim seed{'' if n == 1 else 's'}"
+
+
+def _drop_text(report: Mapping, digits: int = 4) -> str:
+    """The mean drop ± its sample std with the seed count, e.g. ``0.1234 ± 0.0100 (mean ± std over 3
+    victim seeds)``; with one seed ``0.1234 (1 victim seed, no std)``."""
+    _, _, drop, std = _means(report)
+    seeds = _seed_count_text(report)
+    if math.isnan(std):
+        return f"{_fmt(drop, digits)} ({seeds}, no std)"
+    return f"{_fmt(drop, digits)} ± {_fmt(std, digits)} (mean ± std over {seeds})"
+
+
 def summary_table(report: Mapping) -> str:
-    """A plain-text table for the terminal: task, clean, protected, diff (protected - clean), then the
-    means and the drop (clean mean - protected mean)."""
+    """A plain-text table for the terminal: task, clean, protected, diff (protected - clean), each the
+    mean over victim seeds, then the means and the drop (clean mean - protected mean) ± its std over
+    seeds with the seed count."""
     rows = [(t, _fmt(c), _fmt(p), _fmt(d, sign=True)) for t, c, p, d in _score_rows(report)]
-    c, p, drop = _means(report)
+    c, p, _, _ = _means(report)
     mean_row = ("mean", _fmt(c), _fmt(p), _fmt(p - c, sign=True))
     header = ("task", "clean", "protected", "diff")
     table = [header, *rows, mean_row]
@@ -532,7 +673,7 @@ def summary_table(report: Mapping) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     lines = [line(header), rule, *(line(r) for r in rows), rule, line(mean_row)]
-    lines.append(f"drop ({_metric_name(report)}, clean - protected): {_fmt(drop)}")
+    lines.append(f"drop ({_metric_name(report)}, clean - protected): {_drop_text(report)}")
     return "\n".join(lines)
 
 
@@ -555,6 +696,15 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Seque
     return lines
 
 
+def _defense_name(defense: Any) -> str | None:
+    """The defence's name: the string itself, a dict's ``name`` (else compact JSON), None if unset."""
+    if defense is None or defense == "none":
+        return None
+    if isinstance(defense, Mapping):
+        return str(defense.get("name") or json.dumps(to_json_safe(defense), sort_keys=True))
+    return str(defense)
+
+
 def _md_header(report: Mapping) -> list[str]:
     """Title, the synthetic warning and the settings table."""
     dataset = report.get("dataset", "?")
@@ -571,11 +721,9 @@ def _md_header(report: Mapping) -> list[str]:
         ("data root", report.get("data_root") or "n/a"),
         ("method", report.get("method", "?")),
         ("base", report.get("base", "?")),
-        ("backbone", report.get("backbone", "?")),
-        ("weighting", report.get("weighting", "?")),
-        ("victim", report.get("victim", "?")),
         ("eps", _eps_text(report.get("eps"))),
         ("metric", _metric_text(report.get("metric"))),
+        ("victim defence", _defense_name(report.get("defense")) or "none"),
         ("clean cache", report.get("clean_cache") or "n/a"),
         ("git", report.get("git") or "n/a"),
     ]
@@ -588,15 +736,48 @@ def _metric_text(metric: Any) -> str:
     return str(metric or "?")
 
 
-def _md_results(report: Mapping) -> list[str]:
-    """Per-task clean / protected / diff table, the means and the drop."""
-    rows = [(f"`{t}`", _fmt(c), _fmt(p), _fmt(d, sign=True)) for t, c, p, d in _score_rows(report)]
-    c, p, drop = _means(report)
-    rows.append(("**mean**", _fmt(c), _fmt(p), _fmt(p - c, sign=True)))
-    lines = ["## Results", "", f"Metric: {_metric_text(report.get('metric'))}. diff = protected - clean.", ""]
-    lines += _md_table(("task", "clean", "protected", "diff"), rows, (False, True, True, True))
-    lines += ["", f"**Drop** (clean mean - protected mean): **{_fmt(drop)}**", ""]
+def _md_recipes(report: Mapping) -> list[str]:
+    """The surrogate's recipe (what the generator attacked) next to the victims' (what measures it),
+    and the defence sentence."""
+    surrogate = report.get("surrogate") if isinstance(report.get("surrogate"), Mapping) else {}
+    seeds = ", ".join(str(v.get("seed", "?")) for v in _victims(report)) or "n/a"
+    rows = [
+        ("surrogate (attacked by the generator)", str(surrogate.get("seed", "n/a")), str(surrogate.get("backbone", "n/a")),
+         str(surrogate.get("weighting", "n/a"))),
+        (f"victims, {report.get('victim', '?')} (measure the protection)", seeds, str(report.get("backbone", "?")),
+         str(report.get("weighting", "?"))),
+    ]  # fmt: skip
+    lines = ["## Surrogate and victims", ""]
+    lines += _md_table(("model", "seed(s)", "backbone", "weighting"), rows, (False, True, False, False)) + [""]
+    if surrogate and any(surrogate.get(k) != report.get(k) for k in ("backbone", "weighting")):
+        lines += ["The victims' recipe differs from the surrogate's: the drop measures transfer.", ""]
+    if report.get("clean_victim"):
+        lines += [f"Clean victims: {report['clean_victim']}.", ""]
+    defense = _defense_name(report.get("defense"))
+    if defense:
+        lines += [
+            f"Both victims of each seed (clean and protected) trained under the defence `{defense}`, so the drop "
+            "is what the protection still costs a defended victim.",
+            "",
+        ]
     return lines
+
+
+def _md_results(report: Mapping) -> list[str]:
+    """The per-seed table, the drop's mean ± std, and the per-task table of means over seeds."""
+    metric = _metric_text(report.get("metric"))
+    lines = ["## Results", "", f"Metric: {metric}. Each victim seed trains one victim on the clean and one on "
+             "the protected data; drop = clean mean - protected mean.", "", "### Per victim seed", ""]
+    seed_rows = [(str(v.get("seed", "?")), _fmt((v.get("clean") or {}).get("mean")),
+                  _fmt((v.get("protected") or {}).get("mean")), _fmt(v.get("drop"))) for v in _victims(report)]
+    lines += _md_table(("seed", "clean mean", "protected mean", "drop"), seed_rows, (True, True, True, True))
+    lines += ["", f"**Drop** (clean mean - protected mean): **{_drop_text(report)}**", ""]
+    rows = [(f"`{t}`", _fmt(c), _fmt(p), _fmt(d, sign=True)) for t, c, p, d in _score_rows(report)]
+    c, p, _, _ = _means(report)
+    rows.append(("**mean**", _fmt(c), _fmt(p), _fmt(p - c, sign=True)))
+    lines += [f"### Per task (mean over {_seed_count_text(report)})", "", "diff = protected - clean.", ""]
+    lines += _md_table(("task", "clean", "protected", "diff"), rows, (False, True, True, True))
+    return lines + [""]
 
 
 def _md_timings(report: Mapping) -> list[str]:
@@ -634,8 +815,8 @@ def _md_stats(report: Mapping) -> list[str]:
 
 
 def _md_extra(title: str, entry: Any) -> list[str]:
-    """An optional entry (``stl``, ``defense``): a per-task table when it has ``per_task``, and its
-    remaining scalar fields; nested values as compact JSON."""
+    """An optional entry (``stl``, a ``defense`` dict): a per-task table when it has ``per_task``, and
+    its remaining scalar fields; nested values as compact JSON."""
     if entry is None:
         return []
     lines = [f"## {title}", ""]
@@ -670,9 +851,10 @@ def _md_versions(report: Mapping) -> list[str]:
 
 def render_markdown(report: Mapping) -> str:
     """The readable ``report.md`` text of a report dict."""
-    lines = _md_header(report) + _md_results(report)
+    lines = _md_header(report) + _md_recipes(report) + _md_results(report)
     lines += _md_extra("Single-task victims (stl)", report.get("stl"))
-    lines += _md_extra("Defense", report.get("defense"))
+    if isinstance(report.get("defense"), Mapping):
+        lines += _md_extra("Defense", report.get("defense"))
     lines += _md_stats(report) + _md_timings(report) + _md_versions(report)
     if report.get("synthetic"):
         lines += ["_Reminder: synthetic data; not a result on the real dataset._", ""]
@@ -682,124 +864,178 @@ def render_markdown(report: Mapping) -> str:
 # =========================================================================== figures
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _new_figure(width: float, height: float) -> Figure:
+    """An empty figure of ``width`` x ``height`` inches rendered by Agg (no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    """Width and height in pixels of ``text``."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _abbreviate(name: str, limit: int = 20) -> str:
+def _abbreviate(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 2] + ".."
 
 
-def _axis_max(report: Mapping, values: Sequence[float]) -> float:
-    """Top of the y axis: 1 for accuracy/AUC, else a rounded-up maximum of the values."""
-    if report.get("metric") in CLASSIFICATION_METRICS:
-        return 1.0
-    finite = [v for v in values if math.isfinite(v)]
-    top = max(finite + [1e-12])
-    scale = 10 ** math.floor(math.log10(top))
-    return math.ceil(top / scale * 1.0001) * scale  # e.g. 0.73 -> 0.8, 37 -> 40
+def _task_list(report: Mapping) -> list[str]:
+    """The report's tasks, else those of the clean scores."""
+    return [str(t) for t in report.get("tasks") or ((report.get("clean") or {}).get("per_task") or {})]
 
 
-def _label_image(text: str, font: Any, rotate: bool) -> Image.Image:
-    """An ``L`` mask with ``text`` (white on black), rotated 90 degrees counter-clockwise if asked."""
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
-    img = Image.new("L", (max(1, right - left + 2), max(1, bottom - top + 2)), 0)
-    ImageDraw.Draw(img).text((1 - left, 1 - top), text, fill=255, font=font)
-    return img.rotate(90, expand=True) if rotate else img
+def _seed_values(report: Mapping, side: str, task: str | None) -> list[float]:
+    """The defined values over victim seeds of one side's ``per_task[task]`` (``task`` None: ``mean``);
+    without ``victims``, the top-level value alone."""
+    victims = _victims(report)
+    entries = [v.get(side) or {} for v in victims] if victims else [report.get(side) or {}]
+    if task is None:
+        return _defined([_value(e.get("mean")) for e in entries])
+    return _defined([_value((e.get("per_task") or {}).get(task)) for e in entries])
 
 
-def metrics_figure(report: Mapping) -> Image.Image:
-    """Grouped bars per task, clean vs protected (RGB image; pixel sizes grow with the task count).
+def _seed_stats(report: Mapping, side: str, tasks: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: the mean over seeds and the sample std (ddof=1; NaN with fewer than 2 seeds), ``[T]`` each."""
+    means, stds = [], []
+    for task in tasks:
+        values = _seed_values(report, side, task)
+        means.append(np.mean(values) if values else math.nan)
+        stds.append(np.std(values, ddof=1) if len(values) >= 2 else math.nan)
+    return np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
 
-    Task names are abbreviated to 20 characters and written vertically when there are more than 6
-    tasks or a name is wider than its group. NaN values draw no bar.
+
+def _figure_title(report: Mapping) -> str:
+    """Two lines: (SYNTHETIC,) dataset, method/base and eps; the victims' and the surrogate's recipes."""
+    synthetic = "SYNTHETIC DATA - " if report.get("synthetic") else ""
+    surrogate = report.get("surrogate") if isinstance(report.get("surrogate"), Mapping) else {}
+    seeds = ", ".join(str(v.get("seed", "?")) for v in _victims(report)) or "?"
+    defense = _defense_name(report.get("defense"))
+    first = (f"{synthetic}{report.get('dataset', '?')}: {report.get('method', '?')} (base {report.get('base', '?')}), "
+             f"eps {_eps_text(report.get('eps')).split(' ')[0]}")
+    second = (f"victims: {report.get('victim', '?')} {report.get('backbone', '?')} / {report.get('weighting', '?')}, "
+              f"seeds {seeds}{f', defence {defense}' if defense else ''}; surrogate: "
+              f"{surrogate.get('backbone', '?')} / {surrogate.get('weighting', '?')}, seed {surrogate.get('seed', '?')}")
+    return f"{first}\n{second}"
+
+
+def _axis_label(report: Mapping) -> str:
+    """The y label of the classification figure, e.g. ``ROC-AUC on clean test data (mean over 3 seeds)``."""
+    name = METRIC_LABELS.get(str(report.get("metric")), _metric_name(report))
+    n = len(_victims(report))
+    return f"{name} on clean test data" + (f"\n(mean over {n} victim seeds, bars: std)" if n > 1 else "")
+
+
+def _drop_label(report: Mapping, what: str = "mean drop") -> str:
+    """``mean drop (clean - protected): 0.123 ± 0.010 over 3 seeds`` (3 decimals)."""
+    _, _, drop, std = _means(report)
+    n = len(_victims(report))
+    spread = f" ± {_fmt(std, 3)} (std over {n} seeds)" if not math.isnan(std) else f" ({_seed_count_text(report)})"
+    return f"{what} (clean - protected): {_fmt(drop, 3)}{spread}"
+
+
+def metrics_figure(report: Mapping) -> Figure:
+    """Clean vs protected per task, each bar the mean over victim seeds with its std as error bar.
+
+    Classification reports: one axis of grouped bars, ``INCHES_PER_TASK`` per task and at least
+    ``MIN_FIGURE_INCHES`` wide (1200 px at :data:`DPI`), task names rotated when there are many or
+    they are long, dashed lines at the clean and protected means. Dense reports (``metric`` a dict):
+    one small axis per task in its own units. The title names dataset, method/base, eps, both recipes
+    and SYNTHETIC when synthetic; the mean drop ± std is printed above the bars. NaN draws no bar.
     """
-    rows = _score_rows(report)
-    font = _font()
-    n = max(1, len(rows))
-    bar = 24 if n <= 8 else 10
-    group = 2 * bar + (16 if n <= 8 else 6)
-    labels = [_abbreviate(r[0]) for r in rows]
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    rotate = n > 6 or any(_text_size(probe, s, font)[0] > group for s in labels)
-    masks = [_label_image(s, font, rotate) for s in labels]
-    label_h = max([m.height for m in masks] + [10])
-    left, top, right = 56, 44, 16
-    plot_w, plot_h = max(n * group, 320), 260
-    img = Image.new("RGB", (left + plot_w + right, top + plot_h + label_h + 14), "white")
-    draw = ImageDraw.Draw(img)
-    ymax = _axis_max(report, [v for r in rows for v in r[1:3]])
-    _draw_axes(draw, font, (left, top, plot_w, plot_h), ymax)
-    for i, (task, c, p, _) in enumerate(rows):
-        x0 = left + i * group + (group - 2 * bar) // 2
-        _draw_bar(draw, (x0, top, plot_h), c, ymax, bar, CLEAN_COLOR)
-        _draw_bar(draw, (x0 + bar, top, plot_h), p, ymax, bar, PROTECTED_COLOR)
-        mask = masks[i]
-        lx = left + i * group + (group - mask.width) // 2
-        img.paste((0, 0, 0), (lx, top + plot_h + 6), mask)
-    _draw_title(draw, font, report, img.width)
-    return img
+    if isinstance(report.get("metric"), Mapping):
+        return _dense_metrics_figure(report)
+    return _classification_figure(report)
 
 
-def _draw_axes(draw: ImageDraw.ImageDraw, font: Any, box: tuple[int, int, int, int], ymax: float) -> None:
-    """Y axis with 5 gridlines labelled 0..ymax, and the x axis line."""
-    left, top, w, h = box
-    for j in range(6):
-        value = ymax * j / 5
-        y = top + h - round(h * j / 5)
-        draw.line([(left, y), (left + w, y)], fill=(225, 225, 225) if j else (0, 0, 0))
-        text = f"{value:.2f}" if ymax <= 10 else f"{value:.0f}"
-        tw, th = _text_size(draw, text, font)
-        draw.text((left - tw - 6, y - th // 2 - 1), text, fill=(0, 0, 0), font=font)
-    draw.line([(left, top), (left, top + h)], fill=(0, 0, 0))
+def _classification_figure(report: Mapping) -> Figure:
+    """Grouped bars (clean, protected) per task on a [0, 1] axis; see :func:`metrics_figure`."""
+    tasks = _task_list(report)
+    n = max(len(tasks), 1)
+    labels = [_abbreviate(t) for t in tasks]
+    rotate = n > 8 or max((len(s) for s in labels), default=0) > 12
+    label_inches = 0.07 * max((len(s) for s in labels), default=0) if rotate else 0.3
+    figure = _new_figure(max(MIN_FIGURE_INCHES, INCHES_PER_TASK * n + 1.6), 4.4 + label_inches)
+    ax = figure.add_subplot()
+    x = np.arange(len(tasks))
+    for offset, side in ((-0.2, "clean"), (0.2, "protected")):
+        mean, std = _seed_stats(report, side, tasks)
+        _bars(ax, x + offset, mean, std, side, capsize=2.0 if n <= 20 else 1.0)
+    c, p, _, _ = _means(report)
+    for side, level in (("clean", c), ("protected", p)):
+        if math.isfinite(level):
+            ax.axhline(level, color=COLORS[side], linestyle="--", linewidth=1.0, label=f"{side} mean {level:.3f}")
+    _task_ticks(ax, x, labels, rotate)
+    ax.set_xlim(-0.6, max(len(tasks), 1) - 0.4)
+    ax.set_ylim(0.0, 1.05)  # scores in [0, 1]; room for error bars near 1
+    ax.set_yticks(np.linspace(0.0, 1.0, 6))
+    ax.set_ylabel(_axis_label(report))
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=4, frameon=False, fontsize=8)
+    ax.set_title(_drop_label(report), loc="right", fontsize=9, pad=20)
+    _suptitle(figure, report)
+    return figure
 
 
-def _draw_bar(draw: ImageDraw.ImageDraw, where: tuple[int, int, int], value: float, ymax: float,
-              width: int, color: tuple[int, int, int]) -> None:
-    """One bar at x ``where[0]`` of a plot whose top is ``where[1]`` and height ``where[2]`` pixels."""
-    if not math.isfinite(value):
-        return
-    x0, top, h = where
-    frac = min(max(value / ymax, 0.0), 1.0) if ymax > 0 else 0.0
-    y = top + h - round(h * frac)
-    if y < top + h:
-        draw.rectangle([(x0, y), (x0 + width - 2, top + h - 1)], fill=color)
+def _task_ticks(ax: Axes, x: np.ndarray, labels: Sequence[str], rotate: bool) -> None:
+    """Task names under the groups: flat when few and short, slanted up to 16, vertical beyond."""
+    if not rotate:
+        ax.set_xticks(x, labels, fontsize=9)
+    elif len(labels) <= 16:
+        ax.set_xticks(x, labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    else:
+        ax.set_xticks(x, labels, rotation=90, fontsize=8)
 
 
-def _draw_title(draw: ImageDraw.ImageDraw, font: Any, report: Mapping, width: int) -> None:
-    """Title line (dataset, metric, means, drop) and the colour legend."""
-    c, p, drop = _means(report)
-    synth = " [SYNTHETIC]" if report.get("synthetic") else ""
-    title = (f"{report.get('dataset', '?')}{synth} - {_metric_name(report)}: clean {_fmt(c, 3)}, "
-             f"protected {_fmt(p, 3)}, drop {_fmt(drop, 3)}")
-    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
-    x = 8
-    for name, color in (("clean", CLEAN_COLOR), ("protected", PROTECTED_COLOR)):
-        draw.rectangle([(x, 26), (x + 10, 36)], fill=color)
-        draw.text((x + 14, 25), name, fill=(0, 0, 0), font=font)
-        x += 24 + _text_size(draw, name, font)[0]
+def _bars(ax: Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, side: str, capsize: float) -> None:
+    """One side's bars at ``x`` with std error bars where defined (NaN heights draw nothing)."""
+    yerr = np.where(np.isfinite(std), std, 0.0) if np.isfinite(std).any() else None
+    ax.bar(x, np.nan_to_num(mean, nan=0.0), 0.4, color=COLORS[side], label=f"{side} victims",
+           yerr=yerr, capsize=capsize, error_kw={"elinewidth": 0.8, "ecolor": "#333333"})  # fmt: skip
+    for xi in x[~np.isfinite(mean)]:
+        ax.text(xi, 0.0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="#777777")
+
+
+def _dense_metrics_figure(report: Mapping) -> Figure:
+    """One small axis per task (its own units): clean and protected bars with std error bars."""
+    tasks = _task_list(report)
+    units = report.get("metric") or {}
+    figure = _new_figure(max(MIN_FIGURE_INCHES, 2.8 * len(tasks)), 4.4)
+    axes = figure.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for i, side in enumerate(SIDES):
+            mean, std = _seed_stats(report, side, [task])
+            _bars(ax, np.asarray([i]), mean, std, side, capsize=4.0)
+        ax.set_xticks([0, 1], ["clean", "protected"], fontsize=8)
+        ax.set_title(task, fontsize=10)
+        ax.set_ylabel(str(units.get(task, task)), fontsize=8)
+        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+        ax.set_axisbelow(True)
+    figure.supxlabel(_drop_label(report, "mean drop in the primary metric"), fontsize=9)
+    _suptitle(figure, report)
+    return figure
+
+
+def _suptitle(figure: Figure, report: Mapping) -> None:
+    figure.suptitle(_figure_title(report), fontsize=10, color="#b00000" if report.get("synthetic") else "black")
 
 
 def samples_figure(clean: Any, protected: Any, *, channels: Sequence[int] | None = None,
-                   count: int = 8) -> Image.Image:
-    """A grid of up to ``count`` evenly spaced samples: rows clean, ``delta * 10 + 128`` (clipped to
-    0..255) and protected; grayscale or RGB tiles scaled to 48..160 pixels on the longer side."""
+                   count: int = 8) -> Figure:
+    """A grid of up to ``count`` evenly spaced training images (columns, titled with their row index):
+    rows clean, protected, and ``|protected - clean|`` amplified so that its largest value over the
+    shown images is white (grayscale, or RGB per channel). ``TILE_INCHES`` per image."""
     n = _check_images(clean, protected)
     idx = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
-    c = np.asarray(clean[idx]).astype(np.int16)
-    p = np.asarray(protected[idx]).astype(np.int16)
-    chans = _display_channels(c.shape[1], channels)
-    amplified = np.clip((p - c) * AMPLIFY + 128, 0, 255)
-    grid_rows = [("clean", c), (f"delta x{AMPLIFY} + 128", amplified), ("protected", p)]
-    tiles = [[_tile(x[i], chans) for i in range(len(idx))] for _, x in grid_rows]
-    return _grid(tiles, [name for name, _ in grid_rows], [f"#{i}" for i in idx])
+    chans = _display_channels(clean.shape[1], channels)
+    c = np.asarray(clean[idx])[:, chans]
+    p = np.asarray(protected[idx])[:, chans]
+    magnitude = np.abs(p.astype(np.int16) - c.astype(np.int16))
+    peak = int(magnitude.max(initial=0))
+    gain = 255.0 / peak if peak else 1.0
+    amplified = np.clip(np.round(magnitude * gain), 0, 255).astype(np.uint8)
+    delta_label = f"|delta| x{gain:.1f}\n(max {peak} = white)" if peak else "|delta|\n(all zero)"
+    rows = [("clean", c), ("protected", p), (delta_label, amplified)]
+    return _image_grid(rows, [f"#{i}" for i in idx])
 
 
 def _display_channels(num: int, channels: Sequence[int] | None) -> list[int]:
@@ -812,35 +1048,23 @@ def _display_channels(num: int, channels: Sequence[int] | None) -> list[int]:
     return chans
 
 
-def _tile(image: np.ndarray, chans: list[int]) -> Image.Image:
-    """One ``[C, H, W]`` image (values 0..255) as an RGB tile, 48..160 pixels on its longer side."""
-    x = np.clip(image[chans], 0, 255).astype(np.uint8)
-    tile = Image.fromarray(x[0], "L") if len(chans) == 1 else Image.fromarray(x.transpose(1, 2, 0), "RGB")
-    longest = max(tile.size)
-    if longest < 48:
-        f = math.ceil(48 / longest)
-        tile = tile.resize((tile.width * f, tile.height * f), _RESAMPLING.NEAREST)
-    elif longest > 160:
-        size = (max(1, round(tile.width * 160 / longest)), max(1, round(tile.height * 160 / longest)))
-        tile = tile.resize(size, _RESAMPLING.BILINEAR)
-    return tile.convert("RGB")
-
-
-def _grid(tiles: list[list[Image.Image]], row_names: list[str], col_names: list[str]) -> Image.Image:
-    """Tiles in rows with names on the left and column names on top."""
-    font = _font()
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    label_w = 12 + max(_text_size(probe, s, font)[0] for s in row_names)
-    tw, th = tiles[0][0].size
-    pad, head = 4, 18
-    cols = len(tiles[0])
-    img = Image.new("RGB", (label_w + cols * (tw + pad) + pad, head + len(tiles) * (th + pad) + pad), "white")
-    draw = ImageDraw.Draw(img)
-    for j, name in enumerate(col_names):
-        draw.text((label_w + pad + j * (tw + pad), 3), name, fill=(0, 0, 0), font=font)
-    for i, (name, row) in enumerate(zip(row_names, tiles)):
-        y = head + pad + i * (th + pad)
-        draw.text((6, y + th // 2 - 6), name, fill=(0, 0, 0), font=font)
-        for j, tile in enumerate(row):
-            img.paste(tile, (label_w + pad + j * (tw + pad), y))
-    return img
+def _image_grid(rows: Sequence[tuple[str, np.ndarray]], columns: Sequence[str]) -> Figure:
+    """Rows of uint8 ``[B, 1 or 3, H, W]`` images with their labels on the left and ``columns`` on top."""
+    height, width = rows[0][1].shape[2:]
+    tile_h = TILE_INCHES * min(max(height / width, 0.25), 4.0)
+    figure = _new_figure(1.1 + TILE_INCHES * len(columns), 0.3 + tile_h * len(rows))
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for j, ax in enumerate(axes[r]):
+            image = images[j]
+            if image.shape[0] == 1:
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[j], fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+    return figure

@@ -2,18 +2,22 @@
 
 Stages (``--stages``, default all), each writing into the run directory ``OUT``:
 
-- ``prepare``: the uint8 caches of the training and test splits (the built-in synthetic sample of
-  the dataset's format when no ``--data-root`` is given, written under ``OUT/synthetic``);
-- ``surrogate``: a clean training run with the victim's recipe (``OUT/surrogate``; SEP keeps its
-  checkpoints). Its clean-test metrics are the clean victim's when the settings match;
+- ``prepare``: the uint8 caches of the training and test splits, shared by every run under the
+  cache root (``$MTLUE_CACHE``, default ``~/.cache/mtlue_fast``); without ``--data-root`` the built-in
+  synthetic sample of the dataset's format is written there once too;
+- ``surrogate``: the clean model the generator attacks (``OUT/surrogate``; SEP keeps its checkpoints),
+  trained with ``train`` (its seed, backbone and weighting are the surrogate's);
 - ``generate``: the MTL-UE generator (``OUT/generator``), or sample-wise EM state for ``--method pgd``;
 - ``export``: ``OUT/protected`` (``train_images.npy`` uint8, ``train_labels.npy``, ``delta.npy`` int8);
-- ``victim``: victims trained on the clean and the protected training set (``OUT/victim/*``);
+- ``victim``: for each victim seed (never the surrogate's) a clean and a protected victim that share
+  that seed, so their difference isolates the data (``OUT/victim/seed-<s>/{clean,protected}``); the
+  victims' recipe (backbone, weighting, MTL/STL, defence) is separate from the surrogate's;
 - ``report``: ``OUT/report.json``, ``OUT/report.md``, ``OUT/figures/``.
 
 Every stage records a digest of its inputs in ``OUT/stages.json``; rerunning the same command skips
-finished stages, an interrupted one resumes where it stopped, and a changed setting reruns the stages
-that depend on it. See ``--help`` for the flags and ``mtlue_fast.config`` for the configuration.
+finished stages (and says so), an interrupted one resumes where it stopped, and a changed setting
+reruns the stages that depend on it. The default ``OUT`` is named by the settings that decide the
+protected data, so the same command always finds its own run. See ``--help`` for the flags and ``mtlue_fast.config`` for the configuration.
 """
 
 from __future__ import annotations
@@ -27,15 +31,33 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import yaml
+
 from . import config as config_module
 from . import dist
+from . import report as report_module
 from .config import DEFENSES, METHODS, STAGES, ConfigError, RunConfig
+from .data import build_cache, default_cache_root, open_cache
+from .data import synthetic as synthetic_data
 from .data.records import DatasetFormatError
 from .data.specs import DATASETS
-from .fileio import read_json, write_json
-from .train import checkpoint
+from .defenses import defend_cache
+from .fileio import atomic_path, read_json, write_json
+from .models import BACKBONES, build_model
+from .mtl.weighting import STRATEGIES
+from .train import checkpoint, load_model, train, train_stl
+from .train.tasks import select_tasks
+from .train.victim import model_args
+from .ue import baselines
+from .ue.export import export_generator, write_image_files, write_protected
+from .ue.generate import generate, load_generator
+from .ue.objectives import Objective
+from .ue.pgd import em_pgd, pgd_perturb
 
 BANNER = "=" * 78
+#: Defences that transform the training images before training (both victims get the defended data).
+DATA_DEFENSES = ("jpeg", "bdr", "grayscale")
 
 
 class UserError(Exception):
@@ -46,33 +68,35 @@ class UserError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .models import BACKBONES
-    from .mtl.weighting import STRATEGIES
-
     parser = argparse.ArgumentParser(
         prog="python -m mtlue_fast.run",
         description="Make a multi-task image dataset unlearnable (MTL-UE) and measure the effect.",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--data-root", help="the dataset in its original layout (absent: a built-in synthetic sample)")
-    parser.add_argument("--out", help="run directory (default runs/<dataset>-<base>-<timestamp>)")
+    parser.add_argument("--out", help="run directory (default runs/<dataset>-<method>-<base>-<digest of the protection settings>)")
     parser.add_argument("--config", help="YAML config (default configs/<dataset>.yaml)")
     parser.add_argument("--preset", default="default", help="'default' or 'smoke' (the whole pipeline in about a minute on a CPU)")
     parser.add_argument("--overlay", action="append", default=[], metavar="NAME_OR_FILE",
                         help="config overlay: a YAML file or a name in configs/overlays (e.g. base-sep, backbone-vit_b_16)")
     parser.add_argument("--base", choices=("tap", "em", "sep"), help="base UE objective (default tap)")
     parser.add_argument("--method", choices=METHODS, help="mtlue or a baseline: pgd (sample-wise), ar, random")
-    parser.add_argument("--backbone", choices=BACKBONES)
-    parser.add_argument("--weighting", choices=tuple(STRATEGIES))
-    parser.add_argument("--victim", choices=("mtl", "stl"))
+    parser.add_argument("--backbone", choices=BACKBONES, help="the victims' backbone (the surrogate keeps the config's)")
+    parser.add_argument("--weighting", choices=tuple(STRATEGIES), help="the victims' task weighting (the surrogate keeps the config's)")
+    parser.add_argument("--surrogate-backbone", choices=BACKBONES, help="the surrogate's backbone (train.backbone)")
+    parser.add_argument("--surrogate-weighting", choices=tuple(STRATEGIES), help="the surrogate's task weighting (train.weighting)")
+    parser.add_argument("--victim", choices=("mtl", "stl"), help="victims: one multi-task network, or one network per task")
+    parser.add_argument("--victim-seeds", type=int, metavar="N", help="clean/protected victim pairs, each with a seed of its own (default 1)")
+    parser.add_argument("--reuse-surrogate-as-clean", action="store_true",
+                        help="report the clean surrogate as every clean victim instead of training clean victims (flattering)")
     parser.add_argument("--eps", type=float, help="perturbation budget in 1/255 units (default 8)")
-    parser.add_argument("--epochs", type=int, help="victim and surrogate epochs")
-    parser.add_argument("--batch-size", type=int, help="victim and surrogate batch size")
+    parser.add_argument("--epochs", type=int, help="surrogate and victim epochs")
+    parser.add_argument("--batch-size", type=int, help="surrogate and victim batch size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="the surrogate's, the generator's and the synthetic sample's seed (victims: seed + 1, ...)")
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default all)")
     parser.add_argument("--protect-tasks", help="comma-separated task names or indices to protect (default all)")
-    parser.add_argument("--defense", choices=DEFENSES, help="victim-side defence on the protected data")
+    parser.add_argument("--defense", choices=DEFENSES, help="victim-side defence; both victims (clean and protected) train with it")
     parser.add_argument("--export-images", action="store_true", help="also write protected image files in the original layout")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.lr=0.002")
     parser.add_argument("--resume", action="store_true", help="continue in an OUT holding a run with other settings, keeping what still matches")
@@ -96,9 +120,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
     put("generate.base", args.base)
     put("method", args.method)
-    put("train.backbone", args.backbone)
-    put("train.weighting", args.weighting)
+    put("victims.backbone", args.backbone)
+    put("victims.weighting", args.weighting)
+    put("train.backbone", args.surrogate_backbone)
+    put("train.weighting", args.surrogate_weighting)
     put("victim", args.victim)
+    put("victims.seeds", args.victim_seeds)
+    if args.reuse_surrogate_as_clean:
+        put("victims.reuse_surrogate", True)
     put("generate.eps", args.eps / 255 if args.eps is not None else None)
     put("train.epochs", args.epochs)
     put("train.batch_size", args.batch_size)
@@ -129,9 +158,7 @@ def parse_stages(text: str | None) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
-def resolve_device(name: str):
-    import torch
-
+def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available to this torch")
     if name == "auto":
@@ -145,7 +172,7 @@ def resolve_device(name: str):
 class Run:
     """One run directory and its stages."""
 
-    def __init__(self, cfg: RunConfig, out: Path, data_root: str | None, device, log: Callable[[str], None]):
+    def __init__(self, cfg: RunConfig, out: Path, data_root: str | None, device: torch.device, log: Callable[[str], None]):
         self.cfg, self.out, self.data_root, self.device, self.log = cfg, out, data_root, device, log
         self.synthetic = data_root is None
         self.stages_path = out / "stages.json"
@@ -154,19 +181,26 @@ class Run:
         self.surrogate_result = None
         self.protected = None
         self.results: dict = {}
+        self.requested: list[str] = list(STAGES)
 
     # -- bookkeeping
 
     def digest(self, stage: str) -> str:
-        cfg = self.cfg.to_dict()
+        """A digest of everything ``stage``'s output depends on (its own settings and its inputs')."""
+        cfg = self.cfg.identity()
         caches = [c.manifest.get("source_digest") for c in (self.train_cache, self.test_cache) if c is not None]
         parts = {"data": [cfg["dataset"], cfg["data"], self.data_root, caches]}
         parts["surrogate"] = parts["data"] + [cfg["train"], cfg["sep_every"], cfg["generate"]["base"]]
         parts["generate"] = parts["surrogate"] + [cfg["generate"], cfg["method"]]
         parts["export"] = parts["generate"] + [cfg["export_images"]]
-        parts["victim"] = parts["export"] + [cfg["victim"], cfg["defense"]]
+        parts["victim"] = parts["export"] + [cfg["victim"], cfg["defense"], cfg["victims"]]
         parts["report"] = parts["victim"]
         return checkpoint.digest(parts.get(stage, parts["data"]))
+
+    def finished(self, stage: str) -> dict | None:
+        """The record of ``stage`` when it finished earlier with the same inputs (else None)."""
+        previous = self.records.get(stage)
+        return previous if previous and previous.get("digest") == self.digest(stage) else None
 
     def record(self, stage: str, seconds: float, **extra) -> None:
         self.records[stage] = {"digest": self.digest(stage), "seconds": round(seconds, 3), **extra}
@@ -187,61 +221,57 @@ class Run:
     # -- stages
 
     def prepare(self) -> None:
-        from .data import build_cache
-        from .data import synthetic as synthetic_data
-
+        """The caches of both splits, shared under the cache root by every run that reads the same data."""
         data = self.cfg.data
         root = self.data_root
+        main = dist.info().is_main
         if self.synthetic:
-            root = str(self.out / "synthetic" / self.cfg.dataset)
-            if not Path(root).exists() and dist.info().is_main:
+            root = str(self.synthetic_root())
+            if main:
                 self.log(
                     f"{BANNER}\nNo --data-root given: using the BUILT-IN SYNTHETIC {self.cfg.dataset} sample "
-                    f"({data.synthetic_train} train / {data.synthetic_test} test images), written in the dataset's\n"
-                    f"original format to {root}. Numbers from it show the method works; they are not results on real data.\n{BANNER}"
+                    f"({data.synthetic_train} train / {data.synthetic_test} test images) in the dataset's original format,\n"
+                    f"shared by every run under {root}. Numbers from it show the method works; they are not results on real data.\n{BANNER}"
                 )
-                synthetic_data.write(self.cfg.dataset, root, data.synthetic_train, data.synthetic_test,
-                                     data.synthetic_seed, data.synthetic_size)
-        elif not Path(root).is_dir():
-            raise UserError(f"--data-root {root} does not exist or is not a directory")
+                if not Path(root).exists():
+                    write_synthetic_sample(self.cfg, Path(root))
         dist.barrier()  # the synthetic sample exists for every rank
-        cache_dir = self.out / "cache" if self.synthetic else None
-        main = dist.info().is_main
         kwargs = {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
                   "progress": self.cfg.train.progress and main}
         for turn in ("main", "others"):  # rank 0 builds the caches once; the others then open them
             if (turn == "main") == main:
-                self.train_cache = build_cache(self.cfg.dataset, root, "train", cache_dir, **kwargs)
-                self.test_cache = build_cache(self.cfg.dataset, root, "test", cache_dir, **kwargs)
+                self.train_cache = build_cache(self.cfg.dataset, root, "train", None, **kwargs)
+                self.test_cache = build_cache(self.cfg.dataset, root, "test", None, **kwargs)
             dist.barrier()
         self.data_path = root
 
-    def _crop(self):
+    def synthetic_root(self) -> Path:
+        """Where the built-in synthetic sample of these settings lives (one folder per settings)."""
+        data = self.cfg.data
+        key = checkpoint.digest([self.cfg.dataset, data.synthetic_train, data.synthetic_test, data.synthetic_seed,
+                                 data.synthetic_size, synthetic_data.VERSION])[:12]
+        return default_cache_root() / "synthetic" / f"{self.cfg.dataset}-{key}"
+
+    def _crop(self) -> tuple[int, int] | None:
         return tuple(self.cfg.data.crop) if self.cfg.data.crop else None
 
-    def surrogate(self):
-        from .train import train
+    def _needs_surrogate(self) -> bool:
+        attacked = self.cfg.generate.base in ("tap", "sep") and self.cfg.method in ("mtlue", "pgd")
+        return attacked or (self.cfg.victims.reuse_surrogate and "victim" in self.requested)
 
-        needs = self.cfg.generate.base in ("tap", "sep") and self.cfg.method in ("mtlue", "pgd")
-        train_cfg = self.cfg.train.replace(keep_every=self.cfg.sep_every if self.cfg.generate.base == "sep" else 0)
-        if not needs and "victim" not in self.requested:
+    def surrogate(self):
+        if not self._needs_surrogate():
             return None
+        train_cfg = self.cfg.train.replace(keep_every=self.cfg.sep_every if self.cfg.generate.base == "sep" else 0)
         path = self.stage_dir("surrogate")
         self.surrogate_result = train(self.train_cache, self.test_cache, path, train_cfg, device=self.device,
-                                      crop=self._crop(), label="surrogate (clean)")
+                                      crop=self._crop(), label=f"surrogate (clean, seed {train_cfg.seed})")
         return self.surrogate_result
 
     def _surrogates(self):
         """TAP: the clean model; SEP: its kept checkpoints; EM: a fresh network."""
-        from .models import build_model
-        from .train import load_model
-        from .train.victim import model_args
-        from .train.tasks import select_tasks
-
         base = self.cfg.generate.base
         if base == "em":
-            import torch
-
             torch.manual_seed(self.cfg.train.seed)
             return build_model(**model_args(select_tasks(self.train_cache, None, self._crop()), self.cfg.train))
         if self.surrogate_result is None:
@@ -257,31 +287,23 @@ class Run:
         cfg = self.cfg
         path = self.stage_dir("generate", "generator")
         if cfg.method == "mtlue":
-            from .ue.generate import generate
-
             gen_cfg = cfg.generate.replace(crop=self._crop() or cfg.generate.crop)
             result = generate(self.train_cache, path, gen_cfg, surrogates=self._surrogates(), device=self.device)
             self.results["generator"] = {"passes": result.passes, "stopped": result.stopped,
                                          "last": result.history[-1] if result.history else None}
         elif cfg.method == "pgd" and cfg.generate.base == "em":
-            from .ue.pgd import em_pgd
-
             if dist.info().is_main:  # the sample-wise baseline runs in one process
                 em_pgd(self.train_cache, path, self._surrogates(), eps=cfg.generate.eps, device=self.device,
                        batch_size=cfg.generate.batch_size, progress=cfg.generate.progress)
             dist.barrier()
 
     def export(self):
-        from .ue.export import write_image_files, write_protected
-
         cfg = self.cfg
         path = self.stage_dir("export", "protected")
         eps = cfg.generate.eps
         settings = {"digest": self.digest("generate")}
         progress = cfg.generate.progress
         if cfg.method == "mtlue":
-            from .ue.generate import export_generator, load_generator
-
             generator = load_generator(self.out / "generator" / "generator.pt", self.device)
             protected = export_generator(generator, self.train_cache, path, device=self.device, settings=settings, progress=progress)
         else:  # the baselines export from one process
@@ -291,8 +313,6 @@ class Run:
                                 eps=eps, device=self.device, batch_size=min(cfg.generate.batch_size, 256),
                                 settings=settings, progress=progress)
             dist.barrier()
-            from .data import open_cache
-
             protected = open_cache(path)
         if dist.info().is_main:
             link_contract_names(protected.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"})
@@ -303,10 +323,6 @@ class Run:
         return protected
 
     def _baseline_perturb(self):
-        from .train.tasks import select_tasks
-        from .ue import baselines
-        from .ue.objectives import Objective
-
         cfg = self.cfg
         view = select_tasks(self.train_cache, None, self._crop())
         if cfg.method == "random":
@@ -315,88 +331,108 @@ class Run:
             return baselines.ar_patches(view.num_classes, tuple(view.images.shape[-2:]), view.channels,
                                         cfg.generate.eps, cfg.generate.seed)
         if cfg.generate.base == "em":
-            from .ue.pgd import em_pgd
-
             return em_pgd(self.train_cache, self.out / "generator", self._surrogates(), eps=cfg.generate.eps,
                           device=self.device, batch_size=cfg.generate.batch_size, progress=cfg.generate.progress)
-        from .ue.pgd import pgd_perturb
-
         objective = Objective(cfg.generate.base, view.num_classes, targeted=cfg.generate.targeted)
         return pgd_perturb(self._surrogates(), objective, eps=cfg.generate.eps, crop=view.crop)
 
-    def victim(self):
-        from .data import open_cache
-        from .train import train, train_stl
+    def _defended(self, cache, folder: Path):
+        """``cache`` under the run's data defence (rank 0 writes it, then every rank opens it)."""
+        if dist.info().is_main:
+            defend_cache(self.cfg.defense, cache, folder, progress=self.cfg.train.progress)
+        dist.barrier()
+        return defend_cache(self.cfg.defense, cache, folder, progress=False)  # complete: opened
 
+    def victim(self):
+        """Clean/protected victim pairs, one per victim seed; both of a pair share its seed (initial
+        weights, data order, augmentation draws) and the defence, so their difference is the data's."""
         cfg = self.cfg
         protected = self.protected or open_cache(self.out / "protected")
+        clean = self.train_cache
         base = self.stage_dir("victim")
-        train_cfg = cfg.train.replace(keep_every=0)
-        if cfg.defense in ("augment", "adv"):
-            protected_cfg = train_cfg.replace(defense=cfg.defense, defense_eps=cfg.generate.eps)
-        else:
-            protected_cfg = train_cfg
-        if cfg.defense in ("jpeg", "bdr", "grayscale"):
-            from .defenses import defend_cache
+        if cfg.defense in DATA_DEFENSES:
+            shared = default_cache_root() / "defended" / f"{cfg.defense}-{clean.manifest['source_digest'][:16]}"
+            clean = self._defended(clean, shared)
+            protected = self._defended(protected, base / f"defended-{cfg.defense}")
+        seeds = cfg.victim_seeds()
+        victims = []
+        for number, seed in enumerate(seeds, start=1):
+            train_cfg = cfg.victim_train(seed)
+            if cfg.defense in ("augment", "adv"):
+                train_cfg = train_cfg.replace(defense=cfg.defense, defense_eps=cfg.generate.eps)
+            folder = base / f"seed-{seed}"
+            label = f"victim {number}/{len(seeds)} (seed {seed}"
+            pair = {"seed": seed}
+            for kind, data in (("clean", clean), ("protected", protected)):
+                if kind == "clean" and cfg.victims.reuse_surrogate:
+                    pair[kind] = self._surrogate_as_clean(train_cfg)
+                elif cfg.victim == "stl":
+                    pair[kind] = {"metrics": train_stl(data, self.test_cache, folder / kind, train_cfg, device=self.device,
+                                                       crop=self._crop()), "images_per_second": None}
+                else:
+                    result = train(data, self.test_cache, folder / kind, train_cfg, device=self.device, crop=self._crop(),
+                                   label=f"{label}, {kind} data)")
+                    pair[kind] = {"metrics": result.metrics, "images_per_second": result.images_per_second}
+            victims.append(pair)
+        self.results["victims"] = victims
 
-            if dist.info().is_main:
-                defend_cache(cfg.defense, protected, base / f"defended-{cfg.defense}")
-            dist.barrier()
-            protected = defend_cache(cfg.defense, protected, base / f"defended-{cfg.defense}")  # complete: opened
-        runs = {}
-        if cfg.victim == "stl":
-            runs["clean"] = train_stl(self.train_cache, self.test_cache, base / "clean", train_cfg, device=self.device, crop=self._crop())
-            runs["protected"] = train_stl(protected, self.test_cache, base / "protected", protected_cfg, device=self.device, crop=self._crop())
-            self.results["victims"] = {k: {"metrics": v, "images_per_second": None} for k, v in runs.items()}
-            return
-        if self.surrogate_result is not None:  # same recipe by construction (keep_every only saves more)
-            self.log("victim (clean): the clean surrogate was trained with the victim's recipe; reusing its result")
-            clean = self.surrogate_result
-        else:
-            clean = train(self.train_cache, self.test_cache, base / "clean", train_cfg, device=self.device,
-                          crop=self._crop(), label="victim (clean)")
-        prot = train(protected, self.test_cache, base / "protected", protected_cfg, device=self.device,
-                     crop=self._crop(), label="victim (protected)")
-        self.results["victims"] = {
-            "clean": {"metrics": clean.metrics, "images_per_second": clean.images_per_second},
-            "protected": {"metrics": prot.metrics, "images_per_second": prot.images_per_second},
-        }
+    def _surrogate_as_clean(self, victim_cfg) -> dict:
+        """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only
+        when the victims' recipe is the surrogate's, undefended and multi-task."""
+        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in ("backbone", "weighting"))
+        if not same or self.cfg.victim != "mtl" or self.cfg.defense != "none":
+            raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone and weighting "
+                            "and no defence")
+        if self.surrogate_result is None:
+            self.surrogate()
+        result = self.surrogate_result
+        return {"metrics": result.metrics, "images_per_second": result.images_per_second, "surrogate": True}
 
     def report(self) -> dict:
-        from . import report as report_module
-        from .data import open_cache
-
         cfg = self.cfg
         victims = self.results.get("victims") or self._stored_victims()
         protected = self.protected or open_cache(self.out / "protected")
         names = list(protected.task_names)
         dense = isinstance(protected.labels, dict)
-        clean_m, prot_m = victims["clean"]["metrics"], victims["protected"]["metrics"]
-        metric = _metric_name(clean_m, dense)
+        metric = _metric_name(victims[0]["clean"]["metrics"], dense)
         clean_dir = self.out / "clean"
         link_contract_names(self.train_cache.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"}, clean_dir)
         stats = report_module.perturbation_stats(self.train_cache.images, protected.images, self.train_cache.labels,
                                                  names, list(protected.num_classes))
         timings = {k: v.get("seconds") for k, v in self.records.items()}
         throughput = {k: v.get("images_per_second") for k, v in self.records.items() if v.get("images_per_second")}
+        victim_cfg = cfg.victim_train(victims[0]["seed"])
         report = report_module.build_report(
             dataset=cfg.dataset, synthetic=self.synthetic, data_root=self.data_root, tasks=names, metric=metric,
-            clean=_summary(clean_m, names, dense), protected=_summary(prot_m, names, dense),
+            victims=[{"seed": v["seed"], "clean": _summary(v["clean"]["metrics"], names, dense),
+                      "protected": _summary(v["protected"]["metrics"], names, dense)} for v in victims],
+            surrogate={"seed": cfg.train.seed, "backbone": cfg.train.backbone, "weighting": cfg.train.weighting},
             clean_cache=str(clean_dir), eps=cfg.generate.eps, base=cfg.generate.base, method=cfg.method,
-            backbone=cfg.train.backbone, weighting=cfg.train.weighting, victim=cfg.victim, timings=timings,
+            backbone=victim_cfg.backbone, weighting=victim_cfg.weighting, victim=cfg.victim, timings=timings,
             throughput=throughput, versions=report_module.versions(), git=report_module.git_revision(),
-            perturbation_stats=stats,
+            perturbation_stats=stats, defense=cfg.defense if cfg.defense != "none" else None,
         )  # fmt: skip
-        if cfg.defense != "none":
-            report["defense"] = cfg.defense
+        if cfg.victims.reuse_surrogate:
+            report["clean_victim"] = "the clean surrogate (--reuse-surrogate-as-clean)"
         report_module.write_report(self.out, report, clean_images=self.train_cache.images, protected_images=protected.images)
         return report
 
-    def _stored_victims(self) -> dict:
+    def _stored_victims(self) -> list[dict]:
         stored = read_json(self.out / "victims.json")
-        if stored is None:
+        if not isinstance(stored, dict) or not isinstance(stored.get("victims"), list):
             raise UserError(f"the report needs the victim stage's results; run with --stages victim,report ({self.out})")
-        return stored
+        return stored["victims"]
+
+
+def write_synthetic_sample(cfg: RunConfig, root: Path) -> None:
+    """Write the built-in synthetic sample once; a concurrent run that finished it first is fine."""
+    data = cfg.data
+    try:
+        synthetic_data.write(cfg.dataset, root, data.synthetic_train, data.synthetic_test, data.synthetic_seed,
+                             data.synthetic_size)
+    except (OSError, ValueError):
+        if not root.is_dir():
+            raise
 
 
 def _metric_name(metrics: dict, dense: bool):
@@ -433,8 +469,13 @@ def link_contract_names(folder: Path, names: dict[str, str], target: Path | None
 # ---------------------------------------------------------------------------- main
 
 
-def default_out(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.generate.base}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_out(cfg: RunConfig, data_root: str | None) -> Path:
+    """``runs/<dataset>-<method>-<base>-<digest>``, the digest over what decides the protected data
+    (data, surrogate, generator, method): the same command finds its own run again, and a command that
+    changes only the victims finds the run whose export it can reuse (with ``--resume``)."""
+    settings = cfg.identity()
+    protection = [settings[k] for k in ("dataset", "data", "train", "generate", "method", "sep_every", "export_images")]
+    return Path("runs") / f"{cfg.dataset}-{cfg.method}-{cfg.generate.base}-{checkpoint.digest([protection, data_root])[:10]}"
 
 
 def check_out_dir(out: Path, resolved: str, resume: bool, force: bool, log) -> None:
@@ -446,7 +487,7 @@ def check_out_dir(out: Path, resolved: str, resume: bool, force: bool, log) -> N
         if any(out.iterdir()):
             raise UserError(f"--out {out} is a non-empty folder that is not an mtlue_fast run; choose another")
         return
-    if stored.read_text() == resolved:
+    if config_module.identity_of(yaml.safe_load(stored.read_text()) or {}) == config_module.identity_of(yaml.safe_load(resolved)):
         return
     if force:
         log(f"--force: redoing every stage in {out}")
@@ -469,35 +510,44 @@ def check_out_dir(out: Path, resolved: str, resume: bool, force: bool, log) -> N
 def run(args: argparse.Namespace) -> int:
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     stages = parse_stages(args.stages)
-    synthetic = args.data_root is None
     cfg = config_module.resolve(
-        args.dataset, config_file=args.config, synthetic=synthetic, preset=args.preset,
+        args.dataset, config_file=args.config, synthetic=args.data_root is None, preset=args.preset,
         overlays=args.overlay, overrides=overrides_from_args(args), assignments=args.set,
     )  # fmt: skip
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise UserError(f"--data-root {args.data_root} does not exist or is not a directory")
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     device = resolve_device(cfg.device)
     place = dist.setup(device.type)
     if device.type == "cuda" and place.distributed:
-        import torch
-
         device = torch.device("cuda", place.local_rank)
     if not place.is_main:
         log = lambda text: None  # noqa: E731 - only rank 0 talks
-    out = Path(args.out) if args.out else default_out(cfg)
-    if place.distributed and not args.out:
-        out = Path(dist.broadcast_object(str(out)))  # one timestamp for every rank
+    out = Path(args.out) if args.out else default_out(cfg, data_root)
     resolved = config_module.dump(cfg)
+    created = not out.exists()
     if place.is_main:
         check_out_dir(out, resolved, args.resume, args.force, log)
-        out.mkdir(parents=True, exist_ok=True)
-        from .fileio import atomic_path
+    try:
+        return _run_stages(cfg, out, data_root, device, stages, resolved, log, defaulted=not args.out)
+    except (UserError, ConfigError, DatasetFormatError, ValueError, FileNotFoundError):
+        if created and place.is_main and out.exists() and not (out / "stages.json").exists():
+            shutil.rmtree(out)  # a refused run leaves nothing behind
+        raise
 
+
+def _run_stages(cfg: RunConfig, out: Path, data_root: str | None, device: torch.device, stages: list[str],
+                resolved: str, log: Callable[[str], None], defaulted: bool) -> int:
+    place = dist.info()
+    if place.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(resolved)
     dist.barrier()
-    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     runner = Run(cfg, out, data_root, device, log)
     runner.requested = stages
-    log(f"mtlue_fast.run: {cfg.dataset}, method {cfg.method} ({cfg.generate.base}), device {device}, out {out}")
+    where = f"{out} (the default for these settings: the same command resumes and skips what is done)" if defaulted else str(out)
+    log(f"mtlue_fast.run: {cfg.dataset}, method {cfg.method} ({cfg.generate.base}), device {device}, out {where}")
     started = time.perf_counter()
     # prepare always runs (it is cheap when the caches exist): every later stage reads them.
     t = time.perf_counter()
@@ -508,6 +558,12 @@ def run(args: argparse.Namespace) -> int:
     for name, stage in order:
         if name not in stages:
             continue
+        done = runner.finished(name)
+        if done is not None:
+            log(f"{name}: skipped, finished earlier with the same settings and inputs "
+                f"({done.get('seconds', 0):.0f} s then; digest {done['digest'][:10]} in {runner.stages_path})")
+            if name == "generate":
+                continue  # nothing later needs it in memory; the others reload their results for free
         t = time.perf_counter()
         result = stage()
         extra = {}
@@ -515,18 +571,17 @@ def run(args: argparse.Namespace) -> int:
             extra["images_per_second"] = result.images_per_second
         if name == "victim":
             if place.is_main:
-                write_json(out / "victims.json", runner.results["victims"])
-            ips = runner.results["victims"]["protected"].get("images_per_second")
+                write_json(out / "victims.json", {"victims": runner.results["victims"]})
+            ips = runner.results["victims"][0]["protected"].get("images_per_second")
             if ips:
                 extra["images_per_second"] = ips
-        runner.record(name, time.perf_counter() - t, **extra)
+        if done is None:
+            runner.record(name, time.perf_counter() - t, **extra)
     if "report" in stages and place.is_main:
         t = time.perf_counter()
         report = runner.report()
         runner.record("report", time.perf_counter() - t)
-        from .report import summary_table
-
-        print(summary_table(report))
+        print(report_module.summary_table(report))
         print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)")
     dist.barrier()
     return 0

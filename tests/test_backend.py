@@ -93,3 +93,47 @@ def test_isolated_build_ships_sources_and_needs_no_torch(tmp_path):
     assert not [n for n in names if n.endswith(".so")]
     for src in ("ops.cpp", "cpu/perturb_apply.cpp", "cuda/perturb_apply.cu", "cuda/launchers.h", "common/checks.h"):
         assert f"mtlue_fast/_csrc/{src}" in names, names
+
+
+class _FakeDistribution:
+    """What ``importlib.metadata.distribution`` returns, for an installed copy under ``root``."""
+
+    def __init__(self, root: Path, files: list[str]):
+        from importlib.metadata import PackagePath
+
+        self.root, self.files = root, [PackagePath(f) for f in files]
+
+    def locate_file(self, path) -> Path:
+        return self.root / path
+
+
+def test_checkout_finds_the_installed_library_built_from_the_same_sources(tmp_path, monkeypatch):
+    """From the repository root the source folder shadows the installed package; the loader then takes
+    the installed ``_C`` library when the installed sources equal the checkout's, and not otherwise."""
+    import importlib.metadata
+    import shutil
+
+    from mtlue_fast.ops import _backend
+
+    site = tmp_path / "site-packages"
+    shipped = site / "mtlue_fast" / "_csrc"
+    shutil.copytree(REPO / "csrc", shipped)
+    library = site / "mtlue_fast" / "_C.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"not loaded here")
+    files = ["mtlue_fast/__init__.py", f"mtlue_fast/{library.name}", "mtlue_fast/_csrc/ops.cpp"]
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: _FakeDistribution(site, files))
+    monkeypatch.setattr(_backend, "source_dir", lambda: REPO / "csrc")
+    assert _backend._installed_library() == library
+    (shipped / "ops.cpp").write_text((shipped / "ops.cpp").read_text() + "\n// edited\n")
+    assert _backend._installed_library() is None  # the checkout's sources differ: never a stale build
+
+
+def test_info_from_the_repository_root_uses_a_compiled_library_without_jit():
+    """After the README's install, ``python -m mtlue_fast.info`` run in the repository root reports a
+    library built at install time (in place, or the installed copy), never a JIT build."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MTLUE_BACKEND", "MTLUE_LIBRARY")}
+    env["MTLUE_NO_JIT"] = "1"
+    probe = "from mtlue_fast.ops import _backend; print('SOURCE', _backend.state().source)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "SOURCE prebuilt" in done.stdout, done.stdout + done.stderr

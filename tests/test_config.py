@@ -74,3 +74,60 @@ def test_bad_files(tmp_path):
         resolve("chestxray", synthetic=True, overlays=["nope"])
     with pytest.raises(ConfigError, match="unknown dataset"):
         resolve("mnist", synthetic=True)
+
+
+@pytest.mark.parametrize(
+    "key,suggestion",
+    [
+        ("train.lrr", "'train.lr'?"),  # a typo within the section
+        ("train.epoch", "'train.epochs'?"),
+        ("train.lr.x", "'train.lr'?"),  # a value key used as a section
+        ("trian.lr", "'train.*' or 'train.lr'?"),  # a misspelt section
+        ("gen.eps", "'generate.eps'?"),
+        ("generate.lamda_intra", "'generate.lambda_intra' or 'generate.lambda_inter'?"),
+        ("epochs", "'train.epochs'?"),  # a key outside its section
+        ("devce", "'device'?"),
+    ],
+)
+def test_unknown_set_key_suggests_close_keys(key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        resolve("chestxray", synthetic=True, assignments=[f"{key}=1"])
+    assert str(err.value) == f"unknown config key {key!r}; did you mean {suggestion}"
+
+
+def test_unknown_key_suggests_at_most_three():
+    with pytest.raises(ConfigError) as err:
+        config.build(config.RunConfig, {"dataset": "celeba", "data": {"synthetic": 1}})
+    suggested = str(err.value).split("; did you mean ", 1)[1]
+    assert suggested.count("'data.synthetic_") == 3 and suggested.count("'") == 6 and " or " in suggested
+
+
+@pytest.mark.parametrize("key", ["train.zzzz", "train.learning_rate", "train"])
+def test_unknown_key_without_close_match_lists_its_section_only(key):
+    with pytest.raises(ConfigError) as err:
+        resolve("chestxray", synthetic=True, assignments=[f"{key}=1"])
+    message = str(err.value)
+    assert message.startswith(f"unknown config key {key!r}; valid keys in train.*: ")
+    listed = message.split(": ", 1)[1].split(", ")
+    assert listed == [k for k in config.valid_keys() if k.startswith("train.")]
+
+
+def test_unknown_top_level_key_lists_sections_not_all_keys():
+    with pytest.raises(ConfigError) as err:
+        resolve("chestxray", synthetic=True, assignments=["qqq=1"])
+    listed = str(err.value).split("valid keys in the top level: ", 1)[1].split(", ")
+    assert {"dataset", "train.*", "generate.*", "method", "device"} <= set(listed)
+    assert len(listed) == len(config.fields(config.RunConfig)) < len(config.valid_keys()) // 4
+
+
+def test_unknown_yaml_keys_get_the_same_help(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train\.lrr'; did you mean 'train\.lr'\?$"):
+        resolve("chestxray", synthetic=True, overlays=[str(typo)])
+    typo.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; did you mean 'train\.\*'"):
+        resolve("chestxray", synthetic=True, overlays=[str(typo)])
+    typo.write_text("data:\n  nonsense: 1\n")
+    with pytest.raises(ConfigError, match=r"valid keys in data\.\*: data\.cache_size, data\.crop"):
+        resolve("chestxray", synthetic=True, overlays=[str(typo)])

@@ -14,7 +14,9 @@ import torch
 from mtlue_fast.data import open_cache
 from mtlue_fast.models import build_model
 from mtlue_fast.train import TrainConfig, train
-from mtlue_fast.ue.generate import GenerateConfig, GeneratorStep, export_generator, generate, load_generator
+from mtlue_fast.ue.export import export_generator
+from mtlue_fast.ue.generate import GeneratorStep, generate, load_generator
+from mtlue_fast.ue.settings import GenerateConfig
 from mtlue_fast.ue.objectives import Objective
 
 sys.path.insert(0, str(Path(__file__).parent))

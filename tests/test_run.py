@@ -14,10 +14,22 @@ from mtlue_fast import run as run_module
 from mtlue_fast.run import main
 
 REPORT_FIELDS = (
-    "dataset", "synthetic", "data_root", "tasks", "metric", "clean", "protected", "drop", "clean_cache", "eps",
-    "base", "method", "backbone", "weighting", "victim", "timings", "throughput", "versions", "git",
-    "perturbation_stats",
+    "dataset", "synthetic", "data_root", "tasks", "metric", "clean", "protected", "drop", "drop_std", "victims",
+    "surrogate", "clean_cache", "eps", "base", "method", "backbone", "weighting", "victim", "timings", "throughput",
+    "versions", "git", "perturbation_stats",
 )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("mtlue-cache")
+
+
+@pytest.fixture(autouse=True)
+def cache_root(shared_cache, monkeypatch):
+    """Every run of this module shares one cache root (synthetic samples and caches), as users' runs do."""
+    monkeypatch.setenv("MTLUE_CACHE", str(shared_cache))
+    return shared_cache
 
 
 def smoke(out, dataset="chestxray", *extra):
@@ -44,6 +56,8 @@ def check_outputs(out, dense: bool = False) -> dict:
             assert 0.0 <= report[side]["mean"] <= 1.0
         assert math.isfinite(report["drop"])
     assert (out / "report.md").exists() and (out / "figures" / "metrics.png").exists()
+    assert report["surrogate"]["seed"] not in [v["seed"] for v in report["victims"]]
+    assert not (out / "synthetic").exists() and not (out / "cache").exists()  # inputs live in the cache root
     return report
 
 
@@ -54,8 +68,67 @@ def test_chestxray_smoke_run_then_rerun_skips(tmp_path, capsys):
     assert report["metric"] == "auc" and len(report["tasks"]) == 14
     assert "drop" in capsys.readouterr().out
     stamps = {p: p.stat().st_mtime_ns for p in (out / "surrogate" / "final.pt", out / "generator" / "generator.pt", out / "protected" / "images.npy")}
-    assert smoke(out) == 0  # same command: every stage is already done
+    assert main(["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # same command: every stage is already done
+    err = capsys.readouterr().err
+    for stage in ("surrogate", "generate", "export", "victim"):
+        assert f"{stage}: skipped, finished earlier with the same settings" in err
+
+
+def test_independent_victims_several_seeds(tmp_path):
+    out = tmp_path / "run"
+    assert smoke(out, "chestxray", "--victim-seeds", "2") == 0
+    report = check_outputs(out)
+    assert report["surrogate"] == {"seed": 0, "backbone": "resnet18", "weighting": "ew"}
+    assert [v["seed"] for v in report["victims"]] == [1, 2]
+    drops = [v["clean"]["mean"] - v["protected"]["mean"] for v in report["victims"]]
+    assert [v["drop"] for v in report["victims"]] == pytest.approx(drops)
+    assert report["drop"] == pytest.approx(np.mean(drops)) and report["drop_std"] == pytest.approx(np.std(drops, ddof=1))
+    for seed in (1, 2):
+        for side in ("clean", "protected"):
+            assert (out / "victim" / f"seed-{seed}" / side / "final.pt").exists()
+    # the clean victim is not the surrogate: another seed gives other initial weights
+    surrogate = torch.load(out / "surrogate" / "final.pt", weights_only=False)
+    victim = torch.load(out / "victim" / "seed-1" / "clean" / "final.pt", weights_only=False)
+    first = next(iter(surrogate["model"]))
+    assert not torch.equal(surrogate["model"][first], victim["model"][first])
+
+
+def test_victim_only_change_reuses_the_protected_export(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert smoke(out) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "surrogate" / "final.pt", out / "generator" / "generator.pt", out / "protected" / "images.npy")}
+    assert smoke(out, "chestxray", "--weighting", "uw") == 2  # other settings in OUT: refused without --resume
+    assert smoke(out, "chestxray", "--weighting", "uw", "--resume") == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "stages.json").read_text())
+    for stage in ("surrogate", "generate", "export"):
+        assert again[stage]["digest"] == stages[stage]["digest"]
+    assert again["victim"]["digest"] != stages["victim"]["digest"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["weighting"] == "uw" and report["surrogate"]["weighting"] == "ew"
+
+
+def test_default_out_is_stable_and_a_refused_run_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = ["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu"]
+    assert main([*command, "--stages", "prepare,surrogate"]) == 0
+    assert main([*command, "--stages", "prepare,surrogate"]) == 0
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("chestxray-mtlue-tap-")
+    assert "surrogate: skipped" in capsys.readouterr().err
+    assert main([*command, "--set", "train.lr=0.002", "--stages", "prepare"]) == 0  # other protection settings
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert main([*command, "--backbone", "vgg16_bn", "--stages", "prepare"]) == 2  # victims only: same folder
+    assert "--resume" in capsys.readouterr().err
+    celeba_like = tmp_path / "celeba_root"
+    celeba_like.mkdir()
+    (celeba_like / "list_attr_celeba.txt").write_text("1\nSmiling\n")
+    before = sorted((tmp_path / "runs").iterdir())
+    assert main(["--dataset", "chestxray", "--data-root", str(celeba_like), "--quiet"]) == 2
+    assert main(["--dataset", "chestxray", "--data-root", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert sorted((tmp_path / "runs").iterdir()) == before
 
 
 def test_force_redoes_every_stage_and_keeps_foreign_files(tmp_path):
@@ -88,11 +161,12 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
     def interrupted(self):
         raise KeyboardInterrupt
 
+    generate = run_module.Run.generate
     monkeypatch.setattr(run_module.Run, "generate", interrupted)
     assert smoke(out) == 130
     assert "rerun the same command" in capsys.readouterr().err
     surrogate = (out / "surrogate" / "final.pt").stat().st_mtime_ns
-    monkeypatch.undo()
+    monkeypatch.setattr(run_module.Run, "generate", generate)  # not undo(): that would drop MTLUE_CACHE too
     assert smoke(out) == 0
     assert (out / "surrogate" / "final.pt").stat().st_mtime_ns == surrogate  # not retrained
     check_outputs(out)
@@ -124,12 +198,12 @@ def _error(capsys) -> str:
 
 def test_bad_input_gives_one_clear_message(tmp_path, capsys):
     assert main(["--dataset", "chestxray", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "a"), "--quiet"]) == 2
-    assert "does not exist" in _error(capsys)
+    assert "does not exist" in _error(capsys) and not (tmp_path / "a").exists()
     celeba_like = tmp_path / "celeba_root"
     celeba_like.mkdir()
     (celeba_like / "list_attr_celeba.txt").write_text("1\nSmiling\n")
     assert main(["--dataset", "chestxray", "--data-root", str(celeba_like), "--out", str(tmp_path / "b"), "--quiet"]) == 2
-    assert "error:" in _error(capsys)
+    assert "error:" in _error(capsys) and not (tmp_path / "b").exists()
     assert smoke(tmp_path / "c", "chestxray", "--set", "train.epoch=3") == 2
     assert "unknown config key 'train.epoch'" in _error(capsys)
     assert smoke(tmp_path / "d", "chestxray", "--stages", "prepare,train") == 2
@@ -155,4 +229,20 @@ def test_stl_victims_sep_partial_protection_and_image_export(tmp_path):
     assert report["victim"] == "stl" and report["base"] == "sep"
     assert len(list((out / "surrogate").glob("epoch_*.pt"))) == 2
     assert any((out / "protected" / "images").rglob("*.png"))
-    assert sorted(p.name for p in (out / "victim" / "protected").iterdir() if p.is_dir()) == ["task_age", "task_gender", "task_race"]
+    tasks = sorted(p.name for p in (out / "victim" / "seed-1" / "protected").iterdir() if p.is_dir())
+    assert tasks == ["task_age", "task_gender", "task_race"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["grayscale", "augment"])
+def test_defended_runs_train_both_victims_under_the_defence(tmp_path, cache_root, defense):
+    out = tmp_path / defense
+    assert smoke(out, "celeba", "--defense", defense) == 0
+    report = check_outputs(out)
+    assert report["defense"] == defense
+    for side in ("clean", "protected"):
+        stored = json.loads((out / "victim" / "seed-1" / side / "result.json").read_text())
+        if defense == "augment":
+            assert stored["config"]["defense"] == "augment"
+    if defense == "grayscale":
+        assert any((cache_root / "defended").glob("grayscale-*"))  # the defended clean data, shared

@@ -1,7 +1,7 @@
 """Multi-task victim/surrogate networks (hard parameter sharing) on torchvision backbones."""
 
 from .backbones import BACKBONES, build_backbone, uses_small_stem, vit_patch_size
-from .mtl import DENSE_BACKBONES, NYUV2_DENSE_TASKS, DenseMultiTaskNet, MultiTaskNet, build_model
+from .multitask import DENSE_BACKBONES, NYUV2_DENSE_TASKS, DenseMultiTaskNet, MultiTaskNet, build_model
 from .generator import DenseGenerator, DenseLabelPrior, MTLGenerator, encoder_stride, generator_feature_size
 
 __all__ = [

@@ -38,7 +38,7 @@ from torch import nn
 from mtlue_fast.ops import perturb_apply
 
 from .backbones import build_resnet, scaled
-from .mtl import NYUV2_DENSE_TASKS
+from .multitask import NYUV2_DENSE_TASKS
 
 __all__ = [
     "DENSE_STRIDE_MIN_SIDE",

@@ -16,11 +16,13 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,11 +92,48 @@ def _load() -> BackendState:
 
 
 def _prebuilt_library() -> Path | None:
+    """The install-time library: ``MTLUE_LIBRARY``, else ``_C*.so`` beside this package, else the one
+    an installed copy of the package carries (see :func:`_installed_library`)."""
     override = os.environ.get("MTLUE_LIBRARY")
     if override:
         return Path(override)
     matches = sorted(PACKAGE_DIR.glob("_C*.so")) + sorted(PACKAGE_DIR.glob("_C*.pyd"))
-    return matches[0] if matches else None
+    return matches[0] if matches else _installed_library()
+
+
+def _installed_library() -> Path | None:
+    """The ``_C`` library of the installed distribution, when this package was imported from another
+    folder (a source checkout shadows the installed package when Python starts in the repository
+    root) and both were built from the same C++/CUDA sources.
+
+    The installed wheel carries its sources as ``mtlue_fast/_csrc``; the library is used only when
+    their digest equals that of the sources this package would JIT-compile, so an edited checkout
+    never runs a stale build.
+    """
+    try:
+        installed = importlib.metadata.distribution("mtlue_fast")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    files = [f for f in installed.files or [] if f.parts[:1] == ("mtlue_fast",)]
+    libraries = [Path(installed.locate_file(f)) for f in files
+                 if len(f.parts) == 2 and f.name.startswith("_C") and f.suffix in (".so", ".pyd")]
+    if not libraries or not libraries[0].is_file():
+        return None
+    library = libraries[0]
+    here = source_dir()
+    shipped = library.parent / "_csrc"
+    if here is None or not (shipped / "ops.cpp").is_file() or here.resolve() == shipped.resolve():
+        return None
+    return library if sources_digest(here) == sources_digest(shipped) else None
+
+
+def sources_digest(src: Path) -> str:
+    """SHA-256 over the relative names and bytes of the C++/CUDA sources under ``src``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in src.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"}):
+        digest.update(path.relative_to(src).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def source_dir() -> Path | None:
@@ -133,13 +172,9 @@ def _jit_build_and_load() -> str:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
     with_cuda = _jit_wants_cuda()
-    all_files = sorted(p for p in src.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"})
-    digest = hashlib.sha256()
-    for path in all_files:
-        digest.update(path.relative_to(src).as_posix().encode())
-        digest.update(path.read_bytes())
-    tag = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
-    name = "mtlue_fast_C_" + digest.hexdigest()[:12]
+    digest = sources_digest(src)
+    tag = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest[:12]}"
+    name = "mtlue_fast_C_" + digest[:12]
     root = Path(os.environ.get("MTLUE_JIT_DIR", Path.home() / ".cache" / "mtlue_fast" / "jit"))
     build_dir = root / tag.replace("+", "_")
     built = build_dir / f"{name}.so"
@@ -151,13 +186,14 @@ def _jit_build_and_load() -> str:
             built.unlink()
     build_dir.mkdir(parents=True, exist_ok=True)
     print(
-        f"mtlue_fast: compiling the C++{'/CUDA' if with_cuda else ''} ops once into {build_dir} "
-        "(about 30 s; cached for later runs)",
+        f"mtlue_fast: no install-time build of the ops for this torch and these sources; compiling the "
+        f"C++{'/CUDA' if with_cuda else ''} ops once into {build_dir} (cached for later runs) ...",
         file=sys.stderr,
         flush=True,
     )
     from torch.utils.cpp_extension import load
 
+    started = time.perf_counter()
     load(
         name=name,
         sources=[str(p) for p in jit_sources(src, with_cuda)],
@@ -169,6 +205,7 @@ def _jit_build_and_load() -> str:
         with_cuda=with_cuda,
         verbose=False,
     )
+    print(f"mtlue_fast: compiled the ops in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return str(built)
 
 

@@ -1,6 +1,6 @@
 """The one training loop for surrogates, SEP checkpoints, MTL and STL victims (SPEC section 3)."""
 
-from .config import TrainConfig
+from .settings import TrainConfig
 from .tasks import TaskView, select_tasks, victim_crop
 from .victim import TrainResult, TrainStep, Training, build_training, evaluate, load_model, make_batches, train, train_epoch, train_stl
 

@@ -38,7 +38,7 @@ from ..mtl.metrics import ClassificationMetrics, DenseMetrics
 from ..mtl.task_grads import TaskGradients
 from ..progress import Progress
 from . import checkpoint
-from .config import TrainConfig
+from .settings import TrainConfig
 from .tasks import DENSE_TASKS, TaskView, select_tasks
 
 @dataclass
@@ -241,7 +241,7 @@ def train(
     test_view = select_tasks(test_cache, view.task_names, view.crop)
     dataset = train_cache.manifest.get("dataset")
     run_digest = checkpoint.digest(
-        {"config": config.to_dict(), "train": view.identity, "test": test_view.identity, "tasks": view.task_names, "crop": view.crop}
+        {"config": config.identity(), "train": view.identity, "test": test_view.identity, "tasks": view.task_names, "crop": view.crop}
     )
     finished = read_json(out / "result.json")
     if resume and finished is not None and finished.get("digest") == run_digest:
@@ -387,6 +387,7 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: tor
         steps += 1
         images_seen += images.shape[0] * place.world_size
         progress.update(images.shape[0] * place.world_size)
+    progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start

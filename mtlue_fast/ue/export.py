@@ -37,8 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dist
 from ..data.cache import DENSE_ARRAYS, Cache, open_cache
+from ..data.loader import to_unit_float
 from ..fileio import read_json, write_json
+from ..models.generator import DenseGenerator, MTLGenerator
 from ..ops import quantize_export
 from ..progress import Progress
 
@@ -555,3 +558,89 @@ def _write_nyuv2_files(cache: Cache, row_files: list[str], source: Path, folder:
             shutil.copyfile(source / rel_map, folder / rel_map)
         bar.update(1)
     bar.close()
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_generator(generator: MTLGenerator | DenseGenerator, clean_cache, out_dir: str | Path, *,
+                     device: torch.device | str = "cpu", batch_size: int = 256, method: str = "mtlue",
+                     settings: dict | None = None, progress: bool = True):
+    """Run ``generator`` (eval mode, no augmentation) over the clean training cache in order and write the
+    protected dataset (:func:`mtlue_fast.ue.export.write_protected`). Returns the protected cache.
+
+    Under ``torch.distributed`` the export is sharded: rank r computes the batches r, r + N, ... (the
+    same batches a single process would compute) and writes their int8 deltas to a part file; rank 0
+    then assembles them in dataset order through ``write_protected``, so the result is the
+    single-process export byte for byte.
+    """
+    device = torch.device(device)
+    generator = generator.to(device).eval()
+
+    @torch.no_grad()
+    def perturb(images, labels, indices):
+        return generator.delta(generator.raw(to_unit_float(images), labels)).float()
+
+    place = dist.info()
+    if not place.distributed:
+        return write_protected(clean_cache, out_dir, perturb, method=method, eps=generator.eps, device=device,
+                               batch_size=batch_size, settings=settings, progress=progress)
+    out = Path(out_dir)
+    digest = export_digest(clean_cache.manifest["source_digest"], method, generator.eps, settings or {})
+    done = read_json(out / "manifest.json")
+    if done is not None and done.get("source_digest") == digest:
+        dist.barrier()
+        return open_cache(out)
+    parts = out.parent / f".{out.name}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    _export_shard(perturb, clean_cache, parts / f"rank{place.rank}.npy", device, batch_size, place)
+    dist.barrier()
+    if place.is_main:
+        deltas = _assemble_shards(parts, len(clean_cache.images), batch_size, place.world_size)
+
+        def stored(images, labels, indices):
+            # int8 levels / 255: quantize_export rounds them back to the same integers exactly.
+            rows = indices.cpu().numpy()
+            return torch.from_numpy(deltas[rows].astype(np.float32) / 255.0).to(images.device)
+
+        write_protected(clean_cache, out, stored, method=method, eps=generator.eps, device=device,
+                        batch_size=batch_size, settings=settings, progress=progress)
+        shutil.rmtree(parts, ignore_errors=True)
+    dist.barrier()
+    return open_cache(out)
+
+
+def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_size: int, place) -> None:
+    """This rank's batches (``rank, rank + N, ...`` of the in-order batches), as int8 deltas."""
+    n = len(clean_cache.images)
+    starts = list(range(place.rank * batch_size, n, batch_size * place.world_size))
+    rows = sum(min(batch_size, n - s) for s in starts)
+    shard = np.zeros((rows, *clean_cache.images.shape[1:]), dtype=np.int8)
+    labels = clean_cache.labels
+    offset = 0
+    for start in starts:
+        stop = min(start + batch_size, n)
+        images = torch.from_numpy(np.ascontiguousarray(clean_cache.images[start:stop])).to(device)
+        if isinstance(labels, dict):
+            batch_labels = {k: torch.from_numpy(np.ascontiguousarray(v[start:stop])).to(device) for k, v in labels.items()}
+        else:
+            batch_labels = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
+        indices = torch.arange(start, stop, device=device)
+        delta = perturb(images, batch_labels, indices)
+        _, delta_q = quantize_export(images, delta)
+        shard[offset : offset + stop - start] = delta_q.cpu().numpy()
+        offset += stop - start
+    np.save(path, shard)
+
+
+def _assemble_shards(parts: Path, n: int, batch_size: int, world: int) -> np.ndarray:
+    """The int8 deltas of all ranks' shards in dataset order ``[N, C, H, W]``."""
+    shards = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world)]
+    out = np.lib.format.open_memmap(parts / "assembled.npy", mode="w+", dtype=np.int8, shape=(n, *shards[0].shape[1:]))
+    offsets = [0] * world
+    for batch_index, start in enumerate(range(0, n, batch_size)):
+        rank = batch_index % world
+        stop = min(start + batch_size, n)
+        out[start:stop] = shards[rank][offsets[rank] : offsets[rank] + stop - start]
+        offsets[rank] += stop - start
+    return out

@@ -25,7 +25,6 @@ error over the protected tasks is <= 0.01, TAP when >= 0.9, SEP >= 0.99, or at t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -45,88 +44,11 @@ from ..fileio import read_json, read_jsonl, write_json, write_jsonl
 from ..models.generator import DenseGenerator, MTLGenerator
 from ..progress import Progress
 from ..train import checkpoint
-from ..train.config import cpu_has_native_bf16
+from ..train.settings import cpu_has_native_bf16
 from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
-from .objectives import BASES, Objective
+from .objectives import Objective
+from .settings import GenerateConfig
 
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Settings of one generator training (SPEC 4-5 defaults).
-
-    Attributes:
-        base: ``"em"``, ``"tap"`` or ``"sep"``. targeted: binary tasks use the ``1 - y`` target.
-        eps: L-inf budget on the [0, 1] scale. mode: ``"clamp"`` or ``"tanh"`` output mapping.
-        lambda_intra, lambda_inter: weights of ``L_intra`` and ``L_inter`` (paper: 20 and 100).
-        lr, weight_decay, milestones, gamma: Adam and MultiStepLR (stepped once per pass).
-        table_lr: learning rate of the label-prior table (None = ``lr``).
-        batch_size: per step. max_passes, stop_error: None = the base method's defaults.
-        stop_subset: samples in the fixed stop-test subset.
-        train_steps: EM's surrogate training after each generator pass, in epochs over the freshly
-            generated poisons (SPEC: "train_steps (default 2) surrogate updates"; read as passes,
-            matching the generator's full pass, since a couple of optimiser steps cannot fit a
-            surrogate to the poisons).
-        augment: per-sample random crop + flip of ``x + delta`` as the victim sees it (SEP: never).
-        crop: the augmentation's window ``(h, w)``; None = the dataset's victim crop.
-        protect: tasks (indices or names) the perturbation protects; None = all.
-        width, embed_dim: generator size (1.0 and 16 in the paper).
-        stride: the encoder's stride, 2 or 8 (None: SPEC's rule by image size); 8 on a small image
-            makes the label-prior maps 16x smaller (the CPU default's choice).
-        fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
-        fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
-            plain torch ops (the straightforward path, for the benchmark).
-        amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). channels_last, compile.
-        seed: generator initialisation, data order, augmentation, stop subset.
-    """
-
-    base: str = "tap"
-    targeted: bool = False
-    eps: float = 8 / 255
-    mode: str = "clamp"
-    lambda_intra: float = 20.0
-    lambda_inter: float = 100.0
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    milestones: tuple[int, ...] = (60, 80)
-    gamma: float = 0.1
-    table_lr: float | None = None
-    batch_size: int = 512
-    max_passes: int | None = None
-    stop_error: float | None = None
-    stop_subset: int = 4096
-    train_steps: int = 2
-    augment: bool = True
-    crop: tuple[int, int] | None = None
-    protect: tuple | None = None
-    width: float = 1.0
-    embed_dim: int = 16
-    stride: int | None = None
-    fast: bool = True
-    shared_pass: bool = True
-    fused_ops: bool = True
-    amp: bool | str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"generate config field 'base' must be one of {', '.join(BASES)}, got {self.base!r}")
-        if self.mode not in ("clamp", "tanh"):
-            raise ValueError(f"generate config field 'mode' must be 'clamp' or 'tanh', got {self.mode!r}")
-        if not 0 < self.eps < 1:
-            raise ValueError(f"generate config field 'eps' must be in (0, 1), got {self.eps!r}")
-        for name in ("batch_size", "stop_subset"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> GenerateConfig:
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -344,7 +266,7 @@ def generate(
     crop = view.crop
     args = generator_args(view, config)
     surrogate_digest = checkpoint.digest([_state_digest(m) for m in models]) if config.base != "em" else "em"
-    run_digest = checkpoint.digest({"config": config.to_dict(), "data": view.identity, "surrogates": surrogate_digest})
+    run_digest = checkpoint.digest({"config": config.identity(), "data": view.identity, "surrogates": surrogate_digest})
     finished = read_json(out / "result.json")
     if resume and finished is not None and finished.get("digest") == run_digest:
         return GenerateResult(out, finished["passes"], finished["stopped"], read_jsonl(out / "history.jsonl"))
@@ -405,6 +327,7 @@ def generate(
             loss_sum = loss if loss_sum is None else loss_sum + loss
             steps += 1
             progress.update(images.shape[0] * place.world_size)
+        progress.close()
         scheduler.step()
         if em_optimizer is not None:
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index)
@@ -435,15 +358,18 @@ def generate(
             checkpoint.save(out / "last.pt", state)
         dist.barrier()
         if config.progress and place.is_main:
-            print(f"generator ({config.base}) pass {pass_index + 1}: loss {record['loss']:.4f}, "
-                  f"surrogate error {error:.3f} (stop at {'<=' if config.base == 'em' else '>='} {stop_error}), "
-                  f"intra {record['intra']:.3f}, inter {record['inter']:.3f}", file=sys.stderr, flush=True)
+            print(f"generator ({config.base}) pass {pass_index + 1}/{max_passes}: loss {record['loss']:.4f}, "
+                  f"surrogate error {error:.3f}, intra {record['intra']:.3f}, inter {record['inter']:.3f}",
+                  file=sys.stderr, flush=True)
         if on_pass_end is not None:
             on_pass_end(record)
         if _met(error, config.base, stop_error):
             stopped = "stop_error"
             break
 
+    if config.progress and place.is_main and history:
+        print(f"generator ({config.base}): {stop_reason(stopped, history[-1]['stop_error'], config.base, stop_error, max_passes)}",
+              file=sys.stderr, flush=True)
     if place.is_main:
         checkpoint.save(out / "generator.pt", {"generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
                                                "generator_args": args, "passes": len(history)})
@@ -451,6 +377,15 @@ def generate(
                                          "config": config.to_dict(), "history": history})
     dist.barrier()
     return GenerateResult(out, len(history), stopped, history)
+
+
+def stop_reason(stopped: str, error: float | None, base: str, threshold: float, max_passes: int) -> str:
+    """Which rule ended the pass loop, in words: the stop error was reached, or the pass cap."""
+    rule = f"surrogate error {'<=' if base == 'em' else '>='} {threshold}"
+    if stopped == "stop_error":
+        return f"stopped early: the stop rule ({rule}) was reached with error {error:.3f}"
+    return (f"ran the configured {max_passes} passes (generate.max_passes); the early-stop rule ({rule}) "
+            f"was not reached, last error {error:.3f}")
 
 
 def _met(error: float, base: str, threshold: float) -> bool:
@@ -463,94 +398,3 @@ def _state_digest(model: nn.Module) -> str:
     """A cheap fingerprint of a surrogate's weights (sums per tensor)."""
     sums = [float(v.double().sum()) for v in model.state_dict().values() if v.is_floating_point()]
     return checkpoint.digest([round(s, 6) for s in sums])
-
-
-# ---------------------------------------------------------------------------- export
-
-
-def export_generator(generator: MTLGenerator | DenseGenerator, clean_cache, out_dir: str | Path, *,
-                     device: torch.device | str = "cpu", batch_size: int = 256, method: str = "mtlue",
-                     settings: dict | None = None, progress: bool = True):
-    """Run ``generator`` (eval mode, no augmentation) over the clean training cache in order and write the
-    protected dataset (:func:`mtlue_fast.ue.export.write_protected`). Returns the protected cache.
-
-    Under ``torch.distributed`` the export is sharded: rank r computes the batches r, r + N, ... (the
-    same batches a single process would compute) and writes their int8 deltas to a part file; rank 0
-    then assembles them in dataset order through ``write_protected``, so the result is the
-    single-process export byte for byte.
-    """
-    from ..data import open_cache
-    from .export import export_digest, write_protected
-
-    device = torch.device(device)
-    generator = generator.to(device).eval()
-
-    @torch.no_grad()
-    def perturb(images, labels, indices):
-        return generator.delta(generator.raw(to_unit_float(images), labels)).float()
-
-    place = dist.info()
-    if not place.distributed:
-        return write_protected(clean_cache, out_dir, perturb, method=method, eps=generator.eps, device=device,
-                               batch_size=batch_size, settings=settings, progress=progress)
-    out = Path(out_dir)
-    digest = export_digest(clean_cache.manifest["source_digest"], method, generator.eps, settings or {})
-    done = read_json(out / "manifest.json")
-    if done is not None and done.get("source_digest") == digest:
-        dist.barrier()
-        return open_cache(out)
-    parts = out.parent / f".{out.name}.parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    _export_shard(perturb, clean_cache, parts / f"rank{place.rank}.npy", device, batch_size, place)
-    dist.barrier()
-    if place.is_main:
-        deltas = _assemble_shards(parts, len(clean_cache.images), batch_size, place.world_size)
-
-        def stored(images, labels, indices):
-            # int8 levels / 255: quantize_export rounds them back to the same integers exactly.
-            rows = indices.cpu().numpy()
-            return torch.from_numpy(deltas[rows].astype(np.float32) / 255.0).to(images.device)
-
-        write_protected(clean_cache, out, stored, method=method, eps=generator.eps, device=device,
-                        batch_size=batch_size, settings=settings, progress=progress)
-        import shutil
-
-        shutil.rmtree(parts, ignore_errors=True)
-    dist.barrier()
-    return open_cache(out)
-
-
-def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_size: int, place) -> None:
-    """This rank's batches (``rank, rank + N, ...`` of the in-order batches), as int8 deltas."""
-    n = len(clean_cache.images)
-    starts = list(range(place.rank * batch_size, n, batch_size * place.world_size))
-    rows = sum(min(batch_size, n - s) for s in starts)
-    shard = np.zeros((rows, *clean_cache.images.shape[1:]), dtype=np.int8)
-    labels = clean_cache.labels
-    offset = 0
-    for start in starts:
-        stop = min(start + batch_size, n)
-        images = torch.from_numpy(np.ascontiguousarray(clean_cache.images[start:stop])).to(device)
-        if isinstance(labels, dict):
-            batch_labels = {k: torch.from_numpy(np.ascontiguousarray(v[start:stop])).to(device) for k, v in labels.items()}
-        else:
-            batch_labels = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
-        indices = torch.arange(start, stop, device=device)
-        delta = perturb(images, batch_labels, indices)
-        _, delta_q = ops.quantize_export(images, delta)
-        shard[offset : offset + stop - start] = delta_q.cpu().numpy()
-        offset += stop - start
-    np.save(path, shard)
-
-
-def _assemble_shards(parts: Path, n: int, batch_size: int, world: int) -> np.ndarray:
-    """The int8 deltas of all ranks' shards in dataset order ``[N, C, H, W]``."""
-    shards = [np.load(parts / f"rank{r}.npy", mmap_mode="r") for r in range(world)]
-    out = np.lib.format.open_memmap(parts / "assembled.npy", mode="w+", dtype=np.int8, shape=(n, *shards[0].shape[1:]))
-    offsets = [0] * world
-    for batch_index, start in enumerate(range(0, n, batch_size)):
-        rank = batch_index % world
-        stop = min(start + batch_size, n)
-        out[start:stop] = shards[rank][offsets[rank] : offsets[rank] + stop - start]
-        offsets[rank] += stop - start
-    return out

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .settings import BASES
 from ..mtl.losses import ClassificationLoss, DenseLoss, output_layout
 
-BASES = ("em", "tap", "sep")
 #: (stop when the error on true labels is <= this (EM) / >= this (TAP, SEP), default pass cap)
 STOP_RULES = {"em": (0.01, 100), "tap": (0.9, 100), "sep": (0.99, 50)}
 

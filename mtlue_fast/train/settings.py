@@ -111,6 +111,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """The settings that decide the result (``to_dict`` without ``progress``), for digests."""
+        return {k: v for k, v in self.to_dict().items() if k != "progress"}
+
     def milestone_epochs(self) -> list[int]:
         """MultiStepLR milestones in epochs (60 epochs -> [36, 48])."""
         return sorted({max(1, round(m * self.epochs)) for m in self.milestones})

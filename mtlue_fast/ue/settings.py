@@ -1,0 +1,90 @@
+"""Settings of one generator training (SPEC sections 4-5): a plain dataclass, cheap to import."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+BASES = ("em", "tap", "sep")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of one generator training (SPEC 4-5 defaults).
+
+    Attributes:
+        base: ``"em"``, ``"tap"`` or ``"sep"``. targeted: binary tasks use the ``1 - y`` target.
+        eps: L-inf budget on the [0, 1] scale. mode: ``"clamp"`` or ``"tanh"`` output mapping.
+        lambda_intra, lambda_inter: weights of ``L_intra`` and ``L_inter`` (paper: 20 and 100).
+        lr, weight_decay, milestones, gamma: Adam and MultiStepLR (stepped once per pass).
+        table_lr: learning rate of the label-prior table (None = ``lr``).
+        batch_size: per step. max_passes, stop_error: None = the base method's defaults.
+        stop_subset: samples in the fixed stop-test subset.
+        train_steps: EM's surrogate training after each generator pass, in epochs over the freshly
+            generated poisons (SPEC: "train_steps (default 2) surrogate updates"; read as passes,
+            matching the generator's full pass, since a couple of optimiser steps cannot fit a
+            surrogate to the poisons).
+        augment: per-sample random crop + flip of ``x + delta`` as the victim sees it (SEP: never).
+        crop: the augmentation's window ``(h, w)``; None = the dataset's victim crop.
+        protect: tasks (indices or names) the perturbation protects; None = all.
+        width, embed_dim: generator size (1.0 and 16 in the paper).
+        stride: the encoder's stride, 2 or 8 (None: SPEC's rule by image size); 8 on a small image
+            makes the label-prior maps 16x smaller (the CPU default's choice).
+        fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
+        fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
+            plain torch ops (the straightforward path, for the benchmark).
+        amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). channels_last, compile.
+        seed: generator initialisation, data order, augmentation, stop subset.
+    """
+
+    base: str = "tap"
+    targeted: bool = False
+    eps: float = 8 / 255
+    mode: str = "clamp"
+    lambda_intra: float = 20.0
+    lambda_inter: float = 100.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    milestones: tuple[int, ...] = (60, 80)
+    gamma: float = 0.1
+    table_lr: float | None = None
+    batch_size: int = 512
+    max_passes: int | None = None
+    stop_error: float | None = None
+    stop_subset: int = 4096
+    train_steps: int = 2
+    augment: bool = True
+    crop: tuple[int, int] | None = None
+    protect: tuple | None = None
+    width: float = 1.0
+    embed_dim: int = 16
+    stride: int | None = None
+    fast: bool = True
+    shared_pass: bool = True
+    fused_ops: bool = True
+    amp: bool | str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"generate config field 'base' must be one of {', '.join(BASES)}, got {self.base!r}")
+        if self.mode not in ("clamp", "tanh"):
+            raise ValueError(f"generate config field 'mode' must be 'clamp' or 'tanh', got {self.mode!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"generate config field 'eps' must be in (0, 1), got {self.eps!r}")
+        for name in ("batch_size", "stop_subset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The settings that decide the result (``to_dict`` without ``progress``), for digests."""
+        return {k: v for k, v in self.to_dict().items() if k != "progress"}
+
+    def replace(self, **changes) -> GenerateConfig:
+        return dataclasses.replace(self, **changes)
