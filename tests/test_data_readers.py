@@ -11,23 +11,22 @@ import pytest
 from mtlue_fast.data import DatasetFormatError, load_records
 from mtlue_fast.data.formats import nyuv2, utkface
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples not present")
+# The real sample files come from the ``samples`` fixture (tests/conftest.py): $MTLUE_SAMPLES, or
+# ../shared/samples beside the repository (skipped when absent and MTLUE_SAMPLES is not set).
 
 
 @pytest.fixture
-def sample_copy(tmp_path):
+def sample_copy(tmp_path, samples):
     """A writable copy of one sample dataset (the originals are never modified)."""
 
     def copy(name: str) -> Path:
-        return Path(shutil.copytree(SAMPLES / name, tmp_path / name))
+        return Path(shutil.copytree(samples / name, tmp_path / name))
 
     return copy
 
 
-@needs_samples
-def test_celeba_sample_labels():
-    records = load_records("celeba", SAMPLES / "celeba", "train")
+def test_celeba_sample_labels(samples):
+    records = load_records("celeba", samples / "celeba", "train")
     assert [Path(p).name for p in records.paths] == [f"00000{i}.jpg" for i in range(1, 7)]
     assert records.task_names[0] == "5_o_Clock_Shadow" and records.task_names[-1] == "Young"
     assert records.num_classes == [2] * 40 and records.labels.shape == (6, 40)
@@ -37,10 +36,9 @@ def test_celeba_sample_labels():
     assert (first["5_o_Clock_Shadow"], first["Male"], first["Eyeglasses"]) == (0, 0, 0)
     assert records.labels[0].sum() == 13
     with pytest.raises(DatasetFormatError, match="test split .* is empty"):
-        load_records("celeba", SAMPLES / "celeba", "test")
+        load_records("celeba", samples / "celeba", "test")
 
 
-@needs_samples
 def test_celeba_damaged_copy_skips_and_counts(sample_copy):
     root = sample_copy("celeba")
     (root / "img_align_celeba" / "000003.jpg").unlink()  # listed but missing
@@ -57,10 +55,9 @@ def test_celeba_damaged_copy_skips_and_counts(sample_copy):
         load_records("celeba", root, "train", strict=True)
 
 
-@needs_samples
-def test_chestxray_sample_labels():
-    train = load_records("chestxray", SAMPLES / "chestxray14", "train")
-    test = load_records("chestxray", SAMPLES / "chestxray14", "test")
+def test_chestxray_sample_labels(samples):
+    train = load_records("chestxray", samples / "chestxray14", "train")
+    test = load_records("chestxray", samples / "chestxray14", "test")
     assert [Path(p).name for p in train.paths] == ["00000001_000.png", "00000002_000.png"]
     assert [Path(p).name for p in test.paths] == ["00000013_003.png", "00000211_000.png", "00001369_000.png"]
     assert train.task_names[1] == "Cardiomegaly" and train.task_names[12] == "Pleural_Thickening"
@@ -70,7 +67,6 @@ def test_chestxray_sample_labels():
     assert test.labels.sum() == 3
 
 
-@needs_samples
 def test_chestxray_2017_csv_nested_folders_and_missing_file(sample_copy):
     root = sample_copy("chestxray14")
     rows = (root / "Data_Entry_2017_v2020.csv").read_text().splitlines()
@@ -89,8 +85,7 @@ def test_chestxray_2017_csv_nested_folders_and_missing_file(sample_copy):
     assert test.skipped.counts == {"missing_images": 1, "images_without_labels": 1}
 
 
-@needs_samples
-def test_utkface_sample_names_and_split():
+def test_utkface_sample_names_and_split(samples):
     assert utkface.parse_name("100_1_0_20170110183726390.jpg.chip.jpg") == (8, 0, 1)
     assert utkface.parse_name("1_0_2_20161219194721851.jpg.chip.jpg") == (0, 2, 0)
     assert utkface.parse_name("25_0_0_20170104011300160.jpg.chip.jpg") == (3, 0, 0)
@@ -98,8 +93,8 @@ def test_utkface_sample_names_and_split():
     assert utkface.parse_name("61_1_20170109142408075.jpg.chip.jpg") is None  # no race field
     assert utkface.parse_name("30_2_0_20170109142408075.jpg") is None  # gender out of range
     assert [utkface.age_bin(a) for a in (0, 2, 3, 9, 10, 19, 20, 69, 70, 116)] == [0, 0, 1, 1, 2, 2, 3, 7, 8, 8]
-    train = load_records("utkface", SAMPLES / "utkface", "train")
-    test = load_records("utkface", SAMPLES / "utkface", "test")
+    train = load_records("utkface", samples / "utkface", "train")
+    test = load_records("utkface", samples / "utkface", "test")
     assert len(train) + len(test) == 8 and len(test) == 2
     assert not set(train.paths) & set(test.paths)
     assert train.skipped.counts == {"unparseable_names": 2}
@@ -109,12 +104,11 @@ def test_utkface_sample_names_and_split():
     assert by_name["45_1_0_20170105001254581.jpg.chip.jpg"] == (5, 0, 1)
 
 
-@needs_samples
-def test_nyuv2_sample_label_maps():
+def test_nyuv2_sample_label_maps(samples):
     from PIL import Image
 
     for name in ("new_nyu_class13_0001.png", "new_nyu_class13_0002.png"):
-        raw = np.asarray(Image.open(SAMPLES / "nyuv2" / name))
+        raw = np.asarray(Image.open(samples / "nyuv2" / name))
         labels = nyuv2.label_from_nyu13_png(raw)
         assert labels.shape == (480, 640) and labels.min() >= -1 and labels.max() <= 12
         assert (labels == -1).sum() == (raw == 0).sum() > 0
