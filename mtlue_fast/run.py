@@ -197,6 +197,11 @@ class Run:
         parts["report"] = parts["victim"]
         return checkpoint.digest(parts.get(stage, parts["data"]))
 
+    def victim_recipe(self) -> str:
+        """What every victim pair depends on: the export and the victims' settings except their count."""
+        victims = {k: v for k, v in self.cfg.identity()["victims"].items() if k != "seeds"}
+        return checkpoint.digest([self.digest("export"), self.cfg.victim, self.cfg.defense, victims])
+
     def finished(self, stage: str) -> dict | None:
         """The record of ``stage`` when it finished earlier with the same inputs (else None)."""
         previous = self.records.get(stage)
@@ -349,7 +354,14 @@ class Run:
         cfg = self.cfg
         protected = self.protected or open_cache(self.out / "protected")
         clean = self.train_cache
-        base = self.stage_dir("victim")
+        base = self.out / "victim"
+        # Pairs live in per-seed folders: a change of the seed count alone keeps the finished pairs.
+        previous = self.records.get("victim", {}).get("recipe")
+        if previous is not None and previous != self.victim_recipe() and base.exists():
+            self.log("victim: the victims' settings or their data changed since the last run, retraining them")
+            if dist.info().is_main:
+                shutil.rmtree(base)
+            dist.barrier()
         if cfg.defense in DATA_DEFENSES:
             shared = default_cache_root() / "defended" / f"{cfg.defense}-{clean.manifest['source_digest'][:16]}"
             clean = self._defended(clean, shared)
@@ -572,6 +584,7 @@ def _run_stages(cfg: RunConfig, out: Path, data_root: str | None, device: torch.
         if name == "victim":
             if place.is_main:
                 write_json(out / "victims.json", {"victims": runner.results["victims"]})
+            extra["recipe"] = runner.victim_recipe()
             ips = runner.results["victims"][0]["protected"].get("images_per_second")
             if ips:
                 extra["images_per_second"] = ips

@@ -87,6 +87,10 @@ def test_independent_victims_several_seeds(tmp_path):
     for seed in (1, 2):
         for side in ("clean", "protected"):
             assert (out / "victim" / f"seed-{seed}" / side / "final.pt").exists()
+    first_pair = (out / "victim" / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns
+    assert smoke(out, "chestxray", "--victim-seeds", "3", "--resume") == 0  # one more pair, the others kept
+    assert (out / "victim" / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns == first_pair
+    assert [v["seed"] for v in json.loads((out / "report.json").read_text())["victims"]] == [1, 2, 3]
     # the clean victim is not the surrogate: another seed gives other initial weights
     surrogate = torch.load(out / "surrogate" / "final.pt", weights_only=False)
     victim = torch.load(out / "victim" / "seed-1" / "clean" / "final.pt", weights_only=False)
