@@ -121,7 +121,9 @@ def test_checkout_finds_the_installed_library_built_from_the_same_sources(tmp_pa
     library = site / "mtlue_fast" / "_C.cpython-311-x86_64-linux-gnu.so"
     library.write_bytes(b"not loaded here")
     files = ["mtlue_fast/__init__.py", f"mtlue_fast/{library.name}", "mtlue_fast/_csrc/ops.cpp"]
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: _FakeDistribution(site, files))
+    # The checkout's own egg-info (listing sources only) comes first on sys.path from the repository root.
+    egg_info = _FakeDistribution(REPO, ["mtlue_fast/__init__.py", "csrc/ops.cpp"])
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda name: [egg_info, _FakeDistribution(site, files)])
     monkeypatch.setattr(_backend, "source_dir", lambda: REPO / "csrc")
     assert _backend._installed_library() == library
     (shipped / "ops.cpp").write_text((shipped / "ops.cpp").read_text() + "\n// edited\n")

@@ -110,14 +110,16 @@ def _installed_library() -> Path | None:
     their digest equals that of the sources this package would JIT-compile, so an edited checkout
     never runs a stale build.
     """
-    try:
-        installed = importlib.metadata.distribution("mtlue_fast")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    files = [f for f in installed.files or [] if f.parts[:1] == ("mtlue_fast",)]
-    libraries = [Path(installed.locate_file(f)) for f in files
-                 if len(f.parts) == 2 and f.name.startswith("_C") and f.suffix in (".so", ".pyd")]
-    if not libraries or not libraries[0].is_file():
+    # Every distribution of that name on sys.path: from the repository root the first one found is
+    # the build's own ``mtlue_fast.egg-info`` in the checkout, which lists sources, not the library.
+    libraries = [
+        Path(installed.locate_file(f))
+        for installed in importlib.metadata.distributions(name="mtlue_fast")
+        for f in installed.files or []
+        if len(f.parts) == 2 and f.parts[0] == "mtlue_fast" and f.name.startswith("_C") and f.suffix in (".so", ".pyd")
+    ]
+    libraries = [p for p in libraries if p.is_file()]
+    if not libraries:
         return None
     library = libraries[0]
     here = source_dir()
