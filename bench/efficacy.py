@@ -31,21 +31,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("chestxray", "celeba", "utkface")
 
 
-def cpu_model() -> str:
-    """``Model name`` from ``lscpu`` (falls back to /proc/cpuinfo), e.g. ``AMD EPYC``."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        found = re.search(r"^Model name:\s*(.+)$", text, re.MULTILINE)
-        if found:
-            return found.group(1).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def cpu_flags() -> list[str]:
     """The CPU features that decide the bf16 path (amx, avx512_bf16)."""
     try:
@@ -93,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from mtlue_fast.report import versions
+    from mtlue_fast.report import cpu_model, versions
 
     model = cpu_model()
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")

@@ -743,6 +743,8 @@ PART_FUNCTIONS = {"a": part_build, "b": part_tests, "c": part_ops, "d": part_tra
 
 
 def machine(device: str) -> dict:
+    from mtlue_fast.report import cpu_model  # the one lscpu reader, shared with bench/efficacy.py
+
     import torch
 
     info: dict = {
@@ -751,7 +753,7 @@ def machine(device: str) -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     try:
@@ -770,16 +772,6 @@ def machine(device: str) -> dict:
     else:
         info["name"] = info["cpu"] or "cpu"
     return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _driver_version() -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import numbers
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -461,6 +462,21 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "git": _check_opt_str,
     "perturbation_stats": _check_stats,
 }
+
+
+def cpu_model() -> str:
+    """The CPU model as ``lscpu`` names it (falls back to /proc/cpuinfo), e.g. ``AMD EPYC``."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        found = re.search(r"^Model name:\s*(.+)$", text, re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def versions() -> dict:
