@@ -1,15 +1,21 @@
 """Scaling of victim and generator training from 1 to N processes (torch.distributed, gloo on CPU).
 
-    python bench/scaling.py --processes 2 --out bench/results/<name>.json
+    python bench/scaling.py --processes 2 --threads 1 --out bench/results/<name>.json
 
 Each configuration trains a few steps in every process and times them inside the processes, after
-a warm-up step (process start-up and imports are not counted, which a pytest-benchmark round around
-``torch.multiprocessing.spawn`` would include; that is why this one is a script). Reported: images/s
-of the global batch for 1 and N processes and the scaling efficiency ``rate_N / (N * rate_1)``.
-With 1 process every core serves one process; with N processes each gets ``cores / N`` threads, so
-on a CPU the efficiency measures the overhead of the gradient all-reduce and synchronised batch norm
-rather than extra compute. On a multi-GPU machine run the same script with ``--device cuda`` under
-enough GPUs (one process per GPU, NCCL).
+warm-up steps (process start-up, imports and DDP's first-iteration bucket rebuild are not counted,
+which a pytest-benchmark round around ``torch.multiprocessing.spawn`` would include; that is why
+this one is a script). Every process runs ``--threads`` threads (default: the cores divided by the
+process count), the single process too, so the comparison is at equal threads per process and a
+perfect result is a speed-up of N: the single process gets the same thread count as each of the N,
+not all the cores. Reported: images/s of the global batch for 1 and N processes, the speed-up
+``rate_N / rate_1`` and the efficiency ``speed-up / N``.
+
+The machine may be shared: the 1- and N-process runs alternate for ``--repeats`` rounds and the
+median round of each is reported (all rounds are kept in the JSON), with the load average before and
+after and, per run, the CPUs that other processes used meanwhile (``other_processes_cpus``): with
+N processes on N cores, one more busy process shares a core with a rank, and every rank then waits
+for that one at each synchronised batch norm. On a multi-GPU machine run the same script with ``--device cuda`` (one process per GPU, NCCL).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +33,12 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from mtlue_fast.report import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+STEPS = {"victim": 20, "generator": 6}  # timed steps per process (default): ~2-4 s on 2 CPU cores
+WARMUP = 2  # untimed steps: allocator, oneDNN primitive caches, DDP's bucket rebuild after step 1
 
 
 def _port() -> int:
@@ -35,15 +47,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: int, steps: int, result: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: int, steps: int, result: str, pin: bool = False) -> None:
+    if pin:  # rank r on cores r*threads .. (r+1)*threads-1
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[(rank * threads + t) % len(cores)] for t in range(threads)})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))  # fmt: skip
     torch.set_num_threads(threads)
     from mtlue_fast import dist
 
     dist.setup(device)
     try:
         run_once = _victim(device, world) if kind == "victim" else _generator(device, world)
-        run_once()  # warm-up
+        for _ in range(WARMUP):
+            run_once()
         dist.barrier()
         start = time.perf_counter()
         for _ in range(steps):
@@ -116,35 +133,87 @@ def _generator(device: str, world: int):
     return once
 
 
-def measure(kind: str, world: int, device: str, steps: int) -> float:
-    cores = os.cpu_count() or 1
+def measure(kind: str, world: int, device: str, threads: int, steps: int, pin: bool = False) -> tuple[float, float | None]:
+    """``(images/s, CPUs used by other processes meanwhile)``: the second is the machine's busy time
+    during the run less this run's processes' own CPU time, per second (None where /proc/stat is
+    missing); above ~0.2 on a 2-core machine the N-process figure is not a clean measurement."""
     result = Path(f"/tmp/mtlue-scaling-{os.getpid()}-{kind}-{world}.json")
-    mp.spawn(_worker, args=(world, _port(), kind, device, max(1, cores // world), steps, str(result)), nprocs=world, join=True)
+    busy, ours, start = _busy_seconds(), _children_cpu(), time.perf_counter()
+    mp.spawn(_worker, args=(world, _port(), kind, device, threads, steps, str(result), pin), nprocs=world, join=True)
+    wall = time.perf_counter() - start
+    others = None
+    if busy is not None:
+        others = max(0.0, (_busy_seconds() - busy) - (_children_cpu() - ours)) / wall
     rate = json.loads(result.read_text())["images_per_second"]
     result.unlink()
-    return rate
+    return rate, others
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat), or None."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process, the single process's too (default: cores // processes)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per run (default: {STEPS})")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of 1 and N processes; the median is reported")
+    parser.add_argument("--kinds", default="victim,generator")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin each process to its own cores (rank r: cores r*threads ...): the scheduler then "
+                             "cannot put two ranks on one core while a third job holds the other")
     parser.add_argument("--out")
     args = parser.parse_args()
     from mtlue_fast.info import collect
 
+    cores = os.cpu_count() or 1
+    threads = args.threads or max(1, cores // args.processes)
+    n = args.processes
+    load_before = load_average()
     rows = {}
-    for kind in ("victim", "generator"):
-        one = measure(kind, 1, args.device, args.steps)
-        many = measure(kind, args.processes, args.device, args.steps)
-        rows[kind] = {"images_per_second_1": one, f"images_per_second_{args.processes}": many,
-                      "efficiency": many / (args.processes * one), "speedup": many / one}  # fmt: skip
-        print(f"{kind}: 1 process {one:,.0f} img/s, {args.processes} processes {many:,.0f} img/s, "
-              f"speed-up {many / one:.2f}x, efficiency {100 * many / (args.processes * one):.0f}%")
-    record = {"device": args.device, "cores": os.cpu_count(), "processes": args.processes, "results": rows,
-              "versions": collect(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv)}  # fmt: skip
+    for kind in args.kinds.split(","):
+        steps = args.steps or STEPS[kind]
+        rounds: dict[int, list[float]] = {1: [], n: []}
+        others: dict[int, list[float | None]] = {1: [], n: []}
+        for _ in range(args.repeats):
+            for world in (1, n):
+                rate, busy = measure(kind, world, args.device, threads, steps, args.pin)
+                rounds[world].append(rate)
+                others[world].append(None if busy is None else round(busy, 2))
+        one, many = statistics.median(rounds[1]), statistics.median(rounds[n])
+        rows[kind] = {"images_per_second_1": one, f"images_per_second_{n}": many, "speedup": many / one,
+                      "efficiency": many / (n * one), "rounds": {str(k): v for k, v in rounds.items()},
+                      "other_processes_cpus": {str(k): v for k, v in others.items()}}  # fmt: skip
+        print(f"{kind}: 1 process {one:,.0f} img/s, {n} processes {many:,.0f} img/s ({threads} thread(s) each), "
+              f"speed-up {many / one:.2f}x, efficiency {100 * many / (n * one):.0f}%; rounds "
+              f"{ {k: [round(v) for v in r] for k, r in rounds.items()} }, CPUs used by other processes {others}", flush=True)
+    record = {"device": args.device, "cores": cores, "cpu_model": cpu_model(), "processes": n, "threads_per_process": threads,
+              "pinned": args.pin, "nice": os.nice(0),
+              "steps": {k: args.steps or STEPS[k] for k in rows}, "repeats": args.repeats, "results": rows,
+              "load_average_before": load_before, "load_average_after": load_average(),
+              "versions": collect(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import socket
 import sys
 import time
@@ -65,9 +66,12 @@ def spawn(job, *args, world: int = 2, timeout_s: int = 300, reference: tuple | N
 # ---------------------------------------------------------------------------- sync batch norm
 
 
-def _bn_job(rank: int, out: str) -> None:
+def _bn_job(rank: int, out: str, channels_last: bool = False, transport: str = "shm") -> None:
+    os.environ["MTLUE_SHM_STATS"] = "1" if transport == "shm" else "0"  # read at the first batch norm
     torch.manual_seed(0)
     x = torch.randn(8, 3, 5, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     bn = dist.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), "cpu")
     bn[0].weight.data.uniform_(0.5, 1.5)
     bn[0].bias.data.uniform_(-0.5, 0.5)
@@ -78,13 +82,20 @@ def _bn_job(rank: int, out: str) -> None:
     dist.average_gradients(bn.parameters())
     if rank == 0:
         torch.save({"y": y.detach(), "gx": part.grad, "gw": bn[0].weight.grad, "gb": bn[0].bias.grad,
-                    "rm": bn[0].running_mean, "rv": bn[0].running_var}, out)  # fmt: skip
+                    "rm": bn[0].running_mean, "rv": bn[0].running_var,
+                    "transport": type(dist._stats_reducer()).__name__}, out)  # fmt: skip
 
 
-def test_cpu_sync_batchnorm_equals_whole_batch(tmp_path):
+# The statistics travel through shared memory where every rank runs on this (x86-64) machine, over
+# gloo elsewhere or with MTLUE_SHM_STATS=0.
+@pytest.mark.parametrize("channels_last,transport", [(False, "shm"), (True, "shm"), (False, "gloo")],
+                         ids=["contiguous", "channels_last", "gloo"])  # fmt: skip
+def test_cpu_sync_batchnorm_equals_whole_batch(tmp_path, channels_last, transport):
     out = tmp_path / "bn.pt"
-    spawn(_bn_job, str(out))
+    spawn(_bn_job, str(out), channels_last, transport)
     got = torch.load(out)
+    shm = transport == "shm" and platform.machine().lower() in ("x86_64", "amd64")
+    assert got.pop("transport") == ("_HostSum" if shm else "_GlooSum")
     torch.manual_seed(0)
     x = torch.randn(8, 3, 5, 5, requires_grad=True)
     bn = torch.nn.BatchNorm2d(3)
@@ -93,9 +104,10 @@ def test_cpu_sync_batchnorm_equals_whole_batch(tmp_path):
     weights = torch.arange(8 * 3 * 25, dtype=torch.float32).view(8, 3, 5, 5) / 100
     y = bn(x)
     (y * weights).sum().backward()
-    # Two algorithms for the same numbers (the float64 sums of CpuSyncBatchNorm against ATen's
-    # float32 kernel, here with the test process's own thread count): they differ by a few float32
-    # ulps of values of order 1-10, measured at most 3 % of these tolerances with 1 or 2 threads.
+    # The same numbers by two routes (per-rank ATen statistics combined in float64 and the input
+    # gradient from the global sums, against ATen's whole-batch kernels, here with the test
+    # process's own thread count): they differ by a few float32 ulps of values of order 1-10,
+    # measured at most 3 % of these tolerances with 1 or 2 threads, either memory format.
     torch.testing.assert_close(got["y"], y.detach()[:4], rtol=1e-5, atol=1e-5)
     # rank 0's input gradient is the whole-batch gradient of its rows; parameter gradients are the
     # mean over ranks of the per-rank sums, i.e. half the whole-batch sum (each rank's loss is its own).
@@ -104,6 +116,52 @@ def test_cpu_sync_batchnorm_equals_whole_batch(tmp_path):
     torch.testing.assert_close(got["gb"], bn.bias.grad / 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["rm"], bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["rv"], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _stats_sum_job(rank: int, out: str) -> None:
+    """Many sums of the statistics' shared-memory transport against gloo's all-reduce (the second
+    buffer's reuse, sizes up to and beyond its capacity, which falls back to gloo)."""
+    reducer = dist._stats_reducer()
+    rng = np.random.default_rng(rank)
+    sizes = [1, 33, 257, 2 * 2048 + 1, reducer.CAPACITY if hasattr(reducer, "CAPACITY") else 8192, 9000] * 4
+    results = []
+    for size in sizes:
+        values = rng.standard_normal(size) * 10.0 ** rng.integers(-3, 4)
+        expected = torch.from_numpy(values.copy())
+        torch.distributed.all_reduce(expected)
+        got = reducer.sum_(values.copy())
+        assert np.array_equal(got, expected.numpy()), size  # two ranks: a + b either way
+        results.append(got)
+    gathered = [None, None]
+    torch.distributed.all_gather_object(gathered, [r.tobytes() for r in results])
+    if rank == 0:
+        Path(out).write_text(json.dumps({"same_on_every_rank": gathered[0] == gathered[1], "transport": type(reducer).__name__}))
+
+
+def test_statistics_transport_sums_like_gloo(tmp_path):
+    spawn(_stats_sum_job, str(tmp_path / "sums.json"))
+    result = json.loads((tmp_path / "sums.json").read_text())
+    assert result["same_on_every_rank"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert result["transport"] == "_HostSum"
+
+
+def _dying_stats_job(rank: int, marker: str) -> None:
+    reducer = dist._stats_reducer()
+    if rank == 1:
+        os._exit(0)  # dies before its batch norm's statistics (status 0: see _dying_job)
+    started = time.perf_counter()
+    try:
+        reducer.sum_(np.ones(9))
+    except Exception as err:  # noqa: BLE001 - what the surviving rank sees
+        Path(marker).write_text(f"{time.perf_counter() - started:.1f} {type(err).__name__} {err}")
+
+
+def test_a_rank_dying_in_a_batch_norm_ends_the_job(tmp_path):
+    marker = tmp_path / "survivor"
+    spawn(_dying_stats_job, str(marker), timeout_s=10)
+    seconds, kind = marker.read_text().split()[:2]
+    assert kind == "RuntimeError" and float(seconds) < 60, marker.read_text()
 
 
 # ---------------------------------------------------------------------------- training
@@ -127,7 +185,8 @@ def _train_job(rank: int, out: str, weighting: str) -> None:
 
 
 def _step_job(rank: int, out: str, weighting: str) -> None:
-    """One optimisation step's averaged gradients (what every rank applies)."""
+    """One optimisation step's averaged gradients (what every rank applies), the weighting's own
+    parameters' too."""
     from test_train import make_cache
 
     from mtlue_fast.train import build_training, make_batches, select_tasks
@@ -142,24 +201,30 @@ def _step_job(rank: int, out: str, weighting: str) -> None:
     step.optimizer.step = lambda: None  # keep the gradients for inspection
     step.optimizer.zero_grad = lambda set_to_none=True: None
     step(images, labels)
+    named = [*parts.model.named_parameters(), *(("weighting." + n, p) for n, p in parts.strategy.named_parameters())]
     if rank == 0:
-        torch.save({n: p.grad.clone() for n, p in parts.model.named_parameters()}, out)
+        torch.save({n: p.grad.clone() for n, p in named}, out)
 
 
-@pytest.mark.parametrize("weighting", ["ew", "pcgrad"])
+# ew: one backward, averaged by DistributedDataParallel; pcgrad (representation space): a backward
+# over the heads and one over the backbone, both through DDP; uw: DDP plus the weighting's own
+# parameters, averaged by hand after the backward.
+@pytest.mark.parametrize("weighting", ["ew", "pcgrad", "uw"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, weighting):
     spawn(_step_job, str(tmp_path / "two.pt"), weighting, reference=(str(tmp_path / "one.pt"), weighting))
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     # Not bitwise equal by construction: one process sums a convolution's weight gradient over 32
-    # images in one GEMM, two processes over 16 each and then add across ranks (gloo), and their
-    # batch-norm statistics come from the synchronised float64 sums instead of ATen's float32
-    # kernel. These are float32 sums of the same terms in other orders, so they differ by rounding:
+    # images in one GEMM, two processes over 16 each and then add across ranks, and their batch-norm
+    # statistics are per-rank statistics combined across ranks instead of ATen's whole-batch kernel.
+    # These are float32 sums of the same terms in other orders, so they differ by rounding:
     # ~sqrt(n) * 2^-24 of the terms' magnitude, n = images x output positions (~1e4 for the first
     # convolution) -> ~1e-5 of the largest entry; measured: at most 1.2e-5 (ew) and 9e-6 (pcgrad),
-    # both on conv1. 1e-4 leaves a factor 8. The bound is per tensor, scaled by its largest entry,
-    # not per element: small entries are differences of large terms (cancellation) and carry the
-    # absolute rounding error of those terms. A wrong average (a sum, a missing rank, a mis-sharded
-    # batch) is off by O(1) of the scale.
+    # both on conv1, with the earlier float64 batch-norm sums and flat all-reduce; 1.3e-5 (ew, conv1),
+    # 8e-6 (pcgrad) and 6e-6 (uw) with per-rank ATen statistics and DDP's averaging.
+    # 1e-4 leaves a factor 8. The bound is per tensor, scaled by its largest entry, not per element:
+    # small entries are differences of large terms (cancellation) and carry the absolute rounding
+    # error of those terms. A wrong average (a sum, a missing rank, a mis-sharded batch) is off by
+    # O(1) of the scale.
     for name, grad in one.items():
         scale = float(grad.abs().max()) + 1e-12
         assert float((two[name] - grad).abs().max()) <= 1e-4 * scale, name
@@ -172,8 +237,10 @@ def test_two_processes_train_like_one(tmp_path, weighting):
     # Per-epoch losses agree to float tolerance amplified by Adam: its first updates are sign-like,
     # so a parameter whose gradient is ~0 may step either way (the order of the sums differs with N;
     # see the test above), moving it by up to 2 * lr instead of ~0. After 8 steps the mean losses
-    # differ by up to 2.6e-4 relative (measured); 5e-3 leaves a factor ~20 and is still far below
-    # what one epoch changes (0.70 -> 0.42) or a wrongly averaged or sharded step would.
+    # differ by up to 2.6e-4 relative (measured with the earlier float64 batch-norm sums and flat
+    # all-reduce; 5e-4 to 6.2e-4 (ew) and 2e-4 (pcgrad) with per-rank ATen statistics and DDP); 5e-3
+    # leaves a factor 8 and is still far below what one epoch changes (0.70 -> 0.42) or a wrongly
+    # averaged or sharded step would.
     losses_one = [r["train_loss_mean"] for r in history(tmp_path / "one")]
     losses_two = [r["train_loss_mean"] for r in history(tmp_path / "two")]
     np.testing.assert_allclose(losses_two, losses_one, rtol=5e-3)
@@ -255,7 +322,8 @@ def test_generator_training_and_sharded_export(tmp_path):
     # Generator training: the same losses and stop-test error as one process, to float tolerance.
     # Not bitwise: the batch norms and the gradient average sum across ranks in another order (see
     # test_two_processes_take_the_same_step_as_one). The pass's mean loss differs by ~1e-7 relative
-    # (measured: this pass has only a few steps); 1e-3 leaves room for Adam's sign-like steps, which
+    # (measured with the earlier arithmetic; 4e-6 with the current: this pass has only a few steps);
+    # 1e-3 leaves room for Adam's sign-like steps, which
     # grow the difference with every step (1.2e-3 after the smoke preset's longer pass). The stop
     # error is the surrogate's error rate on the 72 perturbed images, averaged over the 3 tasks
     # (equal here, measured): a prediction on a decision boundary may flip, moving it by 1/216;
@@ -264,6 +332,37 @@ def test_generator_training_and_sharded_export(tmp_path):
     two = json.loads((tmp_path / "generator-two" / "result.json").read_text())["history"]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-3)
     np.testing.assert_allclose([r["stop_error"] for r in two], [r["stop_error"] for r in one], atol=0.02)
+
+
+def _em_job(rank: int, root: str, name: str) -> None:
+    """EM: the generator pass, then the surrogate's own training on fresh poisons (both averaged by
+    DistributedDataParallel under two processes), then the stop test on the trained surrogate."""
+    from test_generate import FAST_GEN, surrogate
+
+    from mtlue_fast.data import open_cache
+    from mtlue_fast.ue.generate import generate
+
+    config = FAST_GEN.replace(base="em", max_passes=2, stop_error=0.0, train_steps=1, batch_size=32, amp=False)
+    generate(open_cache(Path(root) / "clean"), Path(root) / f"em-{name}", config, surrogates=surrogate())
+
+
+def test_em_generation_with_two_processes_matches_one(tmp_path):
+    from test_generate import cache_dir
+
+    cache_dir(tmp_path / "clean", 64, 0)
+    spawn(_em_job, str(tmp_path), "two", reference=(str(tmp_path), "one"))
+    # The second pass's loss is the generator's against the surrogate after its first training (two
+    # steps), so a surrogate whose ranks trained apart moves it by far more than rounding does; the
+    # losses get test_generator_training_and_sharded_export's tolerance (measured: 1e-7 relative in
+    # the first pass, 1.3e-4 to 2.9e-4 in the second; 3e-4 with the earlier code). The stop errors are
+    # error rates over 64 images x 3 tasks of a surrogate that has barely trained: its predictions
+    # sit near chance (error ~0.55), and rounding flips some of them (measured: 3 to 5 of the 192,
+    # up to 0.026; 1 with the earlier code). 0.05 allows ten.
+    one = json.loads((tmp_path / "em-one" / "result.json").read_text())["history"]
+    two = json.loads((tmp_path / "em-two" / "result.json").read_text())["history"]
+    assert len(one) == len(two) == 2
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-3)
+    np.testing.assert_allclose([r["stop_error"] for r in two], [r["stop_error"] for r in one], atol=0.05)
 
 
 # ---------------------------------------------------------------------------- the whole command

@@ -318,12 +318,37 @@ def _save_epoch(out, history, model, strategy, optimizer, scheduler, step, args,
     })  # fmt: skip
 
 
+class _EncodeDecode(nn.Module):
+    """The model's forward as the training step runs it: ``encode``, cut from the graph when the
+    weighting needs representation-space task gradients, then ``decode``. A module of its own so
+    that ``DistributedDataParallel`` can wrap it (DDP arms its gradient averaging in its own
+    ``forward``, and the step never calls ``model.forward``)."""
+
+    def __init__(self, model: nn.Module, encode: Callable, decode: Callable, detach: bool):
+        super().__init__()
+        self.model = model
+        self.encode, self.decode, self.detach = encode, decode, detach
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        encoded = self.encode(x)
+        rep = encoded.detach().requires_grad_() if self.detach else encoded
+        return encoded, rep, self.decode(rep, x.shape[-2:])
+
+
 class TrainStep:
     """One optimisation step: forward (autocast), per-task losses, weighting backward, clip, Adam.
 
     ``encode`` / ``decode`` are the model's, compiled when ``config.compile`` (``compile_mode``
     ``"reduce-overhead"`` adds CUDA graphs). Call with a uint8 batch and its labels on the model's
     device; returns the detached per-task losses ``[K]`` (no host read).
+
+    With several processes the model's gradients are averaged by ``DistributedDataParallel``
+    (bucketed all-reduces overlapping the backward): every weighting fills them through autograd,
+    in one backward (loss weighting) or in two that reach disjoint parameters (representation-space
+    gradient strategies: the heads, then the backbone from the combined ``dL/dz``). Parameter-space
+    gradient strategies write the shared gradients by hand (``TaskGradients.apply``), which DDP's
+    autograd hooks never see; they, and a weighting's own parameters (UW, GradNorm), which live
+    outside the model, are averaged by :func:`mtlue_fast.dist.average_gradients` after the backward.
     """
 
     def __init__(self, model, strategy, optimizer, loss_fn, config: TrainConfig, amp: bool, channels_last: bool):
@@ -342,23 +367,24 @@ class TrainStep:
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())
         self.clipped = [p for p in model.parameters() if p.requires_grad]
-        self.averaged = self.clipped + [p for p in strategy.parameters() if p.requires_grad]
+        by_hand = strategy.needs_task_grads and config.grad_space == "parameters"
+        forward = _EncodeDecode(model, self.encode, self.decode, self.detach)
+        self.forward = forward if by_hand else dist.data_parallel(forward)
+        self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
         x = to_unit_float(images, self.channels_last)
         if self.defense is not None:
             x = self.defense(x, labels, self.model, self.loss_fn)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            encoded = self.encode(x)
-            rep = encoded.detach().requires_grad_() if self.detach else encoded
-            outputs = self.decode(rep, x.shape[-2:])
+            encoded, rep, outputs = self.forward(x)
         losses = self.loss_fn(outputs, labels)
         grads = TaskGradients(
             losses, self.shared, self.task, representation=rep if self.detach else None,
             encoded=encoded if self.detach else None, space=self.config.grad_space,
         )  # fmt: skip
         self.strategy.backward(losses, grads)
-        dist.average_gradients(self.averaged)
+        dist.average_gradients(self.averaged)  # what DDP does not average (nothing, for most weightings)
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.clipped, self.config.grad_clip, foreach=True)
         self.optimizer.step()

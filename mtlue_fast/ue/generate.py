@@ -101,10 +101,25 @@ def _surrogate_outputs(models: Sequence[nn.Module], x: torch.Tensor, amp: bool) 
         return [m(x) for m in models]
 
 
+class _Raw(nn.Module):
+    """``generator.raw`` (or its compiled form) as a module's forward, for DistributedDataParallel."""
+
+    def __init__(self, generator: nn.Module, raw: Callable):
+        super().__init__()
+        self.generator, self.raw = generator, raw
+
+    def forward(self, x: torch.Tensor, labels) -> torch.Tensor:
+        return self.raw(x, labels)
+
+
 class GeneratorStep:
     """One generator update: perturb (fused op), augment, surrogate loss(es), embedding regularisers.
 
-    Returns the detached total loss (no host read).
+    Returns the detached total loss (no host read). With several processes the generator's
+    gradients are averaged by ``DistributedDataParallel`` during the backward (the embedding
+    regulariser's gradient reaches the table in the same backward). The naive SEP path
+    (``shared_pass=False`` with several checkpoints) runs the generator once per checkpoint before
+    its one backward, which DDP does not support; it averages after the backward instead.
     """
 
     def __init__(self, generator: MTLGenerator, objective: Objective, surrogates: Sequence[nn.Module],
@@ -115,7 +130,11 @@ class GeneratorStep:
         # generator sees NYUv2 pairs unaugmented.
         self.augment = config.augment and config.base != "sep" and getattr(generator, "task_offsets", None) is not None
         self.offsets = getattr(generator, "task_offsets", None)  # None: dense, no label-prior table
-        self.raw_fn = torch.compile(generator.raw) if config.compile else generator.raw
+        raw = torch.compile(generator.raw) if config.compile else generator.raw
+        self.once = config.shared_pass or len(self.surrogates) == 1
+        # A dense generator leaves an unprotected task's label-prior network unused.
+        unused = isinstance(generator, DenseGenerator) and not all(generator.protected)
+        self.raw_fn = dist.data_parallel(_Raw(generator, raw), find_unused_parameters=unused) if self.once else raw
 
     def perturbed(self, images: torch.Tensor, labels, generator_rng: torch.Generator | None = None) -> torch.Tensor:
         """``x'``: the augmented perturbed batch ``[B, C, h, w]`` (float32, graph to the generator)."""
@@ -161,7 +180,8 @@ class GeneratorStep:
             total = total + self.config.lambda_intra * intra + self.config.lambda_inter * inter
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        dist.average_gradients(self.generator.parameters())
+        if not self.once:
+            dist.average_gradients(self.generator.parameters())
         self.optimizer.step()
         return total.detach()
 
@@ -204,9 +224,11 @@ def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objectiv
 
 
 def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer, step: GeneratorStep,
-                         batches: DeviceBatches, epochs: int, pass_index: int) -> None:
+                         batches: DeviceBatches, epochs: int, pass_index: int, trained: nn.Module | None = None) -> None:
     """EM's inner step: the surrogate trains for ``epochs`` passes over freshly generated poisons
-    (train mode, grad-norm clip 5; the generator in eval mode, no gradients)."""
+    (train mode, grad-norm clip 5; the generator in eval mode, no gradients). ``trained``: the
+    surrogate in :func:`mtlue_fast.dist.data_parallel`, which averages its gradients during the
+    backward (None: the surrogate itself, averaged after the backward)."""
     from ..mtl.losses import ClassificationLoss, DenseLoss
 
     per_task = DenseLoss() if step.objective.dense else ClassificationLoss(step.objective.num_classes)
@@ -218,10 +240,11 @@ def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer,
             with torch.no_grad():
                 x_adv = step.perturbed(images, labels)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=step.amp):
-                loss = per_task(surrogate(x_adv), labels).sum()
+                loss = per_task((trained or surrogate)(x_adv), labels).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            dist.average_gradients(surrogate.parameters())
+            if trained is None:
+                dist.average_gradients(surrogate.parameters())
             nn.utils.clip_grad_norm_(surrogate.parameters(), 5.0)
             optimizer.step()
     step.generator.train()
@@ -313,6 +336,7 @@ def generate(
                                rank=place.rank, world_size=place.world_size) if em_optimizer is not None else None
     subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
     step = GeneratorStep(generator, objective, models, optimizer, config, crop, amp)
+    em_trained = dist.data_parallel(models[0]) if em_optimizer is not None else None
     stopped = "max_passes"
     if history and _met(history[-1]["stop_error"], objective.base, stop_error):
         stopped = "stop_error"
@@ -330,7 +354,7 @@ def generate(
         progress.close()
         scheduler.step()
         if em_optimizer is not None:
-            _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index)
+            _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index, em_trained)
         if loss_sum is not None and place.distributed:
             loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size
         # Rank 0 runs the stop test (eval mode: no collectives) and tells the others.
