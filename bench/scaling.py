@@ -47,28 +47,35 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: int, steps: int, result: str, pin: bool = False) -> None:
+def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: int, steps: int, result: str, pin: bool = False,
+            start_together=None) -> None:
+    """One process of a measurement. ``start_together`` (a barrier) marks the control: the N
+    processes do not form a process group; each trains alone on its 1/N share of the global batch."""
     if pin:  # rank r on cores r*threads .. (r+1)*threads-1
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[(rank * threads + t) % len(cores)] for t in range(threads)})
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))  # fmt: skip
+    share = world if start_together is not None else 1
+    group = 1 if start_together is not None else world
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank if group > 1 else 0), WORLD_SIZE=str(group),
+                      LOCAL_RANK=str(rank if group > 1 else 0), LOCAL_WORLD_SIZE=str(group), OMP_NUM_THREADS=str(threads))  # fmt: skip
     torch.set_num_threads(threads)
     from mtlue_fast import dist
 
     dist.setup(device)
     try:
-        run_once = _victim(device, world) if kind == "victim" else _generator(device, world)
+        run_once = _victim(device, group, share) if kind == "victim" else _generator(device, group, share)
         for _ in range(WARMUP):
             run_once()
         dist.barrier()
+        if start_together is not None:
+            start_together.wait()
         start = time.perf_counter()
         for _ in range(steps):
             images = run_once()
         dist.barrier()
         elapsed = time.perf_counter() - start
-        if rank == 0:
-            Path(result).write_text(json.dumps({"images_per_second": steps * images / elapsed}))
+        if rank == 0 or start_together is not None:
+            Path(f"{result}.{rank}").write_text(json.dumps({"images_per_second": steps * images / elapsed}))
     finally:
         dist.teardown()
 
@@ -78,12 +85,12 @@ def _celeba_like(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 3, 70, 70), dtype=np.uint8), (rng.random((n, 40)) < 0.3).astype(np.int64)
 
 
-def _victim(device: str, world: int):
+def _victim(device: str, world: int, share: int = 1):
     from bench_victim import ArrayCache
 
     from mtlue_fast.train import TrainConfig, build_training, make_batches, select_tasks
 
-    batch = 128
+    batch = 128 // share  # share > 1: the control's part of the global batch
     images, labels = _celeba_like(batch * 4)
     cache = ArrayCache(images, labels, [f"a{k}" for k in range(40)], [2] * 40, {"dataset": "celeba", "source_digest": "s"})
     config = TrainConfig(width=0.25, batch_size=batch, progress=False)
@@ -105,7 +112,7 @@ def _victim(device: str, world: int):
     return once
 
 
-def _generator(device: str, world: int):
+def _generator(device: str, world: int, share: int = 1):
     from mtlue_fast import dist
     from mtlue_fast.models import build_model
     from mtlue_fast.models.generator import MTLGenerator
@@ -113,7 +120,7 @@ def _generator(device: str, world: int):
     from mtlue_fast.ue.settings import GenerateConfig
     from mtlue_fast.ue.objectives import Objective
 
-    batch = 32
+    batch = 32 // share
     images, labels = _celeba_like(batch)
     per_rank = batch // world
     rank = dist.info().rank
@@ -133,19 +140,25 @@ def _generator(device: str, world: int):
     return once
 
 
-def measure(kind: str, world: int, device: str, threads: int, steps: int, pin: bool = False) -> tuple[float, float | None]:
+def measure(kind: str, world: int, device: str, threads: int, steps: int, pin: bool = False,
+            independent: bool = False) -> tuple[float, float | None]:
     """``(images/s, CPUs used by other processes meanwhile)``: the second is the machine's busy time
     during the run less this run's processes' own CPU time, per second (None where /proc/stat is
-    missing); above ~0.2 on a 2-core machine the N-process figure is not a clean measurement."""
-    result = Path(f"/tmp/mtlue-scaling-{os.getpid()}-{kind}-{world}.json")
+    missing); above ~0.2 on a 2-core machine the N-process figure is not a clean measurement.
+    ``independent``: the control, ``world`` processes that train side by side without
+    communicating, each on its 1/world share of the batch; images/s summed over them."""
+    result = Path(f"/tmp/mtlue-scaling-{os.getpid()}-{kind}-{world}")
     busy, ours, start = _busy_seconds(), _children_cpu(), time.perf_counter()
-    mp.spawn(_worker, args=(world, _port(), kind, device, threads, steps, str(result), pin), nprocs=world, join=True)
+    together = mp.get_context("spawn").Barrier(world) if independent else None
+    mp.spawn(_worker, args=(world, _port(), kind, device, threads, steps, str(result), pin, together), nprocs=world, join=True)
     wall = time.perf_counter() - start
     others = None
     if busy is not None:
         others = max(0.0, (_busy_seconds() - busy) - (_children_cpu() - ours)) / wall
-    rate = json.loads(result.read_text())["images_per_second"]
-    result.unlink()
+    rate = 0.0
+    for part in sorted(result.parent.glob(result.name + ".*")):
+        rate += json.loads(part.read_text())["images_per_second"]
+        part.unlink()
     return rate, others
 
 
@@ -195,19 +208,23 @@ def main() -> None:
     rows = {}
     for kind in args.kinds.split(","):
         steps = args.steps or STEPS[kind]
-        rounds: dict[int, list[float]] = {1: [], n: []}
-        others: dict[int, list[float | None]] = {1: [], n: []}
+        rounds: dict[str, list[float]] = {"1": [], str(n): [], "independent": []}
+        others: dict[str, list[float | None]] = {key: [] for key in rounds}
         for _ in range(args.repeats):
-            for world in (1, n):
-                rate, busy = measure(kind, world, args.device, threads, steps, args.pin)
-                rounds[world].append(rate)
-                others[world].append(None if busy is None else round(busy, 2))
-        one, many = statistics.median(rounds[1]), statistics.median(rounds[n])
+            for key in rounds:
+                world = 1 if key == "1" else n
+                rate, busy = measure(kind, world, args.device, threads, steps, args.pin, independent=key == "independent")
+                rounds[key].append(rate)
+                others[key].append(None if busy is None else round(busy, 2))
+        one, many, apart = (statistics.median(rounds[key]) for key in ("1", str(n), "independent"))
         rows[kind] = {"images_per_second_1": one, f"images_per_second_{n}": many, "speedup": many / one,
-                      "efficiency": many / (n * one), "rounds": {str(k): v for k, v in rounds.items()},
-                      "other_processes_cpus": {str(k): v for k, v in others.items()}}  # fmt: skip
+                      "efficiency": many / (n * one), "images_per_second_independent": apart,
+                      "independent_speedup": apart / one, "of_independent": many / apart,
+                      "rounds": rounds, "other_processes_cpus": others}  # fmt: skip
         print(f"{kind}: 1 process {one:,.0f} img/s, {n} processes {many:,.0f} img/s ({threads} thread(s) each), "
-              f"speed-up {many / one:.2f}x, efficiency {100 * many / (n * one):.0f}%; rounds "
+              f"speed-up {many / one:.2f}x, efficiency {100 * many / (n * one):.0f}%; control: {n} independent processes "
+              f"(1/{n} of the batch each, no communication) {apart:,.0f} img/s = {apart / one:.2f}x, so the job reaches "
+              f"{100 * many / apart:.0f}% of what {n} processes do on this machine without communicating; rounds "
               f"{ {k: [round(v) for v in r] for k, r in rounds.items()} }, CPUs used by other processes {others}", flush=True)
     record = {"device": args.device, "cores": cores, "cpu_model": cpu_model(), "processes": n, "threads_per_process": threads,
               "pinned": args.pin, "nice": os.nice(0),
