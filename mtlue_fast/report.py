@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import numbers
+import re
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -473,9 +473,12 @@ def cpu_model() -> str:
             return found.group(1).strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # no /proc (macOS, some containers)
+        pass
     return "unknown"
 
 

@@ -377,3 +377,21 @@ def test_versions_and_git(monkeypatch):
 
     monkeypatch.setattr(rep.subprocess, "run", boom)
     assert rep.git_revision() is None
+
+
+def test_cpu_model_reads_lscpu_then_proc_cpuinfo(monkeypatch):
+    import subprocess
+
+    class Done:
+        stdout = "Architecture: x86_64\nModel name:          Test CPU 9000\nThread(s) per core: 1\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    assert rep.cpu_model() == "Test CPU 9000"
+
+    def missing(*a, **k):
+        raise FileNotFoundError("lscpu")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    assert rep.cpu_model() == (names[0] if names else "unknown")
