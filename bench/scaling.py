@@ -37,7 +37,7 @@ from mtlue_fast.report import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-STEPS = {"victim": 20, "generator": 6}  # timed steps per process (default): ~2-4 s on 2 CPU cores
+STEPS = {"victim": 20, "victim_local_bn": 20, "generator": 6}  # timed steps per process (default): ~2-4 s on 2 CPU cores
 WARMUP = 2  # untimed steps: allocator, oneDNN primitive caches, DDP's bucket rebuild after step 1
 
 
@@ -63,7 +63,10 @@ def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: i
 
     dist.setup(device)
     try:
-        run_once = _victim(device, group, share) if kind == "victim" else _generator(device, group, share)
+        if kind == "generator":
+            run_once = _generator(device, group, share)
+        else:  # victim_local_bn: train.sync_bn=false, batch-norm statistics of each process's share
+            run_once = _victim(device, group, share, sync_bn=kind == "victim")
         for _ in range(WARMUP):
             run_once()
         dist.barrier()
@@ -85,7 +88,7 @@ def _celeba_like(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 3, 70, 70), dtype=np.uint8), (rng.random((n, 40)) < 0.3).astype(np.int64)
 
 
-def _victim(device: str, world: int, share: int = 1):
+def _victim(device: str, world: int, share: int = 1, sync_bn: bool = True):
     from bench_victim import ArrayCache
 
     from mtlue_fast.train import TrainConfig, build_training, make_batches, select_tasks
@@ -93,7 +96,7 @@ def _victim(device: str, world: int, share: int = 1):
     batch = 128 // share  # share > 1: the control's part of the global batch
     images, labels = _celeba_like(batch * 4)
     cache = ArrayCache(images, labels, [f"a{k}" for k in range(40)], [2] * 40, {"dataset": "celeba", "source_digest": "s"})
-    config = TrainConfig(width=0.25, batch_size=batch, progress=False)
+    config = TrainConfig(width=0.25, batch_size=batch, progress=False, sync_bn=sync_bn)
     view = select_tasks(cache, crop=(64, 64))
     training = build_training(view, config, device)
     batches = make_batches(view, config, device, train=True)
@@ -193,7 +196,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps per run (default: {STEPS})")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of 1 and N processes; the median is reported")
-    parser.add_argument("--kinds", default="victim,generator")
+    parser.add_argument("--kinds", default="victim,victim_local_bn,generator",
+                        help="victim (synchronised batch norm, the default), victim_local_bn (train.sync_bn=false), generator")
     parser.add_argument("--pin", action="store_true",
                         help="pin each process to its own cores (rank r: cores r*threads ...): the scheduler then "
                              "cannot put two ranks on one core while a third job holds the other")

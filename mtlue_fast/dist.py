@@ -188,7 +188,8 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
             offset += n
 
 
-def data_parallel(module: nn.Module, *, bucket_cap_mb: float | None = None, find_unused_parameters: bool = False) -> nn.Module:
+def data_parallel(module: nn.Module, *, bucket_cap_mb: float | None = None, find_unused_parameters: bool = False,
+                  sync_buffers: bool = False) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` (``module`` itself for a single process).
 
     Calling the wrapper runs ``module.forward`` and arms the gradient averaging of the backward
@@ -201,7 +202,9 @@ def data_parallel(module: nn.Module, *, bucket_cap_mb: float | None = None, find
     parameters that a step does not use needs ``find_unused_parameters`` (a graph traversal per step).
 
     Buffers are not broadcast before each forward: the synchronised batch norms keep their running
-    statistics identical on every rank. ``bucket_cap_mb`` (default: DDP's) sets the bucket size.
+    statistics identical on every rank. ``sync_buffers`` broadcasts rank 0's buffers before each
+    forward instead (one coalesced broadcast), for per-process batch norms whose running statistics
+    would otherwise drift apart. ``bucket_cap_mb`` (default: DDP's) sets the bucket size.
     """
     place = info()
     if not place.distributed:
@@ -211,7 +214,7 @@ def data_parallel(module: nn.Module, *, bucket_cap_mb: float | None = None, find
     accepted = inspect.signature(DistributedDataParallel.__init__).parameters
     options: dict = {"gradient_as_bucket_view": True, "find_unused_parameters": find_unused_parameters}
     # torch >= 2.13 renamed broadcast_buffers; older versions only know the old name.
-    options["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = False
+    options["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = sync_buffers
     if "batched_grad_copy" in accepted:  # one copy per bucket instead of one per parameter
         options["batched_grad_copy"] = True
     if bucket_cap_mb is not None:

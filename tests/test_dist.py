@@ -250,6 +250,44 @@ def test_two_processes_train_like_one(tmp_path, weighting):
     assert (tmp_path / "two" / "final.pt").exists() and not list((tmp_path / "two").glob("*.tmp"))
 
 
+def _local_bn_job(rank: int, out: str) -> None:
+    """Two steps with ``sync_bn=False``: the running means every batch norm sees as its forward
+    starts (after DDP's buffer broadcast, before its own update), those after the steps, and the
+    batch norms' classes."""
+    from test_train import make_cache
+
+    from mtlue_fast.train import build_training, make_batches, select_tasks
+
+    view = select_tasks(make_cache(128, 0), None, (32, 32))
+    config = _config("ew").replace(sync_bn=False)
+    parts = build_training(view, config, "cpu")
+    batches = make_batches(view, config, "cpu", train=True)
+    batches.set_epoch(0)
+    norms = [m for m in parts.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: list[torch.Tensor] = []
+    for m in norms:
+        m.register_forward_pre_hook(lambda module, args: seen.append(module.running_mean.clone()))
+    for images, labels in list(iter(batches))[:2]:
+        parts.step(images, labels)
+    torch.save({"classes": sorted({type(m).__name__ for m in norms}), "seen": seen,
+                "after": [m.running_mean.clone() for m in norms]}, f"{out}.{rank}")  # fmt: skip
+
+
+def test_local_batch_norm_broadcasts_rank_0s_running_statistics(tmp_path):
+    # sync_bn=False: plain per-process batch norms (no statistics all-reduce): after a step each
+    # rank's running statistics come from its own half of the batch and differ; DDP broadcasts rank
+    # 0's before the next forward, so every batch norm starts the second step from the same
+    # statistics on both ranks (bitwise: a broadcast copies).
+    spawn(_local_bn_job, str(tmp_path / "bn"))
+    ranks = [torch.load(tmp_path / f"bn.{r}") for r in range(2)]
+    assert ranks[0]["classes"] == ["BatchNorm2d"]
+    count = len(ranks[0]["after"])
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 2 * count
+    for a, b in zip(ranks[0]["seen"][count:], ranks[1]["seen"][count:]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["after"], ranks[1]["after"]))
+
+
 def json_result(path: Path) -> dict:
     import json
 

@@ -146,7 +146,10 @@ def build_training(view: TaskView, config: TrainConfig, device: torch.device | s
     switches = config.resolved(device)
     torch.manual_seed(config.seed)
     args = model_args(view, config)
-    model = dist.convert_sync_batchnorm(build_model(**args), device.type).to(device)
+    model = build_model(**args)
+    if config.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device.type)
+    model = model.to(device)
     dist.broadcast_parameters(model)
     if switches["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -369,7 +372,7 @@ class TrainStep:
         self.clipped = [p for p in model.parameters() if p.requires_grad]
         by_hand = strategy.needs_task_grads and config.grad_space == "parameters"
         forward = _EncodeDecode(model, self.encode, self.decode, self.detach)
-        self.forward = forward if by_hand else dist.data_parallel(forward)
+        self.forward = forward if by_hand else dist.data_parallel(forward, sync_buffers=not config.sync_bn)
         self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
