@@ -146,10 +146,11 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place (identity for one process). Returns ``tensor``."""
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of ``group`` (default: all), in place (identity for one process).
+    Returns ``tensor``."""
     if info().distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -243,7 +244,7 @@ class _GlooSum:
         self.group = group
 
     def sum_(self, values: np.ndarray) -> np.ndarray:
-        dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.SUM, group=self.group)
+        all_reduce_sum(torch.from_numpy(values), self.group)
         return values
 
 
