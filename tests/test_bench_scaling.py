@@ -1,0 +1,30 @@
+"""bench/scaling.py end to end at one timed step: the three measurements of each kind (one process,
+two in a process group, two independent ones: the control) and the JSON keys the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_scaling_script_reports_speedup_and_control(tmp_path):
+    out = tmp_path / "scaling.json"
+    command = [sys.executable, str(REPO / "bench" / "scaling.py"), "--processes", "2", "--threads", "1",
+               "--steps", "1", "--repeats", "1", "--kinds", "victim,victim_local_bn", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["processes"] == 2 and record["threads_per_process"] == 1 and record["cpu_model"]
+    for kind in ("victim", "victim_local_bn"):
+        row = record["results"][kind]
+        rates = [row["images_per_second_1"], row["images_per_second_2"], row["images_per_second_independent"]]
+        assert all(rate > 0 for rate in rates), row
+        # The derived figures are the ratios of the measured rates (what the README quotes).
+        assert abs(row["speedup"] - rates[1] / rates[0]) < 1e-9 * row["speedup"]
+        assert abs(row["independent_speedup"] - rates[2] / rates[0]) < 1e-9 * row["independent_speedup"]
+        assert abs(row["of_independent"] - rates[1] / rates[2]) < 1e-9 * row["of_independent"]
+        assert [len(row["rounds"][key]) for key in ("1", "2", "independent")] == [1, 1, 1]
