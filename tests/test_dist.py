@@ -169,11 +169,13 @@ def test_a_rank_dying_in_a_batch_norm_ends_the_job(tmp_path):
 
 def _config(weighting: str):
     """fp32, deterministic, contiguous: oneDNN's channels-last convolutions on this CPU deviate from
-    float64 by ~5e-3 relative in their gradients (measured), which would drown the comparison."""
+    float64 by ~5e-3 relative in their gradients (measured), which would drown the comparison.
+    ``"<weighting>@parameters"``: the weighting with parameter-space task gradients."""
     from mtlue_fast.train import TrainConfig
 
+    weighting, _, space = weighting.partition("@")
     return TrainConfig(width=0.25, batch_size=32, epochs=2, lr=2e-3, progress=False, amp=False, deterministic=True, channels_last=False,
-                       weighting=weighting)  # fmt: skip
+                       weighting=weighting, grad_space=space or "representation")  # fmt: skip
 
 
 def _train_job(rank: int, out: str, weighting: str) -> None:
@@ -208,8 +210,10 @@ def _step_job(rank: int, out: str, weighting: str) -> None:
 
 # ew: one backward, averaged by DistributedDataParallel; pcgrad (representation space): a backward
 # over the heads and one over the backbone, both through DDP; uw: DDP plus the weighting's own
-# parameters, averaged by hand after the backward.
-@pytest.mark.parametrize("weighting", ["ew", "pcgrad", "uw"])
+# parameters, averaged by hand after the backward; pcgrad@parameters: per-task gradients of every
+# shared parameter, through the synchronised batch norms (one backward per task: their all-reduces
+# cannot run inside a batched backward), averaged by hand.
+@pytest.mark.parametrize("weighting", ["ew", "pcgrad", "uw", "pcgrad@parameters"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, weighting):
     spawn(_step_job, str(tmp_path / "two.pt"), weighting, reference=(str(tmp_path / "one.pt"), weighting))
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")

@@ -80,8 +80,11 @@ def test_every_strategy_fills_finite_gradients(name, space, gen):
 # ---------------------------------------------------------------------------- task gradients
 
 
-@pytest.mark.parametrize("space", ["representation", "parameters"])
+# "parameters-looped": one backward per task (batched=False, for backbones whose backward communicates),
+# computed under no_grad as the gradient strategies call it.
+@pytest.mark.parametrize("space", ["representation", "parameters", "parameters-looped"])
 def test_task_grads_equal_one_backward_per_task(space, gen):
+    space, looped = space.removesuffix("-looped"), space.endswith("-looped")
     model = TinyMTL(3)
     x, y = _data(gen)
     losses, rep, encoded = model.losses(x, y, detach=space == "representation")
@@ -89,9 +92,10 @@ def test_task_grads_equal_one_backward_per_task(space, gen):
     grads = TaskGradients(
         losses, shared, list(model.head.parameters()),
         representation=rep if space == "representation" else None,
-        encoded=encoded if space == "representation" else None, space=space,
+        encoded=encoded if space == "representation" else None, space=space, batched=not looped,
     )  # fmt: skip
-    matrix = grads.task_grads()
+    with torch.no_grad():
+        matrix = grads.task_grads()
     targets = [rep] if space == "representation" else shared
     for k in range(3):
         row = torch.cat([g.flatten() for g in torch.autograd.grad(losses[k], targets, retain_graph=True)])

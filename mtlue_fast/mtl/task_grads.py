@@ -51,6 +51,9 @@ class TaskGradients:
             ``"representation"``-space task gradients. None when the heads ran on ``encoded`` itself.
         encoded: the shared part's output that ``representation`` was detached from, or None.
         space: ``"representation"`` or ``"parameters"``.
+        batched: parameter-space gradients in one batched backward (default); False: one backward
+            per task, for a backbone whose backward communicates (synchronised batch norms under
+            ``torch.distributed``: a collective cannot run inside a batched backward).
     """
 
     def __init__(
@@ -62,12 +65,13 @@ class TaskGradients:
         representation: torch.Tensor | None = None,
         encoded: torch.Tensor | None = None,
         space: str = "representation",
+        batched: bool = True,
     ) -> None:
         if space not in SPACES:
             raise ValueError(f"grad space must be one of {', '.join(SPACES)}, got {space!r}")
         if (representation is None) != (encoded is None) or (representation is not None and not representation.is_leaf):
             raise ValueError("pass both encoded and its detached leaf copy representation, or neither")
-        self.losses, self.space = losses, space
+        self.losses, self.space, self.batched = losses, space, batched
         self.shared = [p for p in shared_parameters if p.requires_grad]
         self.task = [p for p in task_parameters if p.requires_grad]
         self.representation, self.encoded = representation, encoded
@@ -99,9 +103,16 @@ class TaskGradients:
                 )
                 self._grads = grad.reshape(self.num_tasks, -1).float()
             else:
-                grads = torch.autograd.grad(
-                    self.losses, self.shared, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
-                )
+                if self.batched:
+                    grads = torch.autograd.grad(
+                        self.losses, self.shared, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
+                    )
+                else:  # K ordinary backwards of the one-hot cotangents, stacked like the batched one's [K, *shape]
+                    per_task = [torch.autograd.grad(self.losses, self.shared, row, retain_graph=True, allow_unused=True) for row in eye]
+                    grads = [
+                        None if all(g is None for g in column) else torch.stack([torch.zeros_like(p) if g is None else g for g in column])
+                        for column, p in zip(zip(*per_task), self.shared)
+                    ]
                 rows = [
                     (g if g is not None else torch.zeros(self.num_tasks, *p.shape, device=p.device)).reshape(self.num_tasks, -1)
                     for g, p in zip(grads, self.shared)

@@ -371,6 +371,8 @@ class TrainStep:
         self.task = list(model.task_parameters())
         self.clipped = [p for p in model.parameters() if p.requires_grad]
         by_hand = strategy.needs_task_grads and config.grad_space == "parameters"
+        # Synchronised batch norms all-reduce inside the backward, which a batched backward cannot run.
+        self.batched_task_grads = not (dist.info().distributed and config.sync_bn)
         forward = _EncodeDecode(model, self.encode, self.decode, self.detach)
         self.forward = forward if by_hand else dist.data_parallel(forward, sync_buffers=not config.sync_bn)
         self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
@@ -384,7 +386,7 @@ class TrainStep:
         losses = self.loss_fn(outputs, labels)
         grads = TaskGradients(
             losses, self.shared, self.task, representation=rep if self.detach else None,
-            encoded=encoded if self.detach else None, space=self.config.grad_space,
+            encoded=encoded if self.detach else None, space=self.config.grad_space, batched=self.batched_task_grads,
         )  # fmt: skip
         self.strategy.backward(losses, grads)
         dist.average_gradients(self.averaged)  # what DDP does not average (nothing, for most weightings)
