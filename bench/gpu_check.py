@@ -122,7 +122,7 @@ CPU_BENCH_SIZES = {
     "bench_generator": {"width": 0.25, "surrogate_width": 0.25, "batch_size": 4, "steps": 1},
 }
 
-#: Part e on a GPU: the synthetic CelebA default (8,000 / 2,000 images, 10 epochs at batch 128, 6 TAP
+#: Part e on a GPU: the synthetic CelebA default (8,000 / 2,000 images, 20 epochs at batch 128, 6 TAP
 #: passes; the configuration the README measured on 2 CPU cores) with the victims, the surrogate and
 #: the generator at full width. Expected 1.5-2.5 minutes on one H100 (estimate; not yet measured).
 E2E_GPU_SETTINGS = ["train.width=1.0", "generate.width=1.0"]
