@@ -109,10 +109,7 @@ class TaskGradients:
                     )
                 else:  # K ordinary backwards of the one-hot cotangents, stacked like the batched one's [K, *shape]
                     per_task = [torch.autograd.grad(self.losses, self.shared, row, retain_graph=True, allow_unused=True) for row in eye]
-                    grads = [
-                        None if all(g is None for g in column) else torch.stack([torch.zeros_like(p) if g is None else g for g in column])
-                        for column, p in zip(zip(*per_task), self.shared)
-                    ]
+                    grads = [torch.stack([torch.zeros_like(p) if g is None else g for g in column]) for column, p in zip(zip(*per_task), self.shared)]
                 rows = [
                     (g if g is not None else torch.zeros(self.num_tasks, *p.shape, device=p.device)).reshape(self.num_tasks, -1)
                     for g, p in zip(grads, self.shared)
