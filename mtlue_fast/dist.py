@@ -226,6 +226,24 @@ def data_parallel(module: nn.Module, *, bucket_cap_mb: float | None = None, find
     return DistributedDataParallel(module, **options)
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics and counters) on every rank, one broadcast
+    per dtype: what ``DistributedDataParallel(broadcast_buffers=True)`` does before each forward,
+    for a module that is not wrapped in it."""
+    if not info().distributed:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.data.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def broadcast_parameters(module: nn.Module) -> None:
     """Rank 0's parameters and buffers everywhere (a safety net after construction)."""
     if not info().distributed:

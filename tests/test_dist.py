@@ -254,16 +254,16 @@ def test_two_processes_train_like_one(tmp_path, weighting):
     assert (tmp_path / "two" / "final.pt").exists() and not list((tmp_path / "two").glob("*.tmp"))
 
 
-def _local_bn_job(rank: int, out: str) -> None:
+def _local_bn_job(rank: int, out: str, weighting: str = "ew") -> None:
     """Two steps with ``sync_bn=False``: the running means every batch norm sees as its forward
-    starts (after DDP's buffer broadcast, before its own update), those after the steps, and the
+    starts (after the buffer broadcast, before its own update), those after the steps, and the
     batch norms' classes."""
     from test_train import make_cache
 
     from mtlue_fast.train import build_training, make_batches, select_tasks
 
     view = select_tasks(make_cache(128, 0), None, (32, 32))
-    config = _config("ew").replace(sync_bn=False)
+    config = _config(weighting).replace(sync_bn=False)
     parts = build_training(view, config, "cpu")
     batches = make_batches(view, config, "cpu", train=True)
     batches.set_epoch(0)
@@ -277,12 +277,15 @@ def _local_bn_job(rank: int, out: str) -> None:
                 "after": [m.running_mean.clone() for m in norms]}, f"{out}.{rank}")  # fmt: skip
 
 
-def test_local_batch_norm_broadcasts_rank_0s_running_statistics(tmp_path):
+# ew: through DDP's buffer broadcast; pcgrad@parameters: the model is not wrapped in DDP (its
+# shared gradients are written by hand), so the step broadcasts the buffers itself.
+@pytest.mark.parametrize("weighting", ["ew", "pcgrad@parameters"])
+def test_local_batch_norm_broadcasts_rank_0s_running_statistics(tmp_path, weighting):
     # sync_bn=False: plain per-process batch norms (no statistics all-reduce): after a step each
-    # rank's running statistics come from its own half of the batch and differ; DDP broadcasts rank
-    # 0's before the next forward, so every batch norm starts the second step from the same
+    # rank's running statistics come from its own half of the batch and differ; rank 0's are
+    # broadcast before the next forward, so every batch norm starts the second step from the same
     # statistics on both ranks (bitwise: a broadcast copies).
-    spawn(_local_bn_job, str(tmp_path / "bn"))
+    spawn(_local_bn_job, str(tmp_path / "bn"), weighting)
     ranks = [torch.load(tmp_path / f"bn.{r}") for r in range(2)]
     assert ranks[0]["classes"] == ["BatchNorm2d"]
     count = len(ranks[0]["after"])

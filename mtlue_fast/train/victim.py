@@ -375,12 +375,16 @@ class TrainStep:
         self.batched_task_grads = not (dist.info().distributed and config.sync_bn)
         forward = _EncodeDecode(model, self.encode, self.decode, self.detach)
         self.forward = forward if by_hand else dist.data_parallel(forward, sync_buffers=not config.sync_bn)
+        # Per-process batch norms outside DDP: rank 0's running statistics by hand, as DDP would.
+        self.broadcast_buffers = by_hand and not config.sync_bn and dist.info().distributed
         self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
         x = to_unit_float(images, self.channels_last)
         if self.defense is not None:
             x = self.defense(x, labels, self.model, self.loss_fn)
+        if self.broadcast_buffers:
+            dist.broadcast_buffers(self.model)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             encoded, rep, outputs = self.forward(x)
         losses = self.loss_fn(outputs, labels)
