@@ -9,7 +9,11 @@ this one is a script). Every process runs ``--threads`` threads (default: the co
 process count), the single process too, so the comparison is at equal threads per process and a
 perfect result is a speed-up of N: the single process gets the same thread count as each of the N,
 not all the cores. Reported: images/s of the global batch for 1 and N processes, the speed-up
-``rate_N / rate_1`` and the efficiency ``speed-up / N``.
+``rate_N / rate_1`` and the efficiency ``speed-up / N``; and the control: N processes training side
+by side without a process group, each on 1/N of the batch (``images_per_second_independent``, the
+most N processes do on this machine whatever the communication), with the fraction of it a job
+would keep that only waited for the slower process once per step (``control_lockstep_fraction``,
+from the control's own step times: the cost of the steps' jitter alone).
 
 The machine may be shared: the 1- and N-process runs alternate for ``--repeats`` rounds and the
 median round of each is reported (all rounds are kept in the JSON), with the load average before and
@@ -73,12 +77,16 @@ def _worker(rank: int, world: int, port: int, kind: str, device: str, threads: i
         if start_together is not None:
             start_together.wait()
         start = time.perf_counter()
+        step_seconds = []
         for _ in range(steps):
+            began = time.perf_counter()
             images = run_once()
+            step_seconds.append(time.perf_counter() - began)
         dist.barrier()
         elapsed = time.perf_counter() - start
         if rank == 0 or start_together is not None:
-            Path(f"{result}.{rank}").write_text(json.dumps({"images_per_second": steps * images / elapsed}))
+            Path(f"{result}.{rank}").write_text(json.dumps({"images_per_second": steps * images / elapsed,
+                                                            "step_seconds": step_seconds}))
     finally:
         dist.teardown()
 
@@ -143,13 +151,27 @@ def _generator(device: str, world: int, share: int = 1):
     return once
 
 
+def lockstep_fraction(step_seconds: list[list[float]]) -> float | None:
+    """What fraction of the control's rate the same processes would keep if they waited for each
+    other once per step: ``sum_i mean_r t[r][i] / sum_i max_r t[r][i]`` over the steps ``i`` of the
+    independent processes ``r`` (paired by index). Below 1 by the steps' jitter alone: a synchronised
+    job cannot do better than this whatever its transport, and does worse with more synchronisation
+    points per step (each synchronised batch norm waits for the slower rank too)."""
+    if len(step_seconds) < 2 or not all(step_seconds):
+        return None
+    steps = min(len(times) for times in step_seconds)
+    per_step = [[times[i] for times in step_seconds] for i in range(steps)]
+    return sum(statistics.fmean(ts) for ts in per_step) / sum(max(ts) for ts in per_step)
+
+
 def measure(kind: str, world: int, device: str, threads: int, steps: int, pin: bool = False,
-            independent: bool = False) -> tuple[float, float | None]:
-    """``(images/s, CPUs used by other processes meanwhile)``: the second is the machine's busy time
-    during the run less this run's processes' own CPU time, per second (None where /proc/stat is
-    missing); above ~0.2 on a 2-core machine the N-process figure is not a clean measurement.
-    ``independent``: the control, ``world`` processes that train side by side without
-    communicating, each on its 1/world share of the batch; images/s summed over them."""
+            independent: bool = False) -> tuple[float, float | None, float | None]:
+    """``(images/s, CPUs used by other processes meanwhile, lockstep fraction)``: the second is the
+    machine's busy time during the run less this run's processes' own CPU time, per second (None
+    where /proc/stat is missing); above ~0.2 on a 2-core machine the N-process figure is not a clean
+    measurement. ``independent``: the control, ``world`` processes that train side by side without
+    communicating, each on its 1/world share of the batch; images/s summed over them; the third
+    value is :func:`lockstep_fraction` of their step times (None otherwise)."""
     result = Path(f"/tmp/mtlue-scaling-{os.getpid()}-{kind}-{world}")
     busy, ours, start = _busy_seconds(), _children_cpu(), time.perf_counter()
     together = mp.get_context("spawn").Barrier(world) if independent else None
@@ -158,11 +180,13 @@ def measure(kind: str, world: int, device: str, threads: int, steps: int, pin: b
     others = None
     if busy is not None:
         others = max(0.0, (_busy_seconds() - busy) - (_children_cpu() - ours)) / wall
-    rate = 0.0
+    rate, step_seconds = 0.0, []
     for part in sorted(result.parent.glob(result.name + ".*")):
-        rate += json.loads(part.read_text())["images_per_second"]
+        measured = json.loads(part.read_text())
+        rate += measured["images_per_second"]
+        step_seconds.append(measured["step_seconds"])
         part.unlink()
-    return rate, others
+    return rate, others, lockstep_fraction(step_seconds) if independent else None
 
 
 def _busy_seconds() -> float | None:
@@ -179,6 +203,10 @@ def _children_cpu() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _percent(fraction: float | None) -> str:
+    return "?" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def load_average() -> list[float] | None:
@@ -214,21 +242,26 @@ def main() -> None:
         steps = args.steps or STEPS[kind]
         rounds: dict[str, list[float]] = {"1": [], str(n): [], "independent": []}
         others: dict[str, list[float | None]] = {key: [] for key in rounds}
+        lockstep: list[float] = []
         for _ in range(args.repeats):
             for key in rounds:
                 world = 1 if key == "1" else n
-                rate, busy = measure(kind, world, args.device, threads, steps, args.pin, independent=key == "independent")
+                rate, busy, fraction = measure(kind, world, args.device, threads, steps, args.pin, independent=key == "independent")
                 rounds[key].append(rate)
                 others[key].append(None if busy is None else round(busy, 2))
+                if fraction is not None:
+                    lockstep.append(fraction)
         one, many, apart = (statistics.median(rounds[key]) for key in ("1", str(n), "independent"))
         rows[kind] = {"images_per_second_1": one, f"images_per_second_{n}": many, "speedup": many / one,
                       "efficiency": many / (n * one), "images_per_second_independent": apart,
                       "independent_speedup": apart / one, "of_independent": many / apart,
-                      "rounds": rounds, "other_processes_cpus": others}  # fmt: skip
+                      "control_lockstep_fraction": statistics.median(lockstep) if lockstep else None,
+                      "control_lockstep_rounds": lockstep, "rounds": rounds, "other_processes_cpus": others}  # fmt: skip
         print(f"{kind}: 1 process {one:,.0f} img/s, {n} processes {many:,.0f} img/s ({threads} thread(s) each), "
               f"speed-up {many / one:.2f}x, efficiency {100 * many / (n * one):.0f}%; control: {n} independent processes "
               f"(1/{n} of the batch each, no communication) {apart:,.0f} img/s = {apart / one:.2f}x, so the job reaches "
-              f"{100 * many / apart:.0f}% of what {n} processes do on this machine without communicating; rounds "
+              f"{100 * many / apart:.0f}% of what {n} processes do on this machine without communicating (waiting for "
+              f"the slower one once per step would keep {_percent(rows[kind]['control_lockstep_fraction'])} of it); rounds "
               f"{ {k: [round(v) for v in r] for k, r in rounds.items()} }, CPUs used by other processes {others}", flush=True)
     record = {"device": args.device, "cores": cores, "cpu_model": cpu_model(), "processes": n, "threads_per_process": threads,
               "pinned": args.pin, "nice": os.nice(0),

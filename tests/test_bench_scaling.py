@@ -28,3 +28,17 @@ def test_scaling_script_reports_speedup_and_control(tmp_path):
         assert abs(row["independent_speedup"] - rates[2] / rates[0]) < 1e-9 * row["independent_speedup"]
         assert abs(row["of_independent"] - rates[1] / rates[2]) < 1e-9 * row["of_independent"]
         assert [len(row["rounds"][key]) for key in ("1", "2", "independent")] == [1, 1, 1]
+        # Waiting for the slower of two processes once per step keeps at most all of the control.
+        assert 0.0 < row["control_lockstep_fraction"] <= 1.0
+
+
+def test_lockstep_fraction_is_mean_over_max_of_paired_steps():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scaling", REPO / "bench" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    # Steps paired by index: means 1.5 + 1.5 + 1.0 = 4.0 against maxima 2 + 2 + 1 = 5.
+    assert abs(scaling.lockstep_fraction([[1.0, 2.0, 1.0], [2.0, 1.0, 1.0]]) - 0.8) < 1e-12
+    assert scaling.lockstep_fraction([[1.0, 1.0], [1.0, 1.0]]) == 1.0  # no jitter, nothing lost
+    assert scaling.lockstep_fraction([[1.0]]) is None  # one process: nothing to wait for
