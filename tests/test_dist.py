@@ -379,6 +379,79 @@ def test_generator_training_and_sharded_export(tmp_path):
     np.testing.assert_allclose([r["stop_error"] for r in two], [r["stop_error"] for r in one], atol=0.02)
 
 
+def _exchange_job(rank: int, out: str) -> None:
+    """``exchange_columns`` on uneven rows (3, 5) and columns (4, 2) of one global matrix, and the
+    gradient it sends back for an upstream gradient of this rank's rows."""
+    g = torch.Generator().manual_seed(0)
+    matrix, upstream = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    rows, columns = [3, 5], [4, 2]
+    row_lo, col_lo = sum(rows[:rank]), sum(columns[:rank])
+    block = matrix[:, col_lo : col_lo + columns[rank]].clone().requires_grad_(True)
+    mine = dist.exchange_columns(block, rows, columns, dist.side_group())
+    mine.backward(upstream[row_lo : row_lo + rows[rank]])
+    torch.save({"mine": mine.detach(), "expected": matrix[row_lo : row_lo + rows[rank]],
+                "grad": block.grad, "expected_grad": upstream[:, col_lo : col_lo + columns[rank]]}, f"{out}.{rank}")  # fmt: skip
+
+
+def test_exchange_columns_redistributes_blocks_and_their_gradients(tmp_path):
+    # A pure data movement both ways: every value arrives unchanged (bitwise).
+    spawn(_exchange_job, str(tmp_path / "x"))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"x.{rank}")
+        assert torch.equal(got["mine"], got["expected"]) and torch.equal(got["grad"], got["expected_grad"]), rank
+
+
+def _split_prior_job(rank: int, out: str) -> None:
+    """A generator's raw output for 8 samples (rank 0: rows 0-2, rank 1: rows 3-7) and the gradient
+    of ``sum(raw * w)``, summed over ranks, with the label prior split by channel across two ranks
+    (or the plain path in one process), and how many exchanges ran."""
+    from mtlue_fast.models.generator import MTLGenerator
+    from mtlue_fast.ue import split_prior
+
+    torch.manual_seed(0)
+    generator = MTLGenerator([2, 3, 2], in_channels=3, image_size=16, width=0.25).train()
+    generator.encoder.eval()  # running statistics: each sample's features its own, as in one process
+    enabled = split_prior.enable(generator)
+    exchanges = []
+    exchange = dist.exchange_columns
+    dist.exchange_columns = lambda *args, **kwargs: exchanges.append(1) or exchange(*args, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.rand(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    y = torch.stack([torch.randint(0, c, (8,), generator=g) for c in (2, 3, 2)], 1)
+    place = dist.info()
+    lo, hi = ((0, 3), (3, 8))[place.rank] if place.distributed else (0, 8)
+    raw = generator.raw(x[lo:hi], y[lo:hi])
+    (raw * w[lo:hi]).sum().backward()
+    dist.exchange_columns = exchange
+    grads = {n: p.grad.clone() for n, p in generator.named_parameters() if p.grad is not None}
+    if place.distributed:
+        for grad in grads.values():
+            torch.distributed.all_reduce(grad)
+        raw = dist.gather_rows(raw.detach(), [3, 5])
+    if rank == 0:
+        torch.save({"enabled": enabled, "exchanges": len(exchanges), "raw": raw.detach(), "grads": grads}, out)
+
+
+def test_split_label_prior_gives_the_single_process_output_and_gradients(tmp_path):
+    # Each rank computes 8 of the first ConvT's 16 channels of the prior for all 8 samples; the
+    # outputs and the gradients summed over ranks are those of one process computing everything, to
+    # float32 rounding (the same sums over other GEMM blockings: measured <= 1e-6 of the largest
+    # entry; 1e-4 as in the tests above). A missing block or a wrongly routed one is off by O(1).
+    spawn(_split_prior_job, str(tmp_path / "two.pt"), reference=(str(tmp_path / "one.pt"),))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["enabled"], one["exchanges"]) == (False, 0) and (two["enabled"], two["exchanges"]) == (True, 1)
+    scale = float(one["raw"].abs().max())
+    assert float((two["raw"] - one["raw"]).abs().max()) <= 1e-4 * scale
+    assert sorted(two["grads"]) == sorted(one["grads"])
+    # The biases of the ConvTs that feed an InstanceNorm have a true gradient of 0 (the norm removes
+    # per-channel constants): both paths give rounding noise there (differences of ~7e-7, 1e-8 of
+    # the largest gradient anywhere, ~70), so each tensor's scale is floored at 1e-3 of that.
+    floor = 1e-3 * max(float(grad.abs().max()) for grad in one["grads"].values())
+    for name, grad in one["grads"].items():
+        scale = max(float(grad.abs().max()), floor)
+        assert float((two["grads"][name] - grad).abs().max()) <= 1e-4 * scale, name
+
+
 def _em_job(rank: int, root: str, name: str) -> None:
     """EM: the generator pass, then the surrogate's own training on fresh poisons (both averaged by
     DistributedDataParallel under two processes), then the stop test on the trained surrogate."""

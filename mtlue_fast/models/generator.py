@@ -335,6 +335,9 @@ class MTLGenerator(_GeneratorBody):
         self.task_names = names
         self.num_tasks = len(classes)
         self.fast = bool(fast)
+        # The fast path's prior in training steps with gradients: ``override(generator, padded
+        # label matrix [B, N*K]) -> [B, c1*2S_h*2S_w]`` (None: ``padded @ _padded_responses()``).
+        self.prior_override = None
         self.task_offsets = torch.tensor([0, *itertools.accumulate(classes)], dtype=torch.int64)
         rows = int(self.task_offsets[-1])
         s_h, s_w = self.feature_size
@@ -420,17 +423,19 @@ class MTLGenerator(_GeneratorBody):
         padded = self.table.new_zeros(n * k, self.table.shape[1]).index_copy(0, self._pad_index, self.table)
         return padded.view(n, k * self.embed_dim, *self.feature_size)
 
-    def _padded_responses(self) -> torch.Tensor:
+    def _padded_responses(self, channels: slice | None = None) -> torch.Tensor:
         """The first ConvT's embedding part applied to every class map: ``[N*K, c1*2S_h*2S_w]``, row
         ``c*K + k`` = task k's weight slice ``weight[k*D:(k+1)*D]`` on class c's map (no bias).
+        ``channels``: only those output channels (``[N*K, len*2S_h*2S_w]``).
 
         One grouped ConvT (``groups=K``) does all tasks at once: group k sees input channels
         ``k*D:(k+1)*D`` of the padded table and weight rows ``k*D:(k+1)*D``, and writes output
         channels ``k*c1:(k+1)*c1``; the batch dimension runs over the classes.
         """
         kd = self.num_tasks * self.embed_dim
+        weight = self.up1.weight[:kd] if channels is None else self.up1.weight[:kd, channels]
         out = F.conv_transpose2d(
-            self._padded_table(), self.up1.weight[:kd], None, stride=2, padding=1, groups=self.num_tasks
+            self._padded_table(), weight, None, stride=2, padding=1, groups=self.num_tasks
         )  # [N, K*c1, 2S_h, 2S_w]
         return out.reshape(self.max_classes * self.num_tasks, -1)
 
@@ -460,7 +465,10 @@ class MTLGenerator(_GeneratorBody):
         h = F.conv_transpose2d(features, self.up1.weight[kd:], self.up1.bias, stride=2, padding=1)
         mat = self.label_matrix(labels)  # [B, R]
         padded = mat.new_zeros(mat.shape[0], self.max_classes * self.num_tasks).index_copy(1, self._pad_index, mat)
-        prior = padded @ self._padded_responses()  # [B, c1*2S_h*2S_w]
+        if self.prior_override is not None and self.training and torch.is_grad_enabled():
+            prior = self.prior_override(self, padded)  # e.g. split across processes (ue/split_prior.py)
+        else:
+            prior = padded @ self._padded_responses()  # [B, c1*2S_h*2S_w]
         return h + prior.view(h.shape).to(h.dtype)
 
     def raw(self, x: torch.Tensor, labels: torch.Tensor, *, fast: bool | None = None) -> torch.Tensor:

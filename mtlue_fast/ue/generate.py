@@ -47,6 +47,7 @@ from ..train import checkpoint
 from ..train.settings import cpu_has_native_bf16
 from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
 from .objectives import Objective
+from . import split_prior
 from .settings import GenerateConfig
 
 
@@ -131,6 +132,8 @@ class GeneratorStep:
         self.augment = config.augment and config.base != "sep" and getattr(generator, "task_offsets", None) is not None
         self.offsets = getattr(generator, "task_offsets", None)  # None: dense, no label-prior table
         raw = torch.compile(generator.raw) if config.compile else generator.raw
+        if not config.compile:  # several CPU processes: each computes one channel block of the label prior
+            split_prior.enable(generator)
         self.once = config.shared_pass or len(self.surrogates) == 1
         # A dense generator leaves an unprotected task's label-prior network unused.
         unused = isinstance(generator, DenseGenerator) and not all(generator.protected)
