@@ -620,9 +620,9 @@ def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_
     offset = 0
     for start in starts:
         stop = min(start + batch_size, n)
-        images = torch.from_numpy(np.ascontiguousarray(clean_cache.images[start:stop])).to(device)
+        images = torch.from_numpy(np.array(clean_cache.images[start:stop])).to(device)
         if isinstance(labels, dict):
-            batch_labels = {k: torch.from_numpy(np.ascontiguousarray(v[start:stop])).to(device) for k, v in labels.items()}
+            batch_labels = {k: torch.from_numpy(np.array(v[start:stop])).to(device) for k, v in labels.items()}
         else:
             batch_labels = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
         indices = torch.arange(start, stop, device=device)
