@@ -55,9 +55,10 @@ def enable(generator) -> bool:
     """Route ``generator``'s training-step prior through :func:`split_prior` when this is one of
     several CPU processes and the generator takes the fast path (``MTLUE_SPLIT_PRIOR=0``: never);
     returns whether it did. Collective (it makes the side group on first use): call it on every rank."""
-    place = dist.info()
-    if os.environ.get("MTLUE_SPLIT_PRIOR", "1") == "0" or not place.distributed or not getattr(generator, "fast", False) or not hasattr(generator, "prior_override"):
+    if os.environ.get("MTLUE_SPLIT_PRIOR", "1") == "0" or not dist.info().distributed:
         return False
+    if not getattr(generator, "fast", False) or not hasattr(generator, "prior_override"):
+        return False  # a dense generator, or the straightforward path
     if next(generator.parameters()).device.type != "cpu":
         return False
     generator.prior_override = functools.partial(split_prior, group=dist.side_group())
