@@ -42,3 +42,23 @@ def test_lockstep_fraction_is_mean_over_max_of_paired_steps():
     assert abs(scaling.lockstep_fraction([[1.0, 2.0, 1.0], [2.0, 1.0, 1.0]]) - 0.8) < 1e-12
     assert scaling.lockstep_fraction([[1.0, 1.0], [1.0, 1.0]]) == 1.0  # no jitter, nothing lost
     assert scaling.lockstep_fraction([[1.0]]) is None  # one process: nothing to wait for
+
+
+def test_scaling_breakdown_reports_the_parts_of_a_step(tmp_path):
+    out = tmp_path / "breakdown.json"
+    command = [sys.executable, str(REPO / "bench" / "scaling_breakdown.py"), "--kind", "victim_local_bn",
+               "--rounds", "2", "--steps", "1", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["cpu_model"] and len(record["rows"]) == 2
+    for rank, parts in record["summary"].items():
+        for phase in ("job", "control"):
+            assert all(parts[phase][field] > 0 for field in ("wall_ms", "main_cpu_ms", "process_cpu_ms")), (rank, phase)
+        rows = record["rows"][int(rank)]
+        jobs = [r for r in rows if r["phase"] == "job"]
+        controls = [r for r in rows if r["phase"] == "control"]
+        assert len(jobs) == len(controls) == 2
+        # of_control is the control's wall time over the job's, round by round.
+        expected = [c["wall_ms"] / j["wall_ms"] for j, c in zip(jobs, controls)]
+        assert parts["of_control"] == expected
