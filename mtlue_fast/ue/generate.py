@@ -46,8 +46,8 @@ from ..progress import Progress
 from ..train import checkpoint
 from ..train.settings import cpu_has_native_bf16
 from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
-from .objectives import Objective
 from . import split_prior
+from .objectives import Objective
 from .settings import GenerateConfig
 
 
