@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,22 +36,15 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scaling  # noqa: E402 - bench/scaling.py: the victim setups and the free-port helper
 
 FIELDS = ("wall_ms", "main_cpu_ms", "process_cpu_ms")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, kind: str, rounds: int, steps: int, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
-    import scaling
-
     from mtlue_fast import dist
 
     dist.setup("cpu")
@@ -115,7 +107,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "rows")
-        mp.spawn(_worker, args=(2, _port(), args.kind, args.rounds, args.steps, result), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, scaling._port(), args.kind, args.rounds, args.steps, result), nprocs=2, join=True)
         ranks = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in range(2)]
     summary = {rank: summarise(rows) for rank, rows in enumerate(ranks)}
     for rank, parts in summary.items():
