@@ -61,10 +61,12 @@ def celeba_like(bench_device) -> ArrayCache:
 STRAIGHTFORWARD = dict(
     amp=False, channels_last=False, fused_adam=False, compile=False, resident=False, host_augment=True, sync_every_step=True
 )
+# The compiled path last: its cold inductor compile is the slowest setup, and a time-boxed run
+# (bench/gpu_check.py) should still measure the eager paths.
 PATHS = {
     "straightforward": STRAIGHTFORWARD,
-    "fast": dict(compile=True),
     "fast-eager": dict(),
+    "fast": dict(compile=True),
 }
 
 

@@ -89,7 +89,10 @@ COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 # ----------------------------------------------------------------------------- what runs where
 
 #: pytest arguments of part b.
-TESTS_GPU = ["tests", "-m", "cuda"]
+#: The torch.compile tests run last, in a run of their own: a cold inductor compile can take most of
+#: the part's budget, and it must not keep the op parity tests from running.
+TESTS_GPU = ["tests", "-m", "cuda", "--ignore=tests/test_compile.py"]
+TESTS_GPU_COMPILE = ["tests/test_compile.py", "-m", "cuda"]
 TESTS_GPU_DALI = ["tests/test_dali.py", "-m", "not slow"]
 TESTS_CPU = [
     "tests/test_perturb_apply.py", "tests/test_quantize_export.py", "tests/test_embedding_reg.py",
@@ -563,6 +566,8 @@ def dali_available(ctx: Context) -> bool:
 
 def part_tests(ctx: Context, deadline: float) -> dict:
     runs = [("b-tests", TESTS_GPU if ctx.gpu else TESTS_CPU)]
+    if ctx.gpu:
+        runs.append(("b-tests-compile", TESTS_GPU_COMPILE))
     if ctx.gpu and dali_available(ctx):
         runs.append(("b-tests-dali", TESTS_GPU_DALI))
     elif ctx.gpu:
