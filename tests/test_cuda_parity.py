@@ -26,7 +26,7 @@ def test_perturb_apply_cpu_cuda_parity(gen, mode, raw_dtype):
     grad_out = torch.randn(batch, channels, crop_side, crop_side, generator=gen).to(raw_dtype)
     results = []
     for device in ("cpu", "cuda"):
-        r = raw.to(device).requires_grad_(True)
+        r = raw.detach().to(device).requires_grad_(True)  # a leaf on each device (raw itself stays untouched)
         y = ops.perturb_apply(
             x.to(device), r, 8 / 255, mode=mode, crop=crop.to(device), flip=flip.to(device), out_size=(crop_side,) * 2
         )
@@ -43,7 +43,7 @@ def test_embedding_reg_cpu_cuda_parity(gen):
     offsets = list(range(0, 81, 2))
     grads = []
     for device in ("cpu", "cuda"):
-        t = table.to(device).requires_grad_(True)
+        t = table.detach().to(device).requires_grad_(True)
         intra, inter = ops.embedding_reg(t, offsets)
         (20 * intra + 100 * inter).backward()
         grads.append((intra.detach().cpu(), inter.detach().cpu(), t.grad.cpu()))
