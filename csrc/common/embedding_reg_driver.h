@@ -46,7 +46,7 @@ at::Tensor embedding_reg_backward(const at::Tensor& grad_intra, const at::Tensor
                                   PairWeights weights) {
   check_embedding_args(table, task_offsets_in);
   const int64_t rows = table.size(0);
-  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == rows && cos.size(1) == rows && norms.dim() == 1 &&
+  MTLUE_CHECK(cos.dim() == 2 && cos.size(0) == rows && cos.size(1) == rows && norms.dim() == 1 &&
                   norms.size(0) == rows,
               "embedding_reg_backward: cos must be [R,R] and norms [R] for R=", rows);
   const at::ScalarType compute = cos.scalar_type();

@@ -122,7 +122,7 @@ void check_crop_bounds(const at::Tensor& crop, int64_t height, int64_t width, in
   const int64_t* c = crop.data_ptr<int64_t>();
   for (int64_t b = 0; b < crop.size(0); ++b) {
     const int64_t top = c[2 * b], left = c[2 * b + 1];
-    TORCH_CHECK(top >= 0 && left >= 0 && top + out_h <= height && left + out_w <= width,
+    MTLUE_CHECK(top >= 0 && left >= 0 && top + out_h <= height && left + out_w <= width,
                 "perturb_apply: crop[", b, "] = (", top, ", ", left, ") puts the ", out_h, "x", out_w,
                 " window outside the ", height, "x", width, " image");
   }
@@ -171,11 +171,11 @@ at::Tensor perturb_apply_backward_cpu(const at::Tensor& grad_out_in, const at::T
                                       const at::Tensor& raw_in, double eps, int64_t mode,
                                       const std::optional<at::Tensor>& crop,
                                       const std::optional<at::Tensor>& flip) {
-  TORCH_CHECK(grad_out_in.dim() == 4, "perturb_apply_backward: grad_out must be [B,C,h,w], got ",
+  MTLUE_CHECK(grad_out_in.dim() == 4, "perturb_apply_backward: grad_out must be [B,C,h,w], got ",
               grad_out_in.sizes());
   const int64_t out_h = grad_out_in.size(2), out_w = grad_out_in.size(3);
   check_perturb_args(x_in, raw_in, eps, mode, crop, flip, out_h, out_w);
-  TORCH_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == x_in.size(1),
+  MTLUE_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == x_in.size(1),
               "perturb_apply_backward: grad_out ", grad_out_in.sizes(), " does not match x ",
               x_in.sizes());
   const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();

@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_export_cpu(const at::Tensor& x_in,
     overflow = quantize_kernel(x.data_ptr<uint8_t>(), delta.data_ptr<scalar_t>(),
                                protected_img.data_ptr<uint8_t>(), delta_q.data_ptr<int8_t>(), x.numel());
   });
-  TORCH_CHECK(overflow == 0, "quantize_export: ", overflow,
+  MTLUE_CHECK(overflow == 0, "quantize_export: ", overflow,
               " element(s) of delta move a pixel by more than 127/255; delta_q is int8, so |255*delta| "
               "must stay <= 127");
   return {protected_img, delta_q};

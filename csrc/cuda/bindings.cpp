@@ -36,7 +36,7 @@ at::Tensor perturb_apply_backward_cuda(const at::Tensor& grad_out_in, const at::
                                        const at::Tensor& raw_in, double eps, int64_t mode,
                                        const std::optional<at::Tensor>& crop,
                                        const std::optional<at::Tensor>& flip) {
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == x_in.size(0) &&
+  MTLUE_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == x_in.size(0) &&
                   grad_out_in.size(1) == x_in.size(1),
               "perturb_apply_backward: grad_out must be [B,C,h,w] matching x ", x_in.sizes(),
               ", got ", grad_out_in.sizes());
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_export_cuda(const at::Tensor& x_in,
   at::Tensor protected_img = at::empty(x.sizes(), x.options());
   at::Tensor delta_q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   const int64_t overflow = quantize_export(x, delta, protected_img, delta_q);
-  TORCH_CHECK(overflow == 0, "quantize_export: ", overflow,
+  MTLUE_CHECK(overflow == 0, "quantize_export: ", overflow,
               " element(s) of delta move a pixel by more than 127/255; delta_q is int8, so |255*delta| "
               "must stay <= 127");
   return {protected_img, delta_q};

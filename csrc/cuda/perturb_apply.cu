@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/message.h"
 #include "common.cuh"
 #include "launchers.h"
 
@@ -212,7 +213,7 @@ const bool* flip_ptr(const at::Tensor& flip) {
 // Blocks for one warp per row (rows <= numel, so this never exceeds the grid limit in practice).
 unsigned int blocks_for_rows(int64_t rows) {
   const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
-  TORCH_CHECK(blocks <= kMaxBlocks, "perturb_apply: tensor too large for the CUDA grid");
+  MTLUE_CHECK(blocks <= kMaxBlocks, "perturb_apply: tensor too large for the CUDA grid");
   return static_cast<unsigned int>(blocks);
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/message.h"
 #include "common.cuh"
 #include "launchers.h"
 
@@ -90,7 +91,7 @@ int64_t quantize_export(const at::Tensor& x, const at::Tensor& delta, at::Tensor
   // Zero-filled on the current stream, so ordered before the kernel.
   const at::Tensor count = at::zeros({1}, x.options().dtype(at::kLong));
   const int64_t blocks = ceil_div(numel, kTile);
-  TORCH_CHECK(blocks <= kMaxBlocks, "quantize_export: tensor too large for the CUDA grid");
+  MTLUE_CHECK(blocks <= kMaxBlocks, "quantize_export: tensor too large for the CUDA grid");
   // int64 and unsigned long long have the same size; the count never exceeds numel.
   auto* counter = reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>());
 

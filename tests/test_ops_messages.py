@@ -1,0 +1,67 @@
+"""The compiled ops' own argument checks (direct ``torch.ops.mtlue`` calls, past the Python wrappers)
+raise RuntimeErrors whose messages carry sizes, dtypes, devices, integers and floats.
+
+These messages are built by ``csrc/common/message.h`` without iostreams: on the first GPU machine,
+formatting an integer through c10's ostringstream inside the library crashed the process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlue_fast import ops
+
+pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "compiled", reason="compiled library not loaded")
+
+
+def _compiled(device: torch.device) -> None:
+    if ops.backend_for(device) != "compiled":
+        pytest.skip(f"no compiled kernels for {device}")
+
+
+def test_export_overflow_message_names_the_count(device):
+    _compiled(device)
+    x = torch.zeros(1, 1, 2, 3, dtype=torch.uint8, device=device)
+    with pytest.raises(RuntimeError, match=r"quantize_export: 6 element\(s\) of delta move a pixel by more than 127/255"):
+        torch.ops.mtlue.quantize_export(x, torch.full((1, 1, 2, 3), 0.6, device=device))
+
+
+def test_export_shape_and_dtype_messages(device):
+    _compiled(device)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device=device)
+    with pytest.raises(RuntimeError, match=r"quantize_export: delta \[1, 1, 3, 3\] must match x \[1, 1, 2, 2\]"):
+        torch.ops.mtlue.quantize_export(x, torch.zeros(1, 1, 3, 3, device=device))
+    with pytest.raises(RuntimeError, match=r"quantize_export: delta must be floating, got Int"):
+        torch.ops.mtlue.quantize_export(x, torch.zeros(1, 1, 2, 2, dtype=torch.int32, device=device))
+
+
+def test_perturb_messages_carry_floats_integers_and_devices(device):
+    _compiled(device)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8, device=device)
+    raw = torch.zeros(2, 1, 4, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"perturb_apply: eps must be finite and >= 0, got -0\.5"):
+        torch.ops.mtlue.perturb_apply(x, raw, -0.5, 0, None, None, 4, 4)
+    with pytest.raises(RuntimeError, match=r"perturb_apply: mode must be 0 \(clamp\) or 1 \(tanh\), got 7"):
+        torch.ops.mtlue.perturb_apply(x, raw, 0.1, 7, None, None, 4, 4)
+    with pytest.raises(RuntimeError, match=r"perturb_apply: out size \(5, 4\) must lie within the image \(4, 4\)"):
+        torch.ops.mtlue.perturb_apply(x, raw, 0.1, 0, None, None, 5, 4)
+    crop = torch.zeros(2, 2, dtype=torch.long)  # on the CPU whatever x's device
+    if device.type != "cpu":
+        with pytest.raises(RuntimeError, match=rf"perturb_apply: crop is on cpu but x is on {device.type}"):
+            torch.ops.mtlue.perturb_apply(x, raw, 0.1, 0, crop, None, 3, 3)
+
+
+def test_cpu_crop_window_message():
+    _compiled(torch.device("cpu"))
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    crop = torch.tensor([[0, 0], [2, 1]])
+    with pytest.raises(RuntimeError, match=r"perturb_apply: crop\[1\] = \(2, 1\) puts the 3x3 window outside the 4x4 image"):
+        torch.ops.mtlue.perturb_apply(x, torch.zeros(2, 1, 4, 4), 0.1, 0, crop, None, 3, 3)
+
+
+def test_embedding_offsets_message():
+    _compiled(torch.device("cpu"))
+    table = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"embedding_reg: task_offsets must be strictly increasing, got 2 then 2 at index 1"):
+        torch.ops.mtlue.embedding_reg(table, torch.tensor([0, 2, 2, 4]))
