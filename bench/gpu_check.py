@@ -526,7 +526,7 @@ def part_build(ctx: Context, deadline: float) -> dict:
     extra = {"MAX_JOBS": str(os.cpu_count() or 2)}
     if ctx.gpu:
         extra["TORCH_CUDA_ARCH_LIST"] = ctx.capability or "9.0"
-    command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+    command = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."]  # -v: the compile and link lines in the log
     progress(f"  build: {' '.join(f'{k}={v}' for k, v in extra.items())} {shlex.join(command[1:])}")
     proc = run_logged(command, _deadline_left(deadline, reserve=20), ctx.logs / "a-build.log", ctx.env(**extra))
     results["built"] = True
@@ -747,9 +747,22 @@ PART_FUNCTIONS = {"a": part_build, "b": part_tests, "c": part_ops, "d": part_tra
 # ----------------------------------------------------------------------------- machine and versions
 
 
-def machine(device: str) -> dict:
-    from mtlue_fast.report import cpu_model  # the one lscpu reader, shared with bench/efficacy.py
+def _cpu_model() -> str:
+    """``mtlue_fast.report.cpu_model()`` (the one lscpu reader, shared with bench/efficacy.py). On a
+    fresh GPU machine the package is not installed before part a, and this script's own folder is
+    ``bench/``: then the source tree's copy is imported (pure Python; no compiled library loads)."""
+    try:
+        from mtlue_fast.report import cpu_model
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        try:
+            from mtlue_fast.report import cpu_model
+        finally:
+            sys.path.remove(str(REPO))
+    return cpu_model()
 
+
+def machine(device: str) -> dict:
     import torch
 
     info: dict = {
@@ -758,7 +771,7 @@ def machine(device: str) -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cpu": cpu_model(),
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
     }
     try:

@@ -154,6 +154,20 @@ def test_markdown_of_a_skipped_run():
     assert "| e. end to end | skipped |" in text
 
 
+def test_machine_record_without_an_installed_package(tmp_path):
+    """A fresh GPU machine has no mtlue_fast installed before part a builds it: the machine record
+    (taken before any part runs) must not need it. A package that fails to import stands in for the
+    missing one."""
+    fake = tmp_path / "mtlue_fast"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('mtlue_fast is not installed here')\n")
+    code = (f"import sys; sys.path[:0] = [{str(REPO / 'bench')!r}, {str(tmp_path)!r}]; import gpu_check; "
+            "print(gpu_check.machine('cpu')['cpu'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip(), "no CPU model printed"
+
+
 def test_cpu_run_end_to_end(tmp_path):
     """The whole script at --cpu sizes (about 2 minutes on 2 busy cores): every part reports a status,
     the Markdown is written, and the parity subset passed (exit status 0)."""
