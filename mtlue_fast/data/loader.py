@@ -22,12 +22,25 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .cache import Cache
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of ``array`` (often a read-only cache memmap) on ``device``. The host tensor is only read
+    by the copy, so torch's warning about wrapping a non-writable array (seen on the first GPU run) does
+    not apply; a writable host copy first would double the host memory of a large dataset."""
+    host = np.ascontiguousarray(array)
+    if not host.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(host).to(device)
+    return torch.from_numpy(host).to(device)
 
 NYUV2_SCALES = (1.0, 1.2, 1.5)
 RESIDENT_FRACTION = 0.5  # of free GPU memory a resident dataset may take under resident="auto"
@@ -199,9 +212,9 @@ class DeviceBatches:
 
     def _on_device(self):
         if self._device_data is None:
-            images = torch.from_numpy(np.ascontiguousarray(self.images)).to(self.device)
+            images = _to_device(self.images, self.device)
             if self.dense:
-                labels = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in self.labels.items()}
+                labels = {k: _to_device(v, self.device) for k, v in self.labels.items()}
             else:
                 labels = torch.from_numpy(np.asarray(self.labels, dtype=np.int64)).to(self.device)
             self._device_data = (images, labels)
