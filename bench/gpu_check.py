@@ -564,6 +564,64 @@ def dali_available(ctx: Context) -> bool:
         return False
 
 
+#: How often part b reruns a pytest run that a test crashed, each time without the crashing test.
+CRASH_RERUNS = 2
+
+
+def crashed_test(log_text: str, root: Path = REPO) -> str | None:
+    """The test that crashed pytest, as a node id prefix ``tests/test_x.py::test_name`` (relative to
+    ``root``), read from the faulthandler dump in its output ("Fatal Python error: ..." then each
+    thread's frames, most recent first); None when there is no dump or no test frame in it."""
+    start = log_text.rfind("Fatal Python error")
+    if start < 0:
+        return None
+    for found in re.finditer(r'File "([^"]+)", line \d+ in (\w+)', log_text[start:]):
+        path, function = Path(found.group(1)), found.group(2)
+        if path.name.startswith("test_") and function.startswith("test_"):
+            try:
+                path = path.resolve().relative_to(root.resolve())
+            except ValueError:
+                pass
+            return f"{path.as_posix()}::{function}"
+    return None
+
+
+def run_tests_surviving_crashes(ctx: Context, name: str, targets: list[str], deadline: float, share: float = 1.0):
+    """One pytest run of part b, rerun up to :data:`CRASH_RERUNS` times when a test crashes the
+    process (a signal, not the time limit: the JUnit XML is then never written), each time with the
+    crashing test deselected, so one crash does not hide every other result. The crashing test is
+    recorded as failed. Returns ``(tests, proc briefs, problems)``."""
+    tests: dict[str, dict] = {}
+    procs, problems, deselected = [], [], []
+    for attempt in range(CRASH_RERUNS + 1):
+        left = _deadline_left(deadline)
+        if left < 5:
+            problems.append(f"{name}: no time left" + (" for a rerun after the crash" if attempt else ""))
+            break
+        run_name = name if attempt == 0 else f"{name}-rerun{attempt}"
+        junit = ctx.work / f"{run_name}.xml"
+        extra = [f"--junitxml={junit}", *(f"--deselect={d}" for d in deselected)]
+        proc = ctx.pytest(run_name, targets, left * share, extra)
+        procs.append(proc.brief())
+        if junit.is_file():
+            tests.update(parse_junit(junit)["tests"])
+        crashed = proc.rc is not None and proc.rc < 0 and not proc.timed_out
+        if crashed:
+            culprit = crashed_test(Path(proc.log).read_text(errors="replace"))
+            if culprit is not None and culprit not in deselected and attempt < CRASH_RERUNS:
+                tests[culprit] = {"status": "failed", "message": f"crashed the pytest process (signal {-proc.rc}); rerun without it"}
+                deselected.append(culprit)
+                progress(f"  {run_name}: {culprit} crashed pytest (signal {-proc.rc}); rerunning without it")
+                continue
+            problems.append(f"{run_name}: pytest crashed (signal {-proc.rc})" + (f" in {culprit}" if culprit else ""))
+        elif proc.timed_out:
+            problems.append(f"{run_name} timed out")
+        elif proc.rc not in (0, 1, 5) or not junit.is_file():
+            problems.append(f"{run_name}: pytest exited {proc.rc}: {proc.tail.strip().splitlines()[-1:] if proc.tail.strip() else ''}")
+        break
+    return tests, procs, problems
+
+
 def part_tests(ctx: Context, deadline: float) -> dict:
     runs = [("b-tests", TESTS_GPU if ctx.gpu else TESTS_CPU)]
     if ctx.gpu:
@@ -575,19 +633,11 @@ def part_tests(ctx: Context, deadline: float) -> dict:
     tests: dict[str, dict] = {}
     procs, problems = [], []
     for i, (name, targets) in enumerate(runs):
-        left = _deadline_left(deadline)
-        if left < 5:
-            problems.append(f"{name}: no time left")
-            continue
-        junit = ctx.work / f"{name}.xml"
-        proc = ctx.pytest(name, targets, left * (1.0 if i == len(runs) - 1 else 0.8), [f"--junitxml={junit}"])
-        procs.append(proc.brief())
-        if junit.is_file():
-            tests.update(parse_junit(junit)["tests"])
-        if proc.timed_out:
-            problems.append(f"{name} timed out")
-        elif proc.rc not in (0, 1, 5) or not junit.is_file():
-            problems.append(f"{name}: pytest exited {proc.rc}: {proc.tail.strip().splitlines()[-1:] if proc.tail.strip() else ''}")
+        share = 1.0 if i == len(runs) - 1 else 0.8
+        run_tests, run_procs, run_problems = run_tests_surviving_crashes(ctx, name, targets, deadline, share)
+        tests.update(run_tests)
+        procs += run_procs
+        problems += run_problems
     counts: dict[str, int] = defaultdict(int)
     for entry in tests.values():
         counts[entry["status"]] += 1

@@ -154,6 +154,67 @@ def test_markdown_of_a_skipped_run():
     assert "| e. end to end | skipped |" in text
 
 
+CRASH_LOG = """FFF......Fatal Python error: Segmentation fault
+
+Thread 0x00007fb9875cf6c0 (most recent call first):
+  <no Python frame>
+
+Current thread 0x00007fbc8b276140 (most recent call first):
+  File "/opt/venv/lib/python3.12/site-packages/torch/_ops.py", line 1269 in __call__
+  File "{repo}/mtlue_fast/ops/__init__.py", line 104 in quantize_export
+  File "{repo}/tests/test_quantize_export.py", line 50 in test_delta_beyond_int8_range_is_an_error
+  File "/opt/venv/lib/python3.12/site-packages/_pytest/python.py", line 167 in pytest_pyfunc_call
+"""
+
+
+def test_crashed_test_reads_the_faulthandler_dump():
+    log = CRASH_LOG.format(repo=REPO)
+    assert gc.crashed_test(log) == "tests/test_quantize_export.py::test_delta_beyond_int8_range_is_an_error"
+    assert gc.crashed_test("....F.. 1 failed, 6 passed") is None
+    assert gc.crashed_test("Fatal Python error: Aborted\n  File \"/x/conftest.py\", line 3 in setup\n") is None
+
+
+def test_part_b_reruns_without_the_test_that_crashed(tmp_path):
+    """A crash (negative exit status, no JUnit XML) is followed by a rerun that deselects the
+    crashing test; the crash is recorded as a failure and the rerun's results are kept."""
+    calls = []
+    ctx = gc.Context(args=None, device="cuda", work=tmp_path, logs=tmp_path / "logs")
+
+    def fake_pytest(name, targets, timeout, extra, env=None):
+        calls.append(extra)
+        log = tmp_path / f"{name}.log"
+        junit = Path(extra[0].split("=", 1)[1])
+        if len(calls) == 1:
+            log.write_text(CRASH_LOG.format(repo=REPO))
+            return gc.Proc([name], -11, False, 1.0, str(log))
+        junit.write_text('<testsuite><testcase classname="tests.test_a" name="test_ok" time="0.1"/></testsuite>')
+        log.write_text("1 passed")
+        return gc.Proc([name], 0, False, 1.0, str(log))
+
+    ctx.pytest = fake_pytest
+    tests, procs, problems = gc.run_tests_surviving_crashes(ctx, "b-tests", ["tests"], gc.time.monotonic() + 60)
+    culprit = "tests/test_quantize_export.py::test_delta_beyond_int8_range_is_an_error"
+    assert len(calls) == 2 and f"--deselect={culprit}" in calls[1] and not any("--deselect" in a for a in calls[0])
+    assert tests[culprit]["status"] == "failed" and "signal 11" in tests[culprit]["message"]
+    assert tests["tests.test_a::test_ok"]["status"] == "passed"
+    assert problems == [] and len(procs) == 2
+
+
+def test_part_b_stops_rerunning_a_crash_it_cannot_place(tmp_path):
+    ctx = gc.Context(args=None, device="cuda", work=tmp_path, logs=tmp_path / "logs")
+    calls = []
+
+    def crashing(name, targets, timeout, extra, env=None):
+        calls.append(name)
+        log = tmp_path / f"{name}.log"
+        log.write_text("Fatal Python error: Segmentation fault\n  <no Python frame>\n")
+        return gc.Proc([name], -11, False, 1.0, str(log))
+
+    ctx.pytest = crashing
+    tests, procs, problems = gc.run_tests_surviving_crashes(ctx, "b-tests", ["tests"], gc.time.monotonic() + 60)
+    assert calls == ["b-tests"] and tests == {} and problems == ["b-tests: pytest crashed (signal 11)"]
+
+
 def test_machine_record_without_an_installed_package(tmp_path):
     """A fresh GPU machine has no mtlue_fast installed before part a builds it: the machine record
     (taken before any part runs) must not need it. A package that fails to import stands in for the
