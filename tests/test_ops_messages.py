@@ -65,3 +65,19 @@ def test_embedding_offsets_message():
     table = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match=r"embedding_reg: task_offsets must be strictly increasing, got 2 then 2 at index 1"):
         torch.ops.mtlue.embedding_reg(table, torch.tensor([0, 2, 2, 4]))
+
+
+def test_library_sources_check_through_mtlue_check():
+    """Every check in csrc/ goes through MTLUE_CHECK (message.h), so no message of the library is
+    formatted by an ostream inside it; a plain TORCH_CHECK would bring the crash back."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    offenders = [
+        f"{path.relative_to(csrc)}:{number}"
+        for path in sorted(csrc.rglob("*"))
+        if path.suffix in {".h", ".cpp", ".cu", ".cuh"} and path.name != "message.h"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "TORCH_CHECK(" in line
+    ]
+    assert offenders == [], f"use MTLUE_CHECK instead of TORCH_CHECK: {offenders}"
