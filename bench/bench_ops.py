@@ -4,7 +4,8 @@ Run:  pytest bench/bench_ops.py --benchmark-json bench/results/<name>.json
       python bench/summarize.py bench/results/<name>.json
 
 Every benchmark times forward + backward (quantize_export: forward only) of one implementation:
-``compiled`` (mtlue::op), ``reference`` (eager pure PyTorch), ``reference_compiled``
+``compiled`` (mtlue::op), for perturb_apply also ``kernels`` (its registered ops called directly:
+the kernels without the Python checks and autograd around them), ``reference`` (eager pure PyTorch), ``reference_compiled``
 (torch.compile of the reference) and, for embedding_reg, ``naive_loop`` (a Python loop over pairs
 with F.cosine_similarity). Groups compare implementations at one size; ``extra_info`` records
 the bytes each pass must move so GPU runs report a fraction of copy bandwidth.
@@ -25,6 +26,9 @@ EPS = 8 / 255
 
 # name: (B, C, H, crop) for perturb_apply; the generator batch of each dataset.
 PERTURB_SIZES = {"celeba_512x3x70_crop64": (512, 3, 70, 64), "chestxray_128x1x256_crop224": (128, 1, 256, 224)}
+# perturb_apply only, GPU only: a batch large enough that launch and tail effects fade (1.8 GB moved
+# per forward + backward), to tell the kernels' own bandwidth from the per-call costs around them.
+PERTURB_SIZES_GPU = {"celeba_8192x3x70_crop64": (8192, 3, 70, 64)}
 # name: (task sizes, D) for embedding_reg.
 EMBEDDING_SIZES = {"celeba_R80_D19600": ([2] * 40, 19600), "chestxray_R28_D16384": ([2] * 14, 16384)}
 
@@ -76,20 +80,36 @@ PERTURB_IMPLS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["compiled", "reference", "reference_compiled"])
-@pytest.mark.parametrize("size_name", list(PERTURB_SIZES))
+@pytest.mark.parametrize("impl", ["compiled", "kernels", "reference", "reference_compiled"])
+@pytest.mark.parametrize("size_name", list(PERTURB_SIZES) + list(PERTURB_SIZES_GPU))
 def test_perturb_apply(benchmark, bench_device, size_name, impl):
-    size = PERTURB_SIZES[size_name]
+    """``kernels``: the registered forward and backward ops called directly, without the Python
+    argument checks (the crop-bounds check reads the crops back to the host), autograd or the
+    gradient's allocation by autograd: what the kernels alone cost."""
+    if size_name in PERTURB_SIZES_GPU and bench_device.type != "cuda":
+        pytest.skip("GPU-only size")
+    if impl == "kernels" and ops.backend_for(bench_device) != "compiled":
+        pytest.skip(f"no compiled kernels for {bench_device.type}")
+    size = {**PERTURB_SIZES, **PERTURB_SIZES_GPU}[size_name]
     x, raw, corner, flip, grad_out = perturb_inputs(size, bench_device)
-    if impl == "reference_compiled":
-        torch._dynamo.reset()
-        forward = torch.compile(PERTURB_IMPLS["reference"], fullgraph=True, dynamic=False)
-    else:
-        forward = PERTURB_IMPLS[impl]
+    crop = size[3]
+    if impl == "kernels":
+        raw_in = raw.detach()
 
-    def step():
-        raw.grad = None
-        forward(x, raw, corner, flip, size[3]).backward(grad_out)
+        def step():
+            torch.ops.mtlue.perturb_apply(x, raw_in, EPS, 0, corner, flip, crop, crop)
+            torch.ops.mtlue.perturb_apply_backward(grad_out, x, raw_in, EPS, 0, corner, flip)
+
+    else:
+        if impl == "reference_compiled":
+            torch._dynamo.reset()
+            forward = torch.compile(PERTURB_IMPLS["reference"], fullgraph=True, dynamic=False)
+        else:
+            forward = PERTURB_IMPLS[impl]
+
+        def step():
+            raw.grad = None
+            forward(x, raw, corner, flip, crop).backward(grad_out)
 
     benchmark.group = f"perturb_apply fwd+bwd {size_name} {bench_device.type}"
     benchmark.extra_info.update(op="perturb_apply", size=size_name, impl=impl, bytes=perturb_bytes(size))
