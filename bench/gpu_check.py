@@ -568,9 +568,9 @@ def dali_available(ctx: Context) -> bool:
 CRASH_RERUNS = 2
 
 
-def crashed_test(log_text: str, root: Path = REPO) -> str | None:
+def crashed_test(log_text: str) -> str | None:
     """The test that crashed pytest, as a node id prefix ``tests/test_x.py::test_name`` (relative to
-    ``root``), read from the faulthandler dump in its output ("Fatal Python error: ..." then each
+    the repository, where part b runs pytest), read from the faulthandler dump in its output ("Fatal Python error: ..." then each
     thread's frames, most recent first); None when there is no dump or no test frame in it."""
     start = log_text.rfind("Fatal Python error")
     if start < 0:
@@ -579,14 +579,16 @@ def crashed_test(log_text: str, root: Path = REPO) -> str | None:
         path, function = Path(found.group(1)), found.group(2)
         if path.name.startswith("test_") and function.startswith("test_"):
             try:
-                path = path.resolve().relative_to(root.resolve())
+                path = path.resolve().relative_to(REPO)
             except ValueError:
                 pass
             return f"{path.as_posix()}::{function}"
     return None
 
 
-def run_tests_surviving_crashes(ctx: Context, name: str, targets: list[str], deadline: float, share: float = 1.0):
+def run_tests_surviving_crashes(
+    ctx: Context, name: str, targets: list[str], deadline: float, share: float = 1.0
+) -> tuple[dict[str, dict], list[dict], list[str]]:
     """One pytest run of part b, rerun up to :data:`CRASH_RERUNS` times when a test crashes the
     process (a signal, not the time limit: the JUnit XML is then never written), each time with the
     crashing test deselected, so one crash does not hide every other result. The crashing test is

@@ -12,9 +12,6 @@ import torch
 
 from mtlue_fast import ops
 
-pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "compiled", reason="compiled library not loaded")
-
-
 def _compiled(device: torch.device) -> None:
     if ops.backend_for(device) != "compiled":
         pytest.skip(f"no compiled kernels for {device}")

@@ -35,12 +35,9 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A copy of ``array`` (often a read-only cache memmap) on ``device``. The host tensor is only read
     by the copy, so torch's warning about wrapping a non-writable array (seen on the first GPU run) does
     not apply; a writable host copy first would double the host memory of a large dataset."""
-    host = np.ascontiguousarray(array)
-    if not host.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(host).to(device)
-    return torch.from_numpy(host).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 NYUV2_SCALES = (1.0, 1.2, 1.5)
 RESIDENT_FRACTION = 0.5  # of free GPU memory a resident dataset may take under resident="auto"
