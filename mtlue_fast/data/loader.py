@@ -166,10 +166,14 @@ class DeviceBatches:
         scale_plan = self.scale_plan(epoch)
         if self.device.type == "cpu":
             outputs = (self._host_windows(*b) + (b[0],) for b in batches)
-        elif self.resident:
-            outputs = (self._device_batch(*b) for b in batches)
         else:
-            outputs = self._streamed(batches)
+            # The epoch's whole plan goes to the device in one asynchronous copy; each batch then
+            # slices it there, so no batch waits on a host-to-device copy of its indices or windows.
+            on_device = _plan_on_device(plan, self.device)
+            if scale_plan is not None:
+                scale_plan = tuple(_pinned(torch.from_numpy(np.asarray(p, dtype=np.float32))).to(self.device, non_blocking=True) for p in scale_plan)
+            device_batches = [(b, on_device[:, s : s + len(b[0])]) for b, s in zip(batches, starts)]
+            outputs = (self._device_batch(*b) for b in device_batches) if self.resident else self._streamed(device_batches)
         for start, (images, labels, indices) in zip(starts, outputs):
             if scale_plan is not None:
                 images, labels = random_scale_crop(images, labels, *(p[start : start + len(images)] for p in scale_plan))
@@ -187,7 +191,8 @@ class DeviceBatches:
         return scale[shard], rel_top[shard], rel_left[shard]
 
     def _finish(self, images, labels, indices):
-        indices = torch.as_tensor(indices, dtype=torch.int64, device=images.device)
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return (images, labels, indices) if self.with_indices else (images, labels)
 
     def _host_windows(self, idx, tops, lefts, flips):
@@ -217,21 +222,20 @@ class DeviceBatches:
             self._device_data = (images, labels)
         return self._device_data
 
-    def _device_batch(self, idx, tops, lefts, flips):
-        """GPU-resident path: one gather per array (batch selection, crop and flip together)."""
+    def _device_batch(self, batch, plan):
+        """GPU-resident path: one gather per array (batch selection, crop and flip together).
+        ``plan``: this batch's ``[4, B]`` slice of the epoch's device plan (index, top, left, flip)."""
         images, labels = self._on_device()
-        index = torch.as_tensor(idx, device=self.device)
-        windows = self._windows_on_device(tops, lefts, flips)
+        index, windows = plan[0], self._windows(plan)
         out_labels = (
             {k: window_gather(v, index, *windows) for k, v in labels.items()} if self.dense else labels[index]
         )
         if self.dense:
             _negate_flipped_normals(out_labels, windows[2])
-        return window_gather(images, index, *windows), out_labels, idx
+        return window_gather(images, index, *windows), out_labels, index
 
-    def _windows_on_device(self, tops, lefts, flips):
-        plan = torch.from_numpy(np.stack([tops, lefts, flips.astype(np.int64)])).to(self.device, non_blocking=True)
-        return plan[0], plan[1], plan[2].bool(), self.crop
+    def _windows(self, plan: torch.Tensor):
+        return plan[1], plan[2], plan[3].bool(), self.crop
 
     def _streamed(self, batches):
         """Pinned host gather in a background thread, async copy on a side stream, crop on the GPU."""
@@ -241,7 +245,7 @@ class DeviceBatches:
 
         def produce():
             try:
-                for idx, tops, lefts, flips in batches:
+                for (idx, _tops, _lefts, _flips), plan in batches:
                     if stop.is_set():
                         return
                     order = np.argsort(idx)  # sorted reads from the memory map, restored below
@@ -250,7 +254,8 @@ class DeviceBatches:
                         labels = {k: torch.from_numpy(np.asarray(v[idx[order]])).pin_memory() for k, v in self.labels.items()}
                     else:
                         labels = torch.from_numpy(np.asarray(self.labels[idx[order]], dtype=np.int64)).pin_memory()
-                    ready.put((images, labels, np.argsort(order), idx, tops, lefts, flips))
+                    restore = torch.from_numpy(np.argsort(order)).pin_memory()
+                    ready.put((images, labels, restore, plan))
             except BaseException as err:  # surfaced in the consumer
                 ready.put(err)
             ready.put(None)
@@ -261,20 +266,23 @@ class DeviceBatches:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                images, labels, restore, idx, tops, lefts, flips = item
+                images, labels, restore, plan = item
                 with torch.cuda.stream(stream):
                     images_dev = images.to(self.device, non_blocking=True)
                     labels_dev = {k: v.to(self.device, non_blocking=True) for k, v in labels.items()} if self.dense else labels.to(self.device, non_blocking=True)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                position = torch.as_tensor(restore, device=self.device)
-                windows = self._windows_on_device(tops, lefts, flips)
+                    position = restore.to(self.device, non_blocking=True)
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(stream)
+                for t in (images_dev, position, *(labels_dev.values() if self.dense else (labels_dev,))):
+                    t.record_stream(current)  # made on the side stream, used on this one
+                windows = self._windows(plan)
                 out_images = window_gather(images_dev, position, *windows)
                 if self.dense:
                     out_labels = {k: window_gather(v, position, *windows) for k, v in labels_dev.items()}
                     _negate_flipped_normals(out_labels, windows[2])
                 else:
                     out_labels = labels_dev[position]
-                yield out_images, out_labels, idx
+                yield out_images, out_labels, plan[0]
         finally:
             stop.set()
 
@@ -282,6 +290,18 @@ class DeviceBatches:
         free, _total = torch.cuda.mem_get_info(self.device)
         label_bytes = sum(v.nbytes for v in self.labels.values()) if self.dense else self.labels.nbytes
         return self.images.nbytes + label_bytes <= RESIDENT_FRACTION * free
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked memory (what makes a host-to-device copy asynchronous), when CUDA is up."""
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def _plan_on_device(plan: tuple[np.ndarray, ...], device: torch.device) -> torch.Tensor:
+    """An epoch's ``(indices, tops, lefts, flips)`` as one int64 ``[4, num_samples]`` tensor on
+    ``device``, copied asynchronously from pinned memory."""
+    stacked = np.stack([np.asarray(part, dtype=np.int64) for part in plan])
+    return _pinned(torch.from_numpy(stacked)).to(device, non_blocking=True)
 
 
 def to_unit_float(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

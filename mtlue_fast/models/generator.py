@@ -31,6 +31,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -384,8 +385,10 @@ class MTLGenerator(_GeneratorBody):
         return self.table.view(self.table.shape[0], self.embed_dim, *self.feature_size)
 
     def _check_labels(self, labels: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        """Validate labels ``[B, K]`` (shape and dtype always; values only when on the CPU, where
-        it costs no device sync); return them as int64 on the table's device."""
+        """Validate labels ``[B, K]`` (shape and dtype always; values only when on the CPU, where it
+        costs no device sync, and unless ``trust_label_values``: a training loop that checked the whole
+        label array once with :meth:`check_label_values` sets it, so its steps read nothing); return
+        them as int64 on the table's device."""
         if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
             raise ValueError(f"labels must be an integer tensor [B, K], got {getattr(labels, 'dtype', labels)!r}")
         if labels.dtype == torch.bool:
@@ -393,16 +396,23 @@ class MTLGenerator(_GeneratorBody):
         batch = labels.shape[0] if batch is None else batch
         if tuple(labels.shape) != (batch, self.num_tasks):
             raise ValueError(f"labels must have shape [B, K]=[{batch}, {self.num_tasks}], got {tuple(labels.shape)}")
-        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-            counts = torch.tensor(self.num_classes, dtype=torch.int64)
-            bad = ((labels < 0) | (labels.to(torch.int64) >= counts)).any(0)
-            if bool(bad.any()):
-                k = int(bad.nonzero()[0, 0])
+        checked = getattr(self, "trust_label_values", False)
+        if labels.device.type == "cpu" and labels.numel() and not checked and not torch.compiler.is_compiling():
+            self.check_label_values(labels.numpy())
+        return labels.to(device=self._row_base.device, dtype=torch.int64, non_blocking=True)
+
+    def check_label_values(self, labels: np.ndarray) -> None:
+        """Raise ValueError naming the task when a label of ``labels [N, K]`` is outside 0..C_k-1."""
+        labels = np.asarray(labels)
+        if not labels.size:
+            return
+        low, high = labels.min(axis=0), labels.max(axis=0)
+        for k, (lo, hi) in enumerate(zip(low.tolist(), high.tolist())):
+            if lo < 0 or hi >= self.num_classes[k]:
                 raise ValueError(
                     f"labels: task {self.task_names[k]!r} (column {k}) needs classes in 0..{self.num_classes[k] - 1}, "
-                    f"got {labels[:, k].min().item()}..{labels[:, k].max().item()}"
+                    f"got {lo}..{hi}"
                 )
-        return labels.to(device=self._row_base.device, dtype=torch.int64, non_blocking=True)
 
     def label_matrix(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels ``[B, K]`` (int) -> ``[B, R]`` in the table's dtype: for a protected task a 1 at row

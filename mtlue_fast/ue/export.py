@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -219,40 +219,88 @@ def _move_into_place(partial: Path, out: Path, same: Callable[[], bool]) -> None
 
 def _batch_labels(labels: np.ndarray | dict[str, np.ndarray], start: int, stop: int, device: torch.device):
     if isinstance(labels, dict):
-        return {name: torch.from_numpy(np.array(array[start:stop])).to(device) for name, array in labels.items()}
-    return torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
+        return {name: _to_device(np.array(array[start:stop]), device) for name, array in labels.items()}
+    return _to_device(np.asarray(labels[start:stop], dtype=np.int64), device)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: through page-locked memory and asynchronously on a GPU."""
+    t = torch.from_numpy(np.array(array))  # a copy: cache arrays are read-only memory maps
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class _HostWriter:
+    """Writes each batch's results into host arrays without waiting for the device per batch.
+
+    Batch i is copied into one of two host buffers (page-locked on a GPU, asynchronously) and
+    written to the output arrays once batch i+1 has been queued: the host waits on an event of a
+    batch the device finished long ago, never on the batch it is computing. ``outputs``: the
+    destination arrays (e.g. memory maps), ``[N, ...]`` each.
+    """
+
+    def __init__(self, outputs: Sequence[np.ndarray], batch_size: int, device: torch.device):
+        self.outputs, self.cuda = list(outputs), device.type == "cuda"
+        self.pending: tuple | None = None
+        self.buffers = []
+        for _ in range(2):
+            tensors = [torch.empty((batch_size, *o.shape[1:]), dtype=_TORCH_DTYPES[o.dtype], pin_memory=self.cuda) for o in self.outputs]
+            self.buffers.append((tensors, [t.numpy() for t in tensors]))  # numpy views, made once
+
+    def put(self, start: int, stop: int, results: Sequence[torch.Tensor]) -> None:
+        slot = 0 if self.pending is None else 1 - self.pending[3]  # never the buffer still being read
+        for host, result in zip(self.buffers[slot][0], results):
+            host[: stop - start].copy_(result, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.flush()
+        self.pending = (start, stop, event, slot)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        start, stop, event, slot = self.pending
+        if event is not None:
+            event.synchronize()
+        for out, array in zip(self.outputs, self.buffers[slot][1]):
+            out[start:stop] = array[: stop - start]
+        self.pending = None
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8}
 
 
 def _write_arrays(clean: Cache, folder: Path, perturb: Perturb, method: str, eps: float, device: torch.device,
                   batch_size: int, show: bool) -> int:  # fmt: skip
-    """Fill ``images.npy``/``delta.npy`` batch by batch and copy the labels; return max |delta_q|."""
+    """Fill ``images.npy``/``delta.npy`` batch by batch and copy the labels; return max |delta_q|.
+
+    The values are checked once, after the last batch (each batch's NaN/inf flag and largest move
+    stay on the device until then), so no batch waits on a read; a failed check raises before the
+    export is moved into place."""
     n = len(clean.images)
     shape = clean.images.shape
     images_out = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
     delta_out = np.lib.format.open_memmap(folder / "delta.npy", mode="w+", dtype=np.int8, shape=shape)
     limit = level_limit(eps)
-    max_levels = 0
     dataset = clean.manifest["dataset"]
     bar = Progress(n, f"exporting {method} {dataset}/{clean.manifest.get('split', 'train')}", enabled=show)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        images = torch.from_numpy(np.array(clean.images[start:stop])).to(device)
+    writer = _HostWriter([images_out, delta_out], min(batch_size, max(n, 1)), device)
+    flags, spans = [], [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    for start, stop in spans:
+        images = _to_device(clean.images[start:stop], device)
         labels = _batch_labels(clean.labels, start, stop, device)
         indices = torch.arange(start, stop, dtype=torch.int64, device=device)
-        delta = perturb(images, labels, indices)
-        delta = _check_delta(delta, images, method, start, stop)
+        delta = _check_delta(perturb(images, labels, indices), images, method, start, stop)
+        nonfinite = (~torch.isfinite(delta)).any()
         protected, delta_q = quantize_export(images, delta)
-        levels = int(delta_q.abs().max()) if delta_q.numel() else 0
-        if levels > limit:
-            raise ValueError(
-                f"{method}: rows {start}..{stop - 1} move a pixel by {levels} levels, more than "
-                f"ceil(255*eps) = {limit} for eps = {eps:.6g}; perturb must return |delta| <= eps"
-            )
-        max_levels = max(max_levels, levels)
-        images_out[start:stop] = protected.cpu().numpy()
-        delta_out[start:stop] = delta_q.cpu().numpy()
+        levels = delta_q.abs().amax() if delta_q.numel() else torch.zeros((), dtype=torch.int8, device=device)
+        flags.append(torch.stack([nonfinite.to(torch.int32), levels.to(torch.int32)]))
+        writer.put(start, stop, (protected, delta_q))
         bar.update(stop - start)
+    writer.flush()
     bar.close()
+    max_levels = _check_flags(flags, spans, limit, method, eps)
     images_out.flush()
     delta_out.flush()
     del images_out, delta_out
@@ -260,17 +308,33 @@ def _write_arrays(clean: Cache, folder: Path, perturb: Perturb, method: str, eps
     return max_levels
 
 
+def _check_flags(flags: list[torch.Tensor], spans: list[tuple[int, int]], limit: int, method: str, eps: float) -> int:
+    """Raise for the first batch with NaN/inf or a move beyond ``limit`` levels (one host read for
+    the whole export); return the largest move. ``spans``: each batch's ``(start, stop)`` rows."""
+    if not flags:
+        return 0
+    values = torch.stack(flags).tolist()
+    for (nonfinite, levels), (start, stop) in zip(values, spans):
+        where = f"{method}: perturb for rows {start}..{stop - 1}"
+        if nonfinite:
+            raise ValueError(f"{where} returned NaN or inf values")
+        if levels > limit:
+            raise ValueError(
+                f"{where} moved a pixel by {levels} levels, more than ceil(255*eps) = {limit} for eps = {eps:.6g}; "
+                "perturb must return |delta| <= eps"
+            )
+    return max(levels for _, levels in values)
+
+
 def _check_delta(delta: object, images: torch.Tensor, method: str, start: int, stop: int) -> torch.Tensor:
+    """Type and shape of ``perturb``'s result (its values are checked after the last batch)."""
     where = f"{method}: perturb for rows {start}..{stop - 1}"
     if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
         kind = f"{delta.dtype} tensor" if isinstance(delta, torch.Tensor) else type(delta).__name__
         raise ValueError(f"{where} must return a floating tensor, got {kind}")
     if tuple(delta.shape) != tuple(images.shape):
         raise ValueError(f"{where} returned shape {tuple(delta.shape)}, expected {tuple(images.shape)}")
-    delta = delta.detach().to(images.device)
-    if not bool(torch.isfinite(delta).all()):
-        raise ValueError(f"{where} returned NaN or inf values")
-    return delta
+    return delta.detach().to(images.device)
 
 
 def _copy_labels(labels: np.ndarray | dict[str, np.ndarray], folder: Path, rows_per_copy: int = 4096) -> None:

@@ -131,6 +131,8 @@ class GeneratorStep:
         # generator sees NYUv2 pairs unaugmented.
         self.augment = config.augment and config.base != "sep" and getattr(generator, "task_offsets", None) is not None
         self.offsets = getattr(generator, "task_offsets", None)  # None: dense, no label-prior table
+        # The loop checks the label array's values once (generate); a step reads nothing back.
+        generator.trust_label_values = True
         raw = torch.compile(generator.raw) if config.compile else generator.raw
         if not config.compile:  # several CPU processes: each computes one channel block of the label prior
             split_prior.enable(generator)
@@ -338,6 +340,8 @@ def generate(
                                seed=config.seed + 1, drop_last=len(view.images) >= config.batch_size,
                                rank=place.rank, world_size=place.world_size) if em_optimizer is not None else None
     subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
+    if not view.dense:  # once here: the training step does not re-read the labels' values per batch
+        generator.check_label_values(np.asarray(view.labels))
     step = GeneratorStep(generator, objective, models, optimizer, config, crop, amp)
     em_trained = dist.data_parallel(models[0]) if em_optimizer is not None else None
     stopped = "max_passes"

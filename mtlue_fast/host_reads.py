@@ -1,0 +1,69 @@
+"""Count the package's host reads of tensor values: the calls that synchronise a GPU.
+
+A value read (``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.cpu()``,
+``.numpy()``) waits for every queued kernel when the tensor lives on a GPU, and a per-step one keeps
+the device idle while the host catches up; it also makes a step impossible to capture in a CUDA
+graph. On the CPU these reads cost nothing, so a CPU test cannot see them by timing:
+:func:`count_host_reads` counts them instead, attributing each to the line of this package that made
+it (reads made inside PyTorch itself, such as the CPU optimiser's step counter, are not counted; on
+a GPU ``torch.cuda.set_sync_debug_mode("error")`` covers those).
+
+    with count_host_reads() as reads:
+        step(images, labels)
+    assert not reads, reads.where()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__array__")
+
+
+class HostReads(Counter):
+    """``{"file.py:line method": count}`` of the reads seen."""
+
+    def where(self) -> str:
+        return ", ".join(f"{place} x{n}" for place, n in sorted(self.items())) or "none"
+
+
+def _caller_in_package() -> str | None:
+    """``"relative/path.py:line"`` of the code that made the read when it is this package's, else None
+    (tests, PyTorch internals)."""
+    frame = sys._getframe(2)  # 0: this function, 1: the counting wrapper, 2: the caller
+    name = frame.f_code.co_filename
+    if not name.startswith(_PACKAGE) or name == __file__:
+        return None
+    return f"{Path(name).relative_to(_PACKAGE).as_posix()}:{frame.f_lineno}"
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[HostReads]:
+    """Within the block, count calls of :data:`READS` on tensors made directly by this package's code."""
+    reads = HostReads()
+    originals = {name: getattr(torch.Tensor, name) for name in READS if hasattr(torch.Tensor, name)}
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            place = _caller_in_package()
+            if place is not None:
+                reads[f"{place} {name}"] += 1
+            return original(self, *args, **kwargs)
+
+        counted.__name__ = name
+        return counted
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
