@@ -56,9 +56,10 @@ def no_sync(device: torch.device):
                 torch.cuda.set_sync_debug_mode("default")
 
 
-def _warm(fn, times: int = 2):
+def _warm(fn, times: int = 5):
     """Steps before the checked one: lazy state (optimiser moments, compiled kernels, cached
-    tensors) is created once, outside the per-step path."""
+    tensors, a CUDA graph's capture after its warm-up calls) is created once, outside the per-step
+    path."""
     for _ in range(times):
         fn()
 
@@ -72,13 +73,20 @@ def _batch(device: torch.device, n: int = 16):
 # ------------------------------------------------------------------------------ victim step
 
 
+def _step_variants():
+    variants = [("cpu", False)]
+    if torch.cuda.is_available():
+        variants += [("cuda", False), ("cuda", True)]
+    return variants
+
+
 @pytest.mark.parametrize("weighting", sorted(STRATEGIES))
-@pytest.mark.parametrize("device_name", _devices())
-def test_training_step_reads_nothing(weighting, device_name):
+@pytest.mark.parametrize("device_name,graph", _step_variants())
+def test_training_step_reads_nothing(weighting, device_name, graph):
     device = torch.device(device_name)
     fake, images, labels = _batch(device)
     view = select_tasks(fake, None, CROP)
-    parts = build_training(view, TINY.replace(weighting=weighting), device)
+    parts = build_training(view, TINY.replace(weighting=weighting, cuda_graph=graph), device)
     _warm(lambda: parts.step(images, labels))
     with no_sync(device) as reads:
         losses = parts.step(images, labels)
@@ -172,3 +180,109 @@ def test_export_reads_once_not_per_batch(tmp_path, device_name):
     a = np.load(tmp_path / "out32" / "images.npy")
     b = np.load(tmp_path / "out8" / "images.npy")
     assert a.shape == b.shape
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+
+
+def test_graphed_step_passes_through_on_the_cpu():
+    from mtlue_fast.train.graphed import GraphedStep
+
+    calls = []
+    step = GraphedStep(lambda images, labels: calls.append(1) or images.sum(), warmup=1)
+    for _ in range(3):
+        step(torch.ones(2, 2), torch.zeros(2))
+    assert len(calls) == 3 and step.graph is None
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedStep(lambda *a: None, warmup=0)
+
+
+def test_cuda_graph_switch_resolves_off_the_gpu_and_with_a_defence():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert TINY.resolved(cpu)["cuda_graph"] is False
+    assert TINY.replace(cuda_graph=True).resolved(cpu)["cuda_graph"] is False
+    assert TINY.resolved(cuda)["cuda_graph"] is True
+    assert TINY.replace(defense="augment").resolved(cuda)["cuda_graph"] is False
+    assert TINY.replace(compile=True, compile_mode="reduce-overhead").resolved(cuda)["cuda_graph"] is False
+    assert GenerateConfig(base="em").use_cuda_graph("cuda", False) is False
+    assert GenerateConfig(base="tap").use_cuda_graph("cuda", False) is True
+    assert GenerateConfig(base="tap").use_cuda_graph("cuda", True) is False
+    with pytest.raises(ValueError, match="cuda_graph"):
+        TrainConfig(cuda_graph="sometimes")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        GenerateConfig(cuda_graph="sometimes")
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weighting", ["ew", "uw", "mgda"])  # no random draws inside the step
+def test_graphed_training_equals_eager(weighting):
+    """Eight steps replayed as a CUDA graph (fp32) give the eager steps' losses and weights, through a
+    learning-rate change in between (the schedule must reach the replayed optimiser)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    fake = make_cache(64, 0)
+    view = select_tasks(fake, None, CROP)
+    config = TINY.replace(weighting=weighting, amp=False, batch_size=16)
+    runs = []
+    for graph in (False, True):
+        parts = build_training(view, config.replace(cuda_graph=graph), device)
+        batches = DeviceBatches(fake.images, fake.labels, 16, device, crop=CROP, train=True, seed=1, drop_last=True)
+        losses = []
+        for epoch in range(2):
+            batches.set_epoch(epoch)
+            for images, labels in batches:
+                losses.append(parts.step(images, labels))
+            parts.scheduler.step()
+            for group in parts.optimizer.param_groups:
+                group["lr"] = group["lr"] * 0.5 if not torch.is_tensor(group["lr"]) else group["lr"].mul_(0.5)
+        runs.append((torch.stack(losses), _params(parts.model), parts.step))
+    assert runs[1][2].replays > 0
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-3, atol=1e-4)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_graphed_generator_step_equals_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mtlue_fast.train.graphed import GraphedStep
+
+    device = torch.device("cuda")
+    fake = make_cache(16, 0)
+    images, labels = torch.from_numpy(fake.images).to(device), torch.from_numpy(fake.labels).to(device)
+    runs = []
+    for graph in (False, True):
+        step = _generator_step(device, "tap")
+        step.augment = False  # random windows are drawn inside the step: eager and replayed draws differ
+        if graph:
+            step.optimizer = make_generator_optimizer(step.generator, step.config, capturable=True)
+            step = GraphedStep(step)
+        torch.manual_seed(0)
+        losses = [step(images, labels) for _ in range(6)]
+        runs.append((torch.stack(losses), _params(step.generator)))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=2e-2, atol=1e-3)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_graphed_step_runs_another_shape_eagerly():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    fake, images, labels = _batch(device)
+    view = select_tasks(fake, None, CROP)
+    parts = build_training(view, TINY.replace(cuda_graph=True), device)
+    for _ in range(5):
+        parts.step(images, labels)
+    replays = parts.step.replays
+    parts.step(images[:7], labels[:7])  # a last, smaller batch
+    assert parts.step.replays == replays and parts.step.graph is not None
+    parts.step(images, labels)
+    assert parts.step.replays == replays + 1

@@ -41,6 +41,9 @@ class TrainConfig:
         fused_adam: ``Adam(fused=True)`` (auto: CUDA).
         compile: ``torch.compile`` the model. compile_mode: ``torch.compile`` mode;
             ``"reduce-overhead"`` replays the steps as CUDA graphs (static shapes only).
+        cuda_graph: capture the whole step (forward, losses, backward, clipping, Adam) once and
+            replay it as one CUDA graph (:mod:`mtlue_fast.train.graphed`; auto: CUDA with one process,
+            no training-time defence and no ``"reduce-overhead"`` compile, which graphs by itself).
         resident: keep the uint8 training set on the GPU (``DeviceBatches``'s ``resident``; auto: CUDA
             when it fits).
         host_augment: crop and flip on the host and copy each batch (the straightforward path).
@@ -84,6 +87,7 @@ class TrainConfig:
     fused_adam: bool | str = AUTO
     compile: bool = False
     compile_mode: str = "default"
+    cuda_graph: bool | str = AUTO
     resident: bool | str = AUTO
     host_augment: bool = False
     sync_every_step: bool = False
@@ -108,7 +112,7 @@ class TrainConfig:
         _check(self.eval_every >= 1, "eval_every", ">= 1", self.eval_every)
         _check(self.keep_every >= 0, "keep_every", ">= 0", self.keep_every)
         _check(self.defense in ("none", "augment", "adv"), "defense", "'none', 'augment' or 'adv'", self.defense)
-        for name in ("amp", "channels_last", "fused_adam", "resident"):
+        for name in ("amp", "channels_last", "fused_adam", "resident", "cuda_graph"):
             value = getattr(self, name)
             _check(isinstance(value, bool) or value == AUTO, name, "true, false or 'auto'", value)
 
@@ -133,8 +137,18 @@ class TrainConfig:
         bf16 autocast 1.3x, both 1.75x the fp32 contiguous step.
         """
         cuda = device.type == "cuda"
-        auto = {"amp": cuda or cpu_has_native_bf16(), "channels_last": True, "fused_adam": cuda, "resident": cuda}
-        return {name: auto[name] if getattr(self, name) == AUTO else bool(getattr(self, name)) for name in auto}
+        graphable = cuda and self.defense == "none" and self.compile_mode != "reduce-overhead" and not _distributed()
+        auto = {"amp": cuda or cpu_has_native_bf16(), "channels_last": True, "fused_adam": cuda, "resident": cuda,
+                "cuda_graph": graphable}  # fmt: skip
+        switches = {name: auto[name] if getattr(self, name) == AUTO else bool(getattr(self, name)) for name in auto}
+        switches["cuda_graph"] = switches["cuda_graph"] and cuda  # a CPU step is never graphed
+        return switches
+
+
+def _distributed() -> bool:
+    from .. import dist
+
+    return dist.info().distributed
 
 
 def cpu_has_native_bf16() -> bool:

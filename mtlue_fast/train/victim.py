@@ -38,6 +38,7 @@ from ..mtl.metrics import ClassificationMetrics, DenseMetrics
 from ..mtl.task_grads import TaskGradients
 from ..progress import Progress
 from . import checkpoint
+from .graphed import GraphedStep, capturable_adam
 from .settings import TrainConfig
 from .tasks import DENSE_TASKS, TaskView, select_tasks
 
@@ -97,11 +98,16 @@ def make_metrics(view: TaskView, config: TrainConfig, dataset: str | None, devic
     return ClassificationMetrics(view.num_classes, task_names=view.task_names, auc=auc, device=device)
 
 
-def make_optimizer(model: nn.Module, strategy: nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, strategy: nn.Module, config: TrainConfig, fused: bool,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam over the model's (and the weighting's own) parameters; ``capturable``: one a CUDA graph
+    can capture (:func:`mtlue_fast.train.graphed.capturable_adam`)."""
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}]
     extra = [p for p in strategy.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
+    if capturable:
+        return capturable_adam(groups, config.lr, next(model.parameters()).device)
     return torch.optim.Adam(groups, lr=config.lr, fused=True if fused else None)
 
 
@@ -136,7 +142,7 @@ class Training:
     strategy: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    step: TrainStep
+    step: TrainStep | GraphedStep
     model_args: dict
 
 
@@ -155,9 +161,12 @@ def build_training(view: TaskView, config: TrainConfig, device: torch.device | s
         model = model.to(memory_format=torch.channels_last)
     strategy = weighting_registry.get(config.weighting, view.num_tasks, **config.weighting_options).to(device)
     strategy.attach(model)
-    optimizer = make_optimizer(model, strategy, config, switches["fused_adam"] and device.type == "cuda")
+    graphed = switches["cuda_graph"]
+    optimizer = make_optimizer(model, strategy, config, switches["fused_adam"] and device.type == "cuda", capturable=graphed)
     scheduler = make_scheduler(optimizer, config)
     step = TrainStep(model, strategy, optimizer, make_loss(view), config, switches["amp"], switches["channels_last"])
+    if graphed:
+        step = GraphedStep(step, label="training step")
     return Training(model, strategy, optimizer, scheduler, step, args)
 
 
@@ -401,7 +410,7 @@ class TrainStep:
         return losses.detach()
 
 
-def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str = "train") -> tuple[dict, float]:
+def train_epoch(step: TrainStep | GraphedStep, batches: DeviceBatches, epoch: int, device: torch.device, config: TrainConfig, label: str = "train") -> tuple[dict, float]:
     """One pass over ``batches`` (epoch ``epoch``'s order): ``(record, images/s)``; the per-task mean
     losses are read to the host once, at the end (per step too with ``config.sync_every_step``)."""
     step.model.train()
@@ -432,7 +441,7 @@ def train_epoch(step: TrainStep, batches: DeviceBatches, epoch: int, device: tor
     throughput = images_seen / max(elapsed, 1e-9)
     record = {
         "epoch": epoch + 1, "train_loss": mean_losses, "train_loss_mean": sum(mean_losses) / max(len(mean_losses), 1),
-        "lr": step.optimizer.param_groups[0]["lr"], "images_per_second": throughput, "seconds": elapsed,
+        "lr": float(step.optimizer.param_groups[0]["lr"]), "images_per_second": throughput, "seconds": elapsed,
     }  # fmt: skip
     return record, throughput
 

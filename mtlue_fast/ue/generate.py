@@ -44,6 +44,7 @@ from ..fileio import read_json, read_jsonl, write_json, write_jsonl
 from ..models.generator import DenseGenerator, MTLGenerator
 from ..progress import Progress
 from ..train import checkpoint
+from ..train.graphed import GraphedStep, capturable_adam
 from ..train.settings import cpu_has_native_bf16
 from ..train.tasks import DENSE_TASKS, TaskView, select_tasks
 from . import split_prior
@@ -191,12 +192,16 @@ class GeneratorStep:
         return total.detach()
 
 
-def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig) -> torch.optim.Optimizer:
+def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam over the generator, the label-prior table at ``table_lr``; ``capturable``: one a CUDA
+    graph can capture (:func:`mtlue_fast.train.graphed.capturable_adam`)."""
     table = getattr(generator, "table", None)  # dense generators have label-map modules instead
     rest = [p for p in generator.parameters() if p is not table and p.requires_grad]
     groups = [{"params": rest}]
     if table is not None:
         groups.append({"params": [table], "lr": config.table_lr or config.lr})
+    if capturable:
+        return capturable_adam(groups, config.lr, next(generator.parameters()).device, weight_decay=config.weight_decay)
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -313,7 +318,8 @@ def generate(
     objective = Objective(config.base, view.num_classes, targeted=config.targeted, protected=generator.protected_tasks, dense=view.dense)
     max_passes = config.max_passes or objective.max_passes
     stop_error = objective.stop_error if config.stop_error is None else config.stop_error
-    optimizer = make_generator_optimizer(generator, config)
+    graphed = config.use_cuda_graph(device.type, place.distributed)
+    optimizer = make_generator_optimizer(generator, config, capturable=graphed)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
     em_optimizer = torch.optim.Adam(models[0].parameters(), lr=surrogate_lr, weight_decay=1e-4) if config.base == "em" else None
 
@@ -343,6 +349,8 @@ def generate(
     if not view.dense:  # once here: the training step does not re-read the labels' values per batch
         generator.check_label_values(np.asarray(view.labels))
     step = GeneratorStep(generator, objective, models, optimizer, config, crop, amp)
+    if graphed:
+        step = GraphedStep(step, label="generator step")
     em_trained = dist.data_parallel(models[0]) if em_optimizer is not None else None
     stopped = "max_passes"
     if history and _met(history[-1]["stop_error"], objective.base, stop_error):

@@ -34,6 +34,8 @@ class GenerateConfig:
         fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
             plain torch ops (the straightforward path, for the benchmark).
         amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). channels_last, compile.
+        cuda_graph: replay the whole generator step as one CUDA graph (``"auto"``: CUDA with one
+            process, no ``compile``, TAP or SEP; see :mod:`mtlue_fast.train.graphed`).
         seed: generator initialisation, data order, augmentation, stop subset.
     """
 
@@ -65,6 +67,7 @@ class GenerateConfig:
     amp: bool | str = "auto"
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool | str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -75,9 +78,21 @@ class GenerateConfig:
             raise ValueError(f"generate config field 'mode' must be 'clamp' or 'tanh', got {self.mode!r}")
         if not 0 < self.eps < 1:
             raise ValueError(f"generate config field 'eps' must be in (0, 1), got {self.eps!r}")
+        if not (isinstance(self.cuda_graph, bool) or self.cuda_graph == "auto"):
+            raise ValueError(f"generate config field 'cuda_graph' must be true, false or 'auto', got {self.cuda_graph!r}")
         for name in ("batch_size", "stop_subset"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
+
+    def use_cuda_graph(self, device_type: str, distributed: bool) -> bool:
+        """Whether the generator step is replayed as a CUDA graph on ``device_type``."""
+        if device_type != "cuda":
+            return False
+        if self.cuda_graph == "auto":
+            # EM trains its surrogate between passes, whose gradients the generator's backward
+            # also fills: outside a graph's memory, so EM's step stays eager.
+            return not distributed and not self.compile and self.base != "em"
+        return bool(self.cuda_graph)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
