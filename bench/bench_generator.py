@@ -26,6 +26,7 @@ import torch
 
 from mtlue_fast.models import build_model
 from mtlue_fast.models.generator import MTLGenerator
+from mtlue_fast.train.graphed import GraphedStep
 from mtlue_fast.ue.generate import GeneratorStep, make_generator_optimizer
 from mtlue_fast.ue.settings import GenerateConfig
 from mtlue_fast.ue.objectives import Objective
@@ -68,9 +69,11 @@ def make_step(device: torch.device, config: GenerateConfig, surrogates, base: st
     generator = MTLGenerator([2] * NUM_TASKS, in_channels=3, image_size=(70, 70), width=size["width"], fast=config.fast).to(device)
     if config.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
-    optimizer = make_generator_optimizer(generator, config)
+    graphed = config.use_cuda_graph(device.type, False)
+    optimizer = make_generator_optimizer(generator, config, capturable=graphed)
     amp = config.amp if isinstance(config.amp, bool) else (device.type == "cuda")
-    return GeneratorStep(generator, Objective(base, [2] * NUM_TASKS), surrogates, optimizer, config, CROP, amp)
+    step = GeneratorStep(generator, Objective(base, [2] * NUM_TASKS), surrogates, optimizer, config, CROP, amp)
+    return GraphedStep(step, label="generator step") if graphed else step
 
 
 def _fast_amp(device: torch.device):
@@ -83,8 +86,12 @@ def _fast_amp(device: torch.device):
 PATHS = {
     "straightforward": lambda device: GenerateConfig(fast=False, fused_ops=False, amp=False, channels_last=False, compile=False),
     "fast-fp32": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=False, channels_last=False, compile=False),
-    "fast": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=device.type == "cuda"),
+    "fast-eager": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=False, cuda_graph=False),
+    "fast-graph": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=False, cuda_graph=True),
+    "fast": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=device.type == "cuda", cuda_graph=False),
+    "fast-compile-graph": lambda device: GenerateConfig(fast=True, fused_ops=True, amp=_fast_amp(device), channels_last=True, compile=True, cuda_graph=True),
 }
+GPU_ONLY = {"fast-graph", "fast-compile-graph"}
 
 
 def _run(step: GeneratorStep, batches: Batches, steps: int, device: torch.device):
@@ -99,6 +106,8 @@ def _run(step: GeneratorStep, batches: Batches, steps: int, device: torch.device
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_generator_training(benchmark, batches, bench_device, path):
+    if path in GPU_ONLY and bench_device.type != "cuda":
+        pytest.skip("CUDA graphs are measured on a GPU")
     size = sizes(bench_device)
     step = make_step(bench_device, PATHS[path](bench_device), [surrogate(bench_device, size["surrogate_width"])], "tap")
     benchmark.group = f"generator training tap w{size['width']} b{size['batch_size']} 40 tasks {bench_device.type}"

@@ -16,7 +16,11 @@ Paths (each a :class:`~mtlue_fast.train.TrainConfig`; one training epoch of ``ST
 - ``fast``: what the defaults resolve to on the device (GPU: bf16 autocast, channels-last, fused
   Adam, uint8 data resident with on-device crop/flip; CPU: channels-last, and bf16 autocast where
   the CPU has AMX/AVX512-BF16) plus ``torch.compile``;
-- ``fast-eager``: the same without ``torch.compile``.
+- ``fast-eager``: the same without ``torch.compile`` and without CUDA graphs;
+- ``fast-graph``: eager kernels, the whole step replayed as one CUDA graph (``cuda_graph``, the
+  default on a GPU); ``fast-compile-graph``: compiled kernels inside that graph;
+  ``fast-reduce-overhead``: ``torch.compile``'s own CUDA graphs (per compiled region);
+  ``fast-max-autotune-graph``: autotuned compiled kernels inside the step's graph. GPU only.
 """
 
 from __future__ import annotations
@@ -65,9 +69,14 @@ STRAIGHTFORWARD = dict(
 # (bench/gpu_check.py) should still measure the eager paths.
 PATHS = {
     "straightforward": STRAIGHTFORWARD,
-    "fast-eager": dict(),
-    "fast": dict(compile=True),
+    "fast-eager": dict(cuda_graph=False),
+    "fast-graph": dict(cuda_graph=True),  # the default on a GPU: the whole step as one CUDA graph
+    "fast": dict(compile=True, cuda_graph=False),
+    "fast-compile-graph": dict(compile=True, cuda_graph=True),
+    "fast-reduce-overhead": dict(compile=True, compile_mode="reduce-overhead", cuda_graph=False),
+    "fast-max-autotune-graph": dict(compile=True, compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
+GPU_ONLY = {"fast-graph", "fast-compile-graph", "fast-reduce-overhead", "fast-max-autotune-graph"}  # the same as an eager path on a CPU
 
 
 def run_epoch(cache: ArrayCache, device: torch.device, **overrides):
@@ -87,6 +96,8 @@ def run_epoch(cache: ArrayCache, device: torch.device, **overrides):
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_victim_training(benchmark, celeba_like, bench_device, path):
+    if path in GPU_ONLY and bench_device.type != "cuda":
+        pytest.skip("CUDA graphs and the autotuned compile modes are measured on a GPU")
     once, images = run_epoch(celeba_like, bench_device, **PATHS[path])
     benchmark.group = f"victim training resnet18 w{sizes(bench_device)['width']} b{sizes(bench_device)['batch_size']} 40 tasks {bench_device.type}"
     benchmark.extra_info.update(images=images, variant=path, kind="victim")
