@@ -27,7 +27,7 @@ import torch
 from mtlue_fast.models import build_model
 from mtlue_fast.models.generator import MTLGenerator
 from mtlue_fast.train.graphed import GraphedStep
-from mtlue_fast.ue.generate import GeneratorStep, make_generator_optimizer
+from mtlue_fast.ue.generate import GeneratorStep, make_generator_optimizer, prepare_surrogate
 from mtlue_fast.ue.settings import GenerateConfig
 from mtlue_fast.ue.objectives import Objective
 
@@ -67,8 +67,11 @@ def make_step(device: torch.device, config: GenerateConfig, surrogates, base: st
     size = sizes(device)
     torch.manual_seed(0)
     generator = MTLGenerator([2] * NUM_TASKS, in_channels=3, image_size=(70, 70), width=size["width"], fast=config.fast).to(device)
-    if config.channels_last:
+    if config.use_channels_last(device.type):
         generator = generator.to(memory_format=torch.channels_last)
+    amp_on = config.amp if isinstance(config.amp, bool) else (device.type == "cuda")
+    surrogates = [prepare_surrogate(m, config.use_channels_last(device.type), config.use_surrogate_bf16(device.type, amp_on))
+                  for m in surrogates]  # fmt: skip
     graphed = config.use_cuda_graph(device.type, False)
     optimizer = make_generator_optimizer(generator, config, capturable=graphed)
     amp = config.amp if isinstance(config.amp, bool) else (device.type == "cuda")

@@ -147,3 +147,21 @@ def test_dense_generation_and_export(tmp_path):
     delta = np.asarray(protected.images).astype(np.int16) - np.asarray(clean.images)
     assert 0 < np.abs(delta).max() <= 8
     assert np.array_equal(np.asarray(protected.labels["seg"]), fake.labels["seg"])
+
+
+def test_prepared_surrogate_matches_the_autocast_one():
+    """A frozen surrogate cast once to bf16 (and NHWC) gives what autocast gives the fp32 one; the
+    caller's module keeps its fp32 weights."""
+    from mtlue_fast.ue.generate import _surrogate_outputs, prepare_surrogate
+
+    model = surrogate().eval().requires_grad_(False)
+    x = torch.rand(4, 3, *CROP)
+    prepared = prepare_surrogate(model, channels_last=True, bf16=True)
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(prepared.parameters()).dtype == torch.bfloat16
+    (reference,) = _surrogate_outputs([model], x, amp=True)
+    (fast,) = _surrogate_outputs([prepared], x, amp=True)
+    torch.testing.assert_close(fast.float(), reference.float(), rtol=0.1, atol=0.1)
+    assert GenerateConfig().use_surrogate_bf16("cuda", amp=True) and not GenerateConfig().use_surrogate_bf16("cuda", amp=False)
+    assert not GenerateConfig(base="em").use_surrogate_bf16("cuda", amp=True)
+    assert not GenerateConfig().use_channels_last("cpu") and GenerateConfig().use_channels_last("cuda")

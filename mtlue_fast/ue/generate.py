@@ -25,6 +25,7 @@ error over the protected tasks is <= 0.01, TAP when >= 0.9, SEP >= 0.99, or at t
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -99,8 +100,26 @@ def _use_amp(config: GenerateConfig, device: torch.device) -> bool:
 
 
 def _surrogate_outputs(models: Sequence[nn.Module], x: torch.Tensor, amp: bool) -> list:
+    if models and _is_channels_last(models[0]):
+        x = x.contiguous(memory_format=torch.channels_last)  # once for every checkpoint
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         return [m(x) for m in models]
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def prepare_surrogate(model: nn.Module, channels_last: bool, bf16: bool) -> nn.Module:
+    """A frozen surrogate made ready once: NHWC memory format, and bf16 weights (under autocast the
+    convolutions run in bf16 anyway; cast once here, a checkpoint's weights are not cast again at
+    every step). The caller's module is left as it is when a copy is needed for bf16."""
+    if bf16:
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 class _Raw(nn.Module):
@@ -310,11 +329,13 @@ def generate(
     place = dist.info()
     generator = dist.convert_sync_batchnorm(build_generator(**args), device.type).to(device)
     dist.broadcast_parameters(generator)
-    if config.channels_last:
+    channels_last = config.use_channels_last(device.type)
+    if channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     models = [dist.convert_sync_batchnorm(m, device.type).to(device).eval() for m in models]
     for m in models:
         m.requires_grad_(config.base == "em")
+    models = [prepare_surrogate(m, channels_last, config.use_surrogate_bf16(device.type, amp)) for m in models]
     objective = Objective(config.base, view.num_classes, targeted=config.targeted, protected=generator.protected_tasks, dense=view.dense)
     max_passes = config.max_passes or objective.max_passes
     stop_error = objective.stop_error if config.stop_error is None else config.stop_error

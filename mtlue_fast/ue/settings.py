@@ -33,7 +33,12 @@ class GenerateConfig:
         fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
         fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from
             plain torch ops (the straightforward path, for the benchmark).
-        amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). channels_last, compile.
+        amp: bf16 autocast (``"auto"``: CUDA or a CPU with native bf16). compile: ``torch.compile``
+            the generator's forward.
+        channels_last: the generator and the frozen surrogates in NHWC memory format (``"auto"``:
+            CUDA, where cuDNN prefers it).
+        surrogate_bf16: TAP's and SEP's frozen surrogates cast to bf16 once, instead of autocast
+            casting every checkpoint's weights at every step (``"auto"``: CUDA with ``amp``).
         cuda_graph: replay the whole generator step as one CUDA graph (``"auto"``: CUDA with one
             process, no ``compile``, TAP or SEP; see :mod:`mtlue_fast.train.graphed`).
         seed: generator initialisation, data order, augmentation, stop subset.
@@ -65,7 +70,8 @@ class GenerateConfig:
     shared_pass: bool = True
     fused_ops: bool = True
     amp: bool | str = "auto"
-    channels_last: bool = False
+    channels_last: bool | str = "auto"
+    surrogate_bf16: bool | str = "auto"
     compile: bool = False
     cuda_graph: bool | str = "auto"
     seed: int = 0
@@ -78,8 +84,10 @@ class GenerateConfig:
             raise ValueError(f"generate config field 'mode' must be 'clamp' or 'tanh', got {self.mode!r}")
         if not 0 < self.eps < 1:
             raise ValueError(f"generate config field 'eps' must be in (0, 1), got {self.eps!r}")
-        if not (isinstance(self.cuda_graph, bool) or self.cuda_graph == "auto"):
-            raise ValueError(f"generate config field 'cuda_graph' must be true, false or 'auto', got {self.cuda_graph!r}")
+        for name in ("cuda_graph", "channels_last", "surrogate_bf16", "amp"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ValueError(f"generate config field {name!r} must be true, false or 'auto', got {value!r}")
         for name in ("batch_size", "stop_subset"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
@@ -93,6 +101,15 @@ class GenerateConfig:
             # also fills: outside a graph's memory, so EM's step stays eager.
             return not distributed and not self.compile and self.base != "em"
         return bool(self.cuda_graph)
+
+    def use_channels_last(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
+
+    def use_surrogate_bf16(self, device_type: str, amp: bool) -> bool:
+        if self.base == "em":  # EM trains its surrogate: it keeps fp32 weights
+            return False
+        # bf16 weights need autocast to cast the fp32 input: never without amp.
+        return amp and (device_type == "cuda" if self.surrogate_bf16 == "auto" else bool(self.surrogate_bf16))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
