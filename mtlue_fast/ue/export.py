@@ -680,20 +680,18 @@ def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_
     starts = list(range(place.rank * batch_size, n, batch_size * place.world_size))
     rows = sum(min(batch_size, n - s) for s in starts)
     shard = np.zeros((rows, *clean_cache.images.shape[1:]), dtype=np.int8)
-    labels = clean_cache.labels
+    writer = _HostWriter([shard], min(batch_size, max(n, 1)), device)
     offset = 0
     for start in starts:
         stop = min(start + batch_size, n)
-        images = torch.from_numpy(np.array(clean_cache.images[start:stop])).to(device)
-        if isinstance(labels, dict):
-            batch_labels = {k: torch.from_numpy(np.array(v[start:stop])).to(device) for k, v in labels.items()}
-        else:
-            batch_labels = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.int64)).to(device)
+        images = _to_device(clean_cache.images[start:stop], device)
+        batch_labels = _batch_labels(clean_cache.labels, start, stop, device)
         indices = torch.arange(start, stop, device=device)
         delta = perturb(images, batch_labels, indices)
         _, delta_q = quantize_export(images, delta)
-        shard[offset : offset + stop - start] = delta_q.cpu().numpy()
+        writer.put(offset, offset + stop - start, (delta_q,))
         offset += stop - start
+    writer.flush()
     np.save(path, shard)
 
 
