@@ -60,6 +60,25 @@ BANNER = "=" * 78
 DATA_DEFENSES = ("jpeg", "bdr", "grayscale")
 
 
+EXAMPLES = """examples:
+  python -m mtlue_fast.run --dataset chestxray
+      the whole job on the built-in synthetic ChestX-ray14 sample (minutes on 2 CPU cores)
+  python -m mtlue_fast.run --dataset celeba --data-root /data/celeba --device cuda --victim-seeds 3
+      the paper's CelebA setting on a GPU, with three independent victim pairs
+  python -m mtlue_fast.run --dataset chestxray --weighting pcgrad --resume
+      new victims only (another weighting); the surrogate, generator and export are reused
+  python -m mtlue_fast.run --dataset utkface --defense jpeg
+      victims trained on JPEG-compressed copies: what the protection still costs a defended victim
+  python -m mtlue_fast.run --dataset chestxray --preset smoke --stages prepare,surrogate
+      a quick check of the plumbing, first stages only
+  torchrun --nproc-per-node 8 -m mtlue_fast.run --dataset celeba --data-root /data/celeba --device cuda
+      every training stage data-parallel over 8 GPUs
+
+Every stage's output is kept in --out; rerunning a command skips what is finished.
+Settings: configs/<dataset>.yaml, --overlay, --set key=value (see docs/method.md for each default).
+"""
+
+
 class UserError(Exception):
     """A problem with what the user asked for; printed as one line, exit status 2."""
 
@@ -71,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mtlue_fast.run",
         description="Make a multi-task image dataset unlearnable (MTL-UE) and measure the effect.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--data-root", help="the dataset in its original layout (absent: a built-in synthetic sample)")
@@ -595,7 +616,11 @@ def _run_stages(cfg: RunConfig, out: Path, data_root: str | None, device: torch.
         report = runner.report()
         runner.record("report", time.perf_counter() - t)
         print(report_module.summary_table(report))
-        print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - started:.0f} s)")
+        if runner.synthetic:
+            print(f"(synthetic data: the built-in stand-in for {cfg.dataset}, not the real dataset; pass --data-root for that)")
+        print(f"\nreport: {out / 'report.md'} and {out / 'report.json'}")
+        print(f"figures: {out / 'figures'} (metrics.png, samples.png)")
+        print(f"finished in {time.perf_counter() - started:.0f} s")
     dist.barrier()
     return 0
 
