@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from mtlue_fast.report import cpu_model
+from mtlue_fast.machine import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     from mtlue_fast.info import collect
-    from mtlue_fast.report import cpu_model
+    from mtlue_fast.machine import cpu_model
 
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "rows")

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mtlue_fast import machine
 from mtlue_fast import report as rep
+from mtlue_fast.report import files as report_files
 
 
 def strict_json(text: str):
@@ -267,13 +269,13 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_write_report_files_strict_json_and_figures(tmp_path, monkeypatch):
     written = []
-    real = rep.atomic_path
+    real = report_files.atomic_path
 
     def spy(path):
         written.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(rep, "atomic_path", spy)
+    monkeypatch.setattr(report_files, "atomic_path", spy)
     rng = np.random.default_rng()
     f = fields(rng, undefined=[(0, "protected", "young"), (1, "protected", "young"), (2, "protected", "young")])
     r = rep.build_report(**f, stl={"mean": 0.8, "per_task": {"smile": 0.85}}, defense="jpeg")
@@ -375,8 +377,8 @@ def test_versions_and_git(monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("no git")
 
-    monkeypatch.setattr(rep.subprocess, "run", boom)
-    assert rep.git_revision() is None
+    monkeypatch.setattr(machine.subprocess, "run", boom)
+    assert rep.git_revision() is None and machine.git_revision is rep.git_revision
 
 
 def test_cpu_model_reads_lscpu_then_proc_cpuinfo(monkeypatch):
@@ -395,3 +397,4 @@ def test_cpu_model_reads_lscpu_then_proc_cpuinfo(monkeypatch):
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
     assert rep.cpu_model() == (names[0] if names else "unknown")
+    assert machine.cpu_model is rep.cpu_model  # the report's re-export of the one probe

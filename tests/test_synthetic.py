@@ -109,7 +109,7 @@ def test_default_sizes():
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, dataset, monkeypatch):
     size = SMALL[dataset]
     first = files_of(synthetic.write(dataset, tmp_path / "a", 70, 12, 3, size=size))
-    monkeypatch.setattr(synthetic, "_workers", lambda: 1)  # one thread: same bytes as the thread pool
+    monkeypatch.setattr(synthetic.streams, "_workers", lambda: 1)  # one thread: same bytes as the thread pool
     again = files_of(synthetic.write(dataset, tmp_path / "b", 70, 12, 3, size=size))
     assert first.keys() == again.keys()
     assert [k for k in first if first[k] != again[k]] == []
@@ -245,7 +245,7 @@ def test_nyuv2_layout_and_coherence(tmp_path):
 
 def test_label_prevalence_and_correlation():
     rng = np.random.default_rng(0)
-    celeba = synthetic._celeba_labels(rng, 4000)
+    celeba = synthetic.celeba._celeba_labels(rng, 4000)
     rate = dict(zip(synthetic.CELEBA_ATTRIBUTES, celeba.mean(0)))
     for name, target in synthetic.CELEBA_PREVALENCE.items():
         assert abs(rate[name] - target) < 0.03 + 0.1 * target, name
@@ -260,15 +260,15 @@ def test_label_prevalence_and_correlation():
     assert phi(celeba, idx("Smiling"), idx("High_Cheekbones")) > 0.4
     assert phi(celeba, idx("Young"), idx("Gray_Hair")) < -0.1
 
-    chest = synthetic._latent_binary(
+    chest = synthetic.streams._latent_binary(
         rng, 4000, np.array([synthetic.CHESTXRAY_PREVALENCE[f] for f in CHESTXRAY_FINDINGS]),
-        synthetic._loadings(CHESTXRAY_FINDINGS, synthetic._CHEST_FACTORS),
+        synthetic.streams._loadings(CHESTXRAY_FINDINGS, synthetic.chestxray._CHEST_FACTORS),
     )  # fmt: skip
     assert np.all((chest.mean(0) > 0.012) & (chest.mean(0) < 0.2))
     assert 0.4 < (chest.sum(1) == 0).mean() < 0.65  # about half "No Finding"
     assert phi(chest, CHESTXRAY_FINDINGS.index("Effusion"), CHESTXRAY_FINDINGS.index("Atelectasis")) > 0.15
 
-    utk = synthetic._utk_labels(rng, 4000)
+    utk = synthetic.utkface._utk_labels(rng, 4000)
     age, gender, race = utk.T
     assert 1 <= age.min() and age.max() <= 100 and 0.35 < ((age >= 20) & (age < 40)).mean() < 0.65
     assert 0.4 < gender.mean() < 0.6
