@@ -31,15 +31,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("chestxray", "celeba", "utkface")
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide the bf16 path (amx, avx512_bf16)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16")
-
-
 def run_dataset(dataset: str, seeds: int, assignments: list[str], work: Path) -> dict:
     """``python -m mtlue_fast.run`` of ``dataset`` with one victim pair (timed), then ``seeds`` pairs;
     the drops and times from ``report.json``."""
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from mtlue_fast.machine import cpu_model, versions
+    from mtlue_fast.machine import cpu_bf16_flags, cpu_model, versions
 
     model = cpu_model()
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"all {entry['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     record = {
         "benchmark": "efficacy of the synthetic defaults (python -m mtlue_fast.run, independent victims)",
-        "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": model, "cpu_bf16_flags": cpu_flags(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": model, "cpu_bf16_flags": cpu_bf16_flags(),
         "cores": torch.get_num_threads(), "settings": args.set, "versions": versions(), "results": results,
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,16 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def cpu_bf16_flags() -> list[str]:
+    """The CPU features that decide the bf16 path (``amx*``, ``avx512_bf16``), sorted; [] when the
+    flags cannot be read."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16")
+
+
 def versions() -> dict:
     """Software versions: ``mtlue_fast``, ``python``, ``torch``, ``torchvision``, ``cuda`` (torch's
     CUDA or None), ``dali`` (None when not installed), ``gpu`` (device 0's name or None) and
