@@ -48,8 +48,8 @@ class DataSettings:
     """Where the data comes from and at which resolution it is used.
 
     Attributes:
-        cache_size: ``[H, W]`` of the uint8 cache (None: the SPEC working resolution).
-        crop: the victim's crop ``[h, w]`` (None: the SPEC crop scaled to the cache).
+        cache_size: ``[H, W]`` of the uint8 cache (None: docs/method.md working resolution).
+        crop: the victim's crop ``[h, w]`` (None: docs/method.md crop scaled to the cache).
         decoder: ``auto`` (DALI when installed), ``dali`` or ``pil``.
         synthetic_train, synthetic_test: images of the built-in synthetic sample (no --data-root).
         synthetic_size: ``[H, W]`` of the synthetic images (None: the dataset's default).

@@ -1,4 +1,4 @@
-"""Victim-side defences against unlearnable examples (SPEC: the five defences).
+"""Victim-side defences against unlearnable examples (docs/method.md: the five defences).
 
 A victim who suspects its training data is poisoned can transform it. Two kinds:
 

@@ -1,4 +1,4 @@
-"""Non-gradient baselines of SPEC 5: uniform noise and class-wise AR patches."""
+"""Non-gradient baselines of docs/method.md section 5: uniform noise and class-wise AR patches."""
 
 from __future__ import annotations
 

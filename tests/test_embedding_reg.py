@@ -103,7 +103,7 @@ def test_only_one_output_used(device, gen):
 
 
 def test_optimising_drives_regularisers_to_their_targets(gen):
-    """SPEC 5: minimising intra + inter pushes class embeddings apart within a task (binary pairs
+    """docs/method.md section 5: minimising intra + inter pushes class embeddings apart within a task (binary pairs
     towards cos -1) and makes tasks orthogonal (|cos| towards 0)."""
     table = torch.randn(8, 64, generator=gen).requires_grad_(True)
     opt = torch.optim.Adam([table], lr=2e-2)

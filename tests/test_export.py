@@ -1,4 +1,4 @@
-"""Export of the protected training set (SPEC 6): the uint8 cache and image files in the original layout."""
+"""Export of the protected training set (docs/method.md section 6): the uint8 cache and image files in the original layout."""
 
 from __future__ import annotations
 

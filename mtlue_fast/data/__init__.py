@@ -1,4 +1,4 @@
-"""Datasets in their original formats, the uint8 cache, and device-side batches (SPEC section 2)."""
+"""Datasets in their original formats, the uint8 cache, and device-side batches (docs/method.md section 2)."""
 
 from __future__ import annotations
 

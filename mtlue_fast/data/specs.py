@@ -1,4 +1,4 @@
-"""Per-dataset facts of SPEC section 2: tasks, channels, working (cache) resolution, victim crop.
+"""Per-dataset facts of docs/method.md section 2: tasks, channels, working (cache) resolution, victim crop.
 
 A ``DatasetSpec`` is what the readers, the cache and the loaders agree on; nothing here reads files.
 """
@@ -35,7 +35,7 @@ class ResizeSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Fixed facts about one dataset (SPEC table 2)."""
+    """Fixed facts about one dataset (docs/method.md table 2)."""
 
     name: str
     resize: ResizeSpec

@@ -49,7 +49,7 @@ def uses_small_stem(crop: tuple[int, int]) -> bool:
 
     Crops with ``min(crop) >= 48`` keep torchvision's stem (7x7 stride-2 conv + 3x3 stride-2
     max-pool: the first block sees ``h/4 x w/4``; CelebA's 64 costs ~0.3 GFLOP per image at width 1,
-    SPEC 8). Smaller crops get a 3x3 stride-1 conv and no max-pool, keeping the full resolution of
+    docs/method.md section 8). Smaller crops get a 3x3 stride-1 conv and no max-pool, keeping the full resolution of
     tiny images. The bound is 48, not 64, so that reduced caches (e.g. the 64x64 synthetic
     ChestX-ray with its 56 crop) keep the cheap stem: at 56 the full-resolution stem trained 7x
     slower on 2 CPU cores and no better.
@@ -67,7 +67,7 @@ def make_stem(in_channels: int, out_channels: int, small: bool) -> tuple[nn.Conv
 
 
 def init_cnn(module: nn.Module) -> None:
-    """SPEC init: every Conv2d Kaiming-normal (fan_out, relu) with bias 0; BatchNorm weight 1, bias 0."""
+    """docs/method.md init: every Conv2d Kaiming-normal (fan_out, relu) with bias 0; BatchNorm weight 1, bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,4 +1,4 @@
-"""The perturbation generator (SPEC section 4): encoder + label prior -> decoder -> bounded delta.
+"""The perturbation generator (docs/method.md section 4): encoder + label prior -> decoder -> bounded delta.
 
 Shapes, with ``S = (S_h, S_w)`` the encoder output size (:func:`generator_feature_size`):
 

@@ -1,4 +1,4 @@
-"""Multi-task victim/surrogate networks with hard parameter sharing (SPEC section 3).
+"""Multi-task victim/surrogate networks with hard parameter sharing (docs/method.md section 3).
 
 Both networks expose one interface: ``encode(x)`` is the shared part, ``decode(z, image_size)`` the
 task-specific part, ``forward(x) = decode(encode(x), x.shape[-2:])``; ``shared_parameters()`` and

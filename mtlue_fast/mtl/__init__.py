@@ -1,1 +1,1 @@
-"""Multi-task learning pieces: task losses, task-weighting strategies and metrics (SPEC section 3)."""
+"""Multi-task learning pieces: task losses, task-weighting strategies and metrics (docs/method.md section 3)."""

@@ -1,4 +1,4 @@
-"""Per-task losses of the multi-task models (SPEC section 3).
+"""Per-task losses of the multi-task models (docs/method.md section 3).
 
 Classification models emit one fused logit tensor ``[B, sum(num_outputs)]``: a binary task (2 classes)
 owns one column (its logit), a task with ``C > 2`` classes owns ``C`` columns. :func:`output_layout`

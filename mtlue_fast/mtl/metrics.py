@@ -1,4 +1,4 @@
-"""Evaluation metrics of the multi-task models (SPEC sections 3 and 7), accumulated on the device.
+"""Evaluation metrics of the multi-task models (docs/method.md sections 3 and 7), accumulated on the device.
 
 ``update`` only launches device work: no ``.item()``, no ``.cpu()``, no boolean-mask indexing (whose
 output size needs a sync), no ``torch.bincount`` (its CUDA kernel reads the maximum back to size its

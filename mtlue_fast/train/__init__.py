@@ -1,4 +1,4 @@
-"""The one training loop for surrogates, SEP checkpoints, MTL and STL victims (SPEC section 3)."""
+"""The one training loop for surrogates, SEP checkpoints, MTL and STL victims (docs/method.md section 3)."""
 
 from .settings import TrainConfig
 from .tasks import TaskView, select_tasks, victim_crop

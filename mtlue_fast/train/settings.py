@@ -1,4 +1,4 @@
-"""Settings of one training run (SPEC section 3 defaults) and their resolution for a device."""
+"""Settings of one training run (docs/method.md section 3 defaults) and their resolution for a device."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train one victim / surrogate (defaults: SPEC section 3, CelebA-sized).
+    """How to train one victim / surrogate (defaults: docs/method.md section 3, CelebA-sized).
 
     Model:
         backbone: one of ``mtlue_fast.models.BACKBONES``.

@@ -85,7 +85,7 @@ def select_tasks(cache, tasks: Sequence[int | str] | None = None, crop: tuple[in
 
 
 def victim_crop(dataset: str | None, size: Sequence[int]) -> tuple[int, int]:
-    """The dataset's victim crop scaled to a cache of ``size (H, W)`` (SPEC 2: CelebA 64 of 70,
+    """The dataset's victim crop scaled to a cache of ``size (H, W)`` (docs/method.md section 2: CelebA 64 of 70,
     ChestX-ray 224 of 256, UTKFace 128 of 140, NYUv2 the whole image); the full size if unknown."""
     height, width = int(size[0]), int(size[1])
     if dataset is None:

@@ -1,4 +1,4 @@
-"""The one training loop (SPEC section 3): clean surrogates, SEP checkpoints, MTL and STL victims.
+"""The one training loop (docs/method.md section 3): clean surrogates, SEP checkpoints, MTL and STL victims.
 
 ``train(train_cache, test_cache, out_dir, config)`` trains a multi-task network on the training
 cache (clean or protected: same layout), evaluates it on the clean test cache, and leaves in
@@ -245,7 +245,7 @@ def train(
         on_epoch_end: called with each epoch's record (after it is saved).
 
     Returns:
-        :class:`TrainResult` with the last evaluation's metrics (SPEC: the reported number).
+        :class:`TrainResult` with the last evaluation's metrics (docs/method.md: the reported number).
     """
     device = torch.device(device)
     out = Path(out_dir)

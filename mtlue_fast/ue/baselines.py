@@ -1,4 +1,4 @@
-"""Baselines of SPEC 5: each gives a ``perturb(images, labels, indices) -> delta`` callable for
+"""Baselines of docs/method.md section 5: each gives a ``perturb(images, labels, indices) -> delta`` callable for
 :func:`mtlue_fast.ue.export.write_protected`, and an ``export_<name>(clean, out_dir, ...)`` shortcut.
 
 Non-gradient baselines (this section):

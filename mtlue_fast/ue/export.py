@@ -1,4 +1,4 @@
-"""Publishing the protected training set (SPEC 6): a uint8 cache, and image files in the original layout.
+"""Publishing the protected training set (docs/method.md section 6): a uint8 cache, and image files in the original layout.
 
 After training, each training image ``x`` (uint8, in cache order, no augmentation) and its
 perturbation ``delta`` (float, [0, 1] scale, ``|delta| <= eps``) become

@@ -1,4 +1,4 @@
-"""The MTL-UE generator loop (SPEC sections 4-5): train the generator against a surrogate.
+"""The MTL-UE generator loop (docs/method.md sections 4-5): train the generator against a surrogate.
 
 ``generate(train_cache, out_dir, config, surrogates=...)`` trains an
 :class:`~mtlue_fast.models.generator.MTLGenerator` on the (clean) training cache:
@@ -147,7 +147,7 @@ class GeneratorStep:
                  optimizer: torch.optim.Optimizer, config: GenerateConfig, crop: tuple[int, int], amp: bool):
         self.generator, self.objective, self.surrogates = generator, objective, list(surrogates)
         self.optimizer, self.config, self.crop, self.amp = optimizer, config, crop, amp
-        # SEP: no augmentation (SPEC 5). Dense labels would have to move with the image: the
+        # SEP: no augmentation (docs/method.md section 5). Dense labels would have to move with the image: the
         # generator sees NYUv2 pairs unaugmented.
         self.augment = config.augment and config.base != "sep" and getattr(generator, "task_offsets", None) is not None
         self.offsets = getattr(generator, "task_offsets", None)  # None: dense, no label-prior table

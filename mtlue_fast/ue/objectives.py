@@ -1,4 +1,4 @@
-"""Base objectives of unlearnable-example methods (SPEC section 5): EM, TAP and SEP.
+"""Base objectives of unlearnable-example methods (docs/method.md section 5): EM, TAP and SEP.
 
 Each is a loss the perturbation *minimises*, from the surrogate's fused logits
 ``[B, sum(num_outputs)]`` on the perturbed, augmented batch:

@@ -1,4 +1,4 @@
-"""Sample-wise PGD baselines (SPEC 5): per-image perturbations for EM, TAP and SEP.
+"""Sample-wise PGD baselines (docs/method.md section 5): per-image perturbations for EM, TAP and SEP.
 
 Every sample gets its own ``delta`` found by projected sign-gradient descent on the base objective
 (:class:`~mtlue_fast.ue.objectives.Objective`, which is always minimised): ``steps`` (20) steps of

@@ -1,4 +1,4 @@
-"""Settings of one generator training (SPEC sections 4-5): a plain dataclass, cheap to import."""
+"""Settings of one generator training (docs/method.md sections 4-5): a plain dataclass, cheap to import."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ BASES = ("em", "tap", "sep")
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Settings of one generator training (SPEC 4-5 defaults).
+    """Settings of one generator training (docs/method.md section 4-5 defaults).
 
     Attributes:
         base: ``"em"``, ``"tap"`` or ``"sep"``. targeted: binary tasks use the ``1 - y`` target.
@@ -21,14 +21,14 @@ class GenerateConfig:
         batch_size: per step. max_passes, stop_error: None = the base method's defaults.
         stop_subset: samples in the fixed stop-test subset.
         train_steps: EM's surrogate training after each generator pass, in epochs over the freshly
-            generated poisons (SPEC: "train_steps (default 2) surrogate updates"; read as passes,
+            generated poisons (docs/method.md: "train_steps (default 2) surrogate updates"; read as passes,
             matching the generator's full pass, since a couple of optimiser steps cannot fit a
             surrogate to the poisons).
         augment: per-sample random crop + flip of ``x + delta`` as the victim sees it (SEP: never).
         crop: the augmentation's window ``(h, w)``; None = the dataset's victim crop.
         protect: tasks (indices or names) the perturbation protects; None = all.
         width, embed_dim: generator size (1.0 and 16 in the paper).
-        stride: the encoder's stride, 2 or 8 (None: SPEC's rule by image size); 8 on a small image
+        stride: the encoder's stride, 2 or 8 (None: docs/method.md's rule by image size); 8 on a small image
             makes the label-prior maps 16x smaller (the CPU default's choice).
         fast: the linearity path of the first decoder layer. shared_pass: SEP's one generator pass.
         fused_ops: the compiled ``perturb_apply`` / ``embedding_reg``; False composes them from

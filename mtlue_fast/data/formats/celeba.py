@@ -1,5 +1,5 @@
 """CelebA as distributed: ``img_align_celeba/*.jpg``, ``list_attr_celeba.txt``,
-``list_eval_partition.txt`` (SPEC 2.5).
+``list_eval_partition.txt`` (docs/method.md section 2.5).
 
 The attribute file's first line is a count that is never trusted; the second the 40 names; then
 ``name v1..v40`` with -1/1 separated by one or two spaces, often with CRLF endings. Partition 0 is

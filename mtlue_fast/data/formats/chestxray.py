@@ -1,5 +1,5 @@
 """ChestX-ray14 as distributed: ``images*/**.png`` (searched recursively), ``Data_Entry_2017.csv``
-or ``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt`` (SPEC 2.5).
+or ``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt`` (docs/method.md section 2.5).
 
 ``Finding Labels`` is pipe-separated, ``No Finding`` meaning all 14 are 0. The 2017 CSV header ends
 with an empty column; the 2020 revision has 11 columns; both are read by column name.

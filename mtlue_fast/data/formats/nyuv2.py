@@ -1,5 +1,5 @@
 """NYUv2 in the common preprocessed layout ``{train,val}/{image,label,depth,normal}/<i>.npy``
-(SPEC 2.5): image HxWx3 float, label HxW with -1 = ignore, depth HxWx1, normal HxWx3, 288x384.
+(docs/method.md section 2.5): image HxWx3 float, label HxW with -1 = ignore, depth HxWx1, normal HxWx3, 288x384.
 ``val`` is the 654-image test split.
 
 Records hold the image paths; ``labels`` is an object array ``[N, 3]`` of the label, depth and

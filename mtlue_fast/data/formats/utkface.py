@@ -1,5 +1,5 @@
 """UTKFace as distributed: a folder (searched recursively) of
-``age_gender_race_datetime.jpg[.chip.jpg]`` files (SPEC 2.5).
+``age_gender_race_datetime.jpg[.chip.jpg]`` files (docs/method.md section 2.5).
 
 Tasks, in order: age bin (<=2, 3-9, 10-19, ..., 60-69, >=70), race (0..4), gender (0..1). Names
 whose age, gender or race field is missing or out of range are skipped and counted (the release has

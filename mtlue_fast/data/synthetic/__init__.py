@@ -1,4 +1,4 @@
-"""Synthetic datasets written in the ORIGINAL on-disk layouts (SPEC 2.5, 2.7): the embedded default.
+"""Synthetic datasets written in the ORIGINAL on-disk layouts (docs/method.md sections 2.5, 2.7): the embedded default.
 
 ``write(dataset, root, n_train, n_test, seed)`` produces CelebA-, ChestX-ray14-, UTKFace- or
 NYUv2-style files that the real readers (:mod:`mtlue_fast.data.formats`) parse unchanged, quirks
