@@ -1,11 +1,11 @@
-"""Generator training throughput (issue 5): straightforward vs fast path, and SEP's shared pass.
+"""Generator training throughput: straightforward vs fast path, and SEP's shared pass.
 
 Run:  pytest bench/bench_generator.py --benchmark-json bench/results/<name>.json
       python bench/summarize.py bench/results/<name>.json
 
 CelebA-shaped batches (uint8 3 x 70 x 70, crop 64 + flip, 40 binary tasks) against a ResNet-18
 surrogate, TAP objective plus the embedding regularisers. On a GPU: the paper's generator (width 1)
-at batch 512, as in the issue's targets. On a CPU: width 0.25 at batch 32 (the generator costs
+at batch 512, the size of the GPU targets in docs/results.md. On a CPU: width 0.25 at batch 32 (the generator costs
 ~5 GFLOP per image at width 1); the ratios between paths are what a CPU run is for.
 
 - ``straightforward``: fp32, the first transposed convolution over the concatenated ``16K + 128``

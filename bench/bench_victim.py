@@ -1,12 +1,12 @@
-"""Victim training throughput (issue 4): the straightforward path vs the fast path, and the step time
+"""Victim training throughput: the straightforward path vs the fast path, and the step time
 of the gradient-based weighting strategies against equal weighting.
 
 Run:  pytest bench/bench_victim.py --benchmark-json bench/results/<name>.json
       python bench/summarize.py bench/results/<name>.json
 
 CelebA-shaped data: uint8 ``[N, 3, 70, 70]``, random crop 64 + flip, 40 binary tasks, ResNet-18.
-On a GPU: width 1.0 (the torchvision architecture) at batch 512, as in the issue's targets. On a CPU
-the full network manages a few dozen images/s, so the CPU run uses width 0.25 at batch 128: the
+On a GPU: width 1.0 (the torchvision architecture) at batch 512, the size of the GPU targets in
+docs/results.md. On a CPU the full network manages a few dozen images/s, so the CPU run uses width 0.25 at batch 128: the
 ratios between paths are what a CPU run is for.
 
 Paths (each a :class:`~mtlue_fast.train.TrainConfig`; one training epoch of ``STEPS`` steps per round):

@@ -33,8 +33,8 @@ from .cache import Cache
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A copy of ``array`` (often a read-only cache memmap) on ``device``. The host tensor is only read
-    by the copy, so torch's warning about wrapping a non-writable array (seen on the first GPU run) does
-    not apply; a writable host copy first would double the host memory of a large dataset."""
+    by the copy, so torch's warning about wrapping a non-writable array does not apply; a writable
+    host copy first would double the host memory of a large dataset."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
