@@ -26,9 +26,12 @@ EPS = 8 / 255
 
 # name: (B, C, H, crop) for perturb_apply; the generator batch of each dataset.
 PERTURB_SIZES = {"celeba_512x3x70_crop64": (512, 3, 70, 64), "chestxray_128x1x256_crop224": (128, 1, 256, 224)}
-# perturb_apply only, GPU only: a batch large enough that launch and tail effects fade (1.8 GB moved
-# per forward + backward), to tell the kernels' own bandwidth from the per-call costs around them.
-PERTURB_SIZES_GPU = {"celeba_8192x3x70_crop64": (8192, 3, 70, 64)}
+# perturb_apply only, GPU only: batches large enough that launch and tail effects fade (0.45 GB and
+# 1.8 GB moved per forward + backward), to tell the kernels' own bandwidth from the per-call costs
+# around them; 2,048 is the batch a GPU generator step uses.
+PERTURB_SIZES_GPU = {"celeba_2048x3x70_crop64": (2048, 3, 70, 64), "celeba_8192x3x70_crop64": (8192, 3, 70, 64)}
+# raw's dtype: float32, or bfloat16 as a generator under autocast produces it (passed as it is).
+PERTURB_RAW_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # name: (task sizes, D) for embedding_reg.
 EMBEDDING_SIZES = {"celeba_R80_D19600": ([2] * 40, 19600), "chestxray_R28_D16384": ([2] * 14, 16384)}
 
@@ -53,25 +56,27 @@ def run_benchmark(benchmark, fn, device, slow=False):
 # ----------------------------------------------------------------------------- perturb_apply
 
 
-def perturb_inputs(size, device):
+def perturb_inputs(size, device, raw_dtype=torch.float32):
     batch, channels, side, crop = size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, channels, side, side), generator=g, dtype=torch.uint8).to(device)
-    raw = (torch.randn(batch, channels, side, side, generator=g) * 0.05).to(device).requires_grad_(True)
+    raw = (torch.randn(batch, channels, side, side, generator=g) * 0.05).to(device=device, dtype=raw_dtype)
+    raw.requires_grad_(True)
     corner = torch.randint(0, side - crop + 1, (batch, 2), generator=g).to(device)
     flip = (torch.rand(batch, generator=g) < 0.5).to(device)
-    grad_out = torch.randn(batch, channels, crop, crop, generator=g).to(device)
+    grad_out = torch.randn(batch, channels, crop, crop, generator=g).to(device=device, dtype=raw_dtype)
     return x, raw, corner, flip, grad_out
 
 
-def perturb_bytes(size) -> int:
-    """Bytes forward + backward must move: x, raw windows read twice, out written, grad_out read,
-    grad_raw written in full (float32 raw, uint8 x)."""
+def perturb_bytes(size, raw_bytes: int = 4, passes: str = "forward+backward") -> int:
+    """Bytes a pass must move (uint8 x, raw of ``raw_bytes`` per element). Forward: the x and raw
+    windows read, out written. Backward: grad_out read, the x and raw windows read again, grad_raw
+    written in full. ``passes``: "forward", "backward" or "forward+backward"."""
     batch, channels, side, crop = size
     window, full = batch * channels * crop * crop, batch * channels * side * side
-    forward = window * (1 + 4) + window * 4
-    backward = window * 4 + window * (1 + 4) + full * 4
-    return forward + backward
+    forward = window * (1 + raw_bytes) + window * raw_bytes
+    backward = window * raw_bytes + window * (1 + raw_bytes) + full * raw_bytes
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[passes]
 
 
 PERTURB_IMPLS = {
@@ -80,25 +85,40 @@ PERTURB_IMPLS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["compiled", "kernels", "reference", "reference_compiled"])
+@pytest.mark.parametrize("raw_name", list(PERTURB_RAW_DTYPES))
+@pytest.mark.parametrize(
+    "impl", ["compiled", "kernels", "kernels_forward", "kernels_backward", "reference", "reference_compiled"]
+)
 @pytest.mark.parametrize("size_name", list(PERTURB_SIZES) + list(PERTURB_SIZES_GPU))
-def test_perturb_apply(benchmark, bench_device, size_name, impl):
+def test_perturb_apply(benchmark, bench_device, size_name, impl, raw_name):
     """``kernels``: the registered forward and backward ops called directly, without the Python
-    argument checks (the crop-bounds check reads the crops back to the host), autograd or the
-    gradient's allocation by autograd: what the kernels alone cost."""
+    argument checks, autograd or the gradient's allocation by autograd: what the kernels alone cost
+    (``kernels_forward`` / ``kernels_backward``: one of them). bfloat16 raw: the compiled paths and
+    the eager reference only."""
     if size_name in PERTURB_SIZES_GPU and bench_device.type != "cuda":
         pytest.skip("GPU-only size")
-    if impl == "kernels" and ops.backend_for(bench_device) != "compiled":
+    if impl.startswith("kernels") and ops.backend_for(bench_device) != "compiled":
         pytest.skip(f"no compiled kernels for {bench_device.type}")
+    if raw_name != "float32" and impl == "reference_compiled":
+        pytest.skip("bfloat16 raw: compiled paths and the eager reference only")
     size = {**PERTURB_SIZES, **PERTURB_SIZES_GPU}[size_name]
-    x, raw, corner, flip, grad_out = perturb_inputs(size, bench_device)
+    raw_dtype = PERTURB_RAW_DTYPES[raw_name]
+    x, raw, corner, flip, grad_out = perturb_inputs(size, bench_device, raw_dtype)
     crop = size[3]
-    if impl == "kernels":
+    passes = "forward+backward"
+    if impl.startswith("kernels"):
         raw_in = raw.detach()
+        forward_op = lambda: torch.ops.mtlue.perturb_apply(x, raw_in, EPS, 0, corner, flip, crop, crop)  # noqa: E731
+        backward_op = lambda: torch.ops.mtlue.perturb_apply_backward(grad_out, x, raw_in, EPS, 0, corner, flip)  # noqa: E731
+        if impl == "kernels_forward":
+            passes, step = "forward", forward_op
+        elif impl == "kernels_backward":
+            passes, step = "backward", backward_op
+        else:
 
-        def step():
-            torch.ops.mtlue.perturb_apply(x, raw_in, EPS, 0, corner, flip, crop, crop)
-            torch.ops.mtlue.perturb_apply_backward(grad_out, x, raw_in, EPS, 0, corner, flip)
+            def step():
+                forward_op()
+                backward_op()
 
     else:
         if impl == "reference_compiled":
@@ -111,8 +131,9 @@ def test_perturb_apply(benchmark, bench_device, size_name, impl):
             raw.grad = None
             forward(x, raw, corner, flip, crop).backward(grad_out)
 
-    benchmark.group = f"perturb_apply fwd+bwd {size_name} {bench_device.type}"
-    benchmark.extra_info.update(op="perturb_apply", size=size_name, impl=impl, bytes=perturb_bytes(size))
+    benchmark.group = f"perturb_apply {passes} {size_name} raw {raw_name} {bench_device.type}"
+    nbytes = perturb_bytes(size, raw_dtype.itemsize, passes)
+    benchmark.extra_info.update(op="perturb_apply", size=size_name, impl=impl, raw=raw_name, passes=passes, bytes=nbytes)
     run_benchmark(benchmark, step, bench_device)
 
 

@@ -5,7 +5,8 @@
 
 TORCH_LIBRARY(mtlue, m) {
   // x [B,C,H,W] uint8|float, raw [B,C,H,W] float -> [B,C,out_h,out_w] in raw's dtype.
-  // mode 0 = clamp, 1 = tanh; crop int64 [B,2] (top, left) or None; flip bool [B] or None.
+  // mode 0 = clamp, 1 = tanh; crop int64 [B,2] (top, left) or None (the centred window);
+  // flip bool [B] or None.
   m.def("perturb_apply(Tensor x, Tensor raw, float eps, int mode, Tensor? crop, Tensor? flip, "
         "int out_h, int out_w) -> Tensor");
   // Gradient of perturb_apply with respect to raw: [B,C,H,W] in raw's dtype.
@@ -20,4 +21,7 @@ TORCH_LIBRARY(mtlue, m) {
         "Tensor task_offsets, Tensor cos, Tensor norms) -> Tensor");
   // x uint8 [N,C,H,W], delta float [N,C,H,W] -> protected uint8, delta_q int8.
   m.def("quantize_export(Tensor x, Tensor delta) -> (Tensor protected_img, Tensor delta_q)");
+  // The value errors the kernels recorded on like's device since the last call (CPU int64
+  // [kSlots], common/error_slots.h), clearing them; all zero on the CPU, whose kernels raise at once.
+  m.def("take_pending_errors(Tensor like) -> Tensor");
 }

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mtlue_fast import ops
+from mtlue_fast.ops import _checks as checks
 from mtlue_fast.ops import reference
 
 TASK_LAYOUTS = {
@@ -140,5 +141,60 @@ def test_bad_input_names_the_argument(table, offsets, match):
 
 
 def test_compiled_op_rejects_bad_offsets_directly():
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
     with pytest.raises(RuntimeError, match="strictly increasing"):
         torch.ops.mtlue.embedding_reg(torch.zeros(4, 3), torch.tensor([0, 3, 3, 4]))
+
+
+@pytest.mark.parametrize("offsets", [[0, 3, 3, 4], [0, 3, 2, 4], [1, 2, 4], [0, 2, 5]])
+def test_bad_offsets_tensor_raises_at_once_on_the_cpu(offsets):
+    """Offsets in a CPU tensor are checked by the CPU kernel itself (no read back in Python)."""
+    with pytest.raises(ValueError, match=r"embedding_reg: task_offsets must be strictly increasing"):
+        ops.embedding_reg(torch.randn(4, 3), torch.tensor(offsets))
+
+
+def test_compiled_path_reads_no_values_back(gen, monkeypatch):
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
+    table = torch.randn(6, 5, generator=gen).requires_grad_(True)
+    offsets = offsets_of([2, 3, 1])
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    intra, inter = ops.embedding_reg(table, offsets)
+    (intra + inter).backward()
+
+
+@pytest.mark.cuda
+def test_cpu_offsets_for_a_cuda_table_are_checked_and_copied_once(gen):
+    table = torch.randn(6, 5, generator=gen, device="cuda")
+    offsets = offsets_of([2, 3, 1])
+    first = ops.embedding_reg(table, offsets)
+    copies = {key: entry[2] for key, entry in checks._copies.items()}
+    second = ops.embedding_reg(table, offsets)
+    # The same device copy: no second check or copy.
+    assert {key: entry[2] for key, entry in checks._copies.items()}.keys() == copies.keys()
+    assert all(checks._copies[key][2] is copy for key, copy in copies.items())
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    offsets[1] = 3  # an in-place change is seen: checked again
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.embedding_reg(table, offsets)
+
+
+@pytest.mark.cuda
+def test_bad_offsets_on_the_gpu_are_raised_later():
+    device = torch.device("cuda")
+    ops.raise_pending_errors(device)
+    table = torch.randn(4, 3, device=device)
+    ops.embedding_reg(table, torch.tensor([0, 3, 3, 4], device=device))  # no read back here
+    with pytest.raises(ValueError, match=r"strictly increasing from 0 to R=4.*got 3 then 3 at index 1"):
+        ops.raise_pending_errors(device)
+    ops.embedding_reg(table, torch.tensor([0, 2, 4], device=device))
+    ops.raise_pending_errors(device)
+    ops.embedding_reg(table, torch.tensor([0, 2, 5], device=device))
+    with pytest.raises(ValueError, match=r"got first 0 and last 5"):
+        ops.raise_pending_errors(device)

@@ -18,10 +18,18 @@ def _compiled(device: torch.device) -> None:
 
 
 def test_export_overflow_message_names_the_count(device):
+    """At once on the CPU; on CUDA recorded by the kernel and raised by raise_pending_errors."""
     _compiled(device)
     x = torch.zeros(1, 1, 2, 3, dtype=torch.uint8, device=device)
-    with pytest.raises(RuntimeError, match=r"quantize_export: 6 element\(s\) of delta move a pixel by more than 127/255"):
+    message = r"quantize_export: 6 element\(s\) of delta move a pixel by more than 127/255"
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.mtlue.quantize_export(x, torch.full((1, 1, 2, 3), 0.6, device=device))
+    else:
+        ops.raise_pending_errors(device)
         torch.ops.mtlue.quantize_export(x, torch.full((1, 1, 2, 3), 0.6, device=device))
+        with pytest.raises(ValueError, match=message):
+            ops.raise_pending_errors(device)
 
 
 def test_export_shape_and_dtype_messages(device):
@@ -55,6 +63,50 @@ def test_cpu_crop_window_message():
     crop = torch.tensor([[0, 0], [2, 1]])
     with pytest.raises(RuntimeError, match=r"perturb_apply: crop\[1\] = \(2, 1\) puts the 3x3 window outside the 4x4 image"):
         torch.ops.mtlue.perturb_apply(x, torch.zeros(2, 1, 4, 4), 0.1, 0, crop, None, 3, 3)
+
+
+def test_pending_error_messages():
+    """The messages raise_pending_errors builds from the CUDA error buffer (formatted here, on any
+    machine, from buffer values as a kernel would leave them)."""
+    from mtlue_fast.ops import _errors
+
+    slots = [0] * _errors.SLOTS
+    assert _errors.messages(slots) == []
+    slots[_errors.CROP_COUNT : _errors.IMAGE_WIDTH + 1] = [2, 5, 10, -3, 64, 64, 70, 70]
+    slots[_errors.EXPORT_OVERFLOW] = 7
+    slots[_errors.OFFSETS_COUNT : _errors.OFFSETS_ROWS + 1] = [1, -1, 1, 80, 80]
+    crop, export, offsets = _errors.messages(slots)
+    assert crop.startswith("perturb_apply: crop[5] = (10, -3) put the 64x64 window outside the 70x70 image")
+    assert "0 <= top <= 6 and 0 <= left <= 6" in crop
+    assert export.startswith("quantize_export: 7 element(s) of delta move a pixel by more than 127/255")
+    assert offsets.startswith("embedding_reg: task_offsets must be strictly increasing from 0 to R=80")
+    assert "got first 1 and last 80" in offsets
+
+
+def test_error_slots_match_the_library_header():
+    """mtlue_fast/ops/_errors.py reads the buffer by the slot numbers csrc/common/error_slots.h gives."""
+    import re
+    from pathlib import Path
+
+    from mtlue_fast.ops import _errors
+
+    header = (Path(__file__).resolve().parent.parent / "csrc" / "common" / "error_slots.h").read_text()
+    slots = {name: int(value) for name, value in re.findall(r"constexpr int k(\w+) = (\d+);", header)}
+    python = {
+        "CropCount": _errors.CROP_COUNT, "CropSample": _errors.CROP_SAMPLE, "CropTop": _errors.CROP_TOP,
+        "CropLeft": _errors.CROP_LEFT, "CropHeight": _errors.CROP_HEIGHT, "CropWidth": _errors.CROP_WIDTH,
+        "ImageHeight": _errors.IMAGE_HEIGHT, "ImageWidth": _errors.IMAGE_WIDTH,
+        "ExportOverflow": _errors.EXPORT_OVERFLOW, "OffsetsCount": _errors.OFFSETS_COUNT,
+        "OffsetsIndex": _errors.OFFSETS_INDEX, "OffsetsLow": _errors.OFFSETS_LOW,
+        "OffsetsHigh": _errors.OFFSETS_HIGH, "OffsetsRows": _errors.OFFSETS_ROWS, "Slots": _errors.SLOTS,
+    }  # fmt: skip
+    assert slots == python
+
+
+def test_nothing_pending_on_the_cpu():
+    ops.raise_pending_errors("cpu")
+    if ops.backend_for("cpu") == "compiled":
+        assert torch.ops.mtlue.take_pending_errors(torch.empty(0)).tolist() == [0] * 16
 
 
 def test_embedding_offsets_message():

@@ -11,13 +11,26 @@ from mtlue_fast.ops import reference
 MODES = {"clamp": reference.MODE_CLAMP, "tanh": reference.MODE_TANH}
 
 
-def make_inputs(gen, shape, x_dtype, raw_dtype, device, raw_scale=0.05):
+def make_inputs(gen, shape, x_dtype, raw_dtype, device, raw_scale=0.05, offset=0):
+    """Random x and raw (a leaf). ``offset`` > 0: both are contiguous views that start that many
+    elements into their storage, so they are not 16-byte aligned (the kernels' element-wise path)."""
     if x_dtype == torch.uint8:
         x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
     else:
         x = torch.rand(shape, generator=gen, dtype=torch.float64).to(x_dtype)
     raw = (torch.randn(shape, generator=gen, dtype=torch.float64) * raw_scale).to(raw_dtype)
-    return x.to(device), raw.to(device).requires_grad_(True)
+    x, raw = x.to(device), raw.to(device)
+    if offset:
+        x, raw = shifted(x, offset), shifted(raw, offset)
+    return x, raw.detach().requires_grad_(True)
+
+
+def shifted(t, offset):
+    """A contiguous copy of t whose data starts ``offset`` elements into its storage."""
+    storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = storage[offset:].view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def random_windows(gen, batch, height, width, out_h, out_w, device):
@@ -28,7 +41,8 @@ def random_windows(gen, batch, height, width, out_h, out_w, device):
 
 
 def reference_of(x, raw, eps, mode, crop, flip, out_size):
-    """The reference on a detached copy of raw, returning (out, leaf) for gradient comparison."""
+    """The reference on a detached copy of raw, returning (out, leaf) for gradient comparison.
+    A centre crop is spelled out as an explicit window, independently of the op's own default."""
     leaf = raw.detach().clone().requires_grad_(True)
     h, w = out_size or x.shape[-2:]
     if crop is None and out_size is not None:
@@ -158,6 +172,128 @@ def test_noncontiguous_and_channels_last_inputs(device, gen):
     torch.testing.assert_close(out_t, expected, atol=1e-6, rtol=0)
 
 
+WIDTHS = [63, 64, 70, 224, 256]
+LOW_PRECISION = [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)]
+
+
+@pytest.mark.parametrize("mode", ["clamp", "tanh"])
+@pytest.mark.parametrize("raw_dtype,atol", LOW_PRECISION)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_row_widths_and_raw_dtypes(device, gen, width, raw_dtype, atol, mode):
+    """Rows that are and are not whole 16-byte vectors, windows starting at any column, flips: the
+    vector path of every raw dtype with its element-wise head and tail, forward and backward."""
+    x_dtype = torch.uint8 if width % 2 else torch.float32
+    height = 7
+    x, raw = make_inputs(gen, (3, 2, height, width), x_dtype, raw_dtype, device)
+    out_w = width - int(torch.randint(0, 8, (), generator=gen))
+    crop, flip = random_windows(gen, 3, height, width, 5, out_w, device)
+    out, _ = assert_matches(x, raw, 8 / 255, mode, crop, flip, (5, out_w), gen, atol=atol)
+    assert out.dtype == raw_dtype and out.is_contiguous()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("raw_dtype,atol", LOW_PRECISION)
+def test_centre_crop_matches_an_explicit_window(device, gen, x_dtype, raw_dtype, atol):
+    """Without crop the op takes the centred window ((H-h)//2, (W-w)//2) itself: no window tensor."""
+    x, raw = make_inputs(gen, (4, 3, 13, 70), x_dtype, raw_dtype, device)
+    flip = (torch.rand(4, generator=gen) < 0.5).to(device)
+    assert_matches(x, raw, 8 / 255, "clamp", None, flip, (8, 63), gen, atol=atol)
+    assert_matches(x, raw, 8 / 255, "tanh", None, None, (13, 64), gen, atol=atol)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("raw_dtype,atol", LOW_PRECISION)
+def test_misaligned_tensors(device, gen, offset, raw_dtype, atol):
+    """x and raw starting off a 16-byte boundary: the kernels fall back to element-wise moves."""
+    x, raw = make_inputs(gen, (4, 3, 10, 64), torch.uint8, raw_dtype, device, offset=offset)
+    assert raw.is_contiguous() and raw.storage_offset() == offset
+    crop, flip = random_windows(gen, 4, 10, 64, 7, 61, device)
+    assert_matches(x, raw, 8 / 255, "tanh", crop, flip, (7, 61), gen, atol=atol)
+    x_f, raw_f = make_inputs(gen, (2, 1, 9, 33), torch.float32, raw_dtype, device, offset=offset)
+    crop, flip = random_windows(gen, 2, 9, 33, 9, 30, device)
+    assert_matches(x_f, raw_f, 8 / 255, "clamp", crop, flip, (9, 30), gen, atol=atol)
+
+
+@pytest.mark.parametrize("raw_dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_images_wider_than_a_tile(device, gen, raw_dtype, atol):
+    """Rows longer than the kernels' shared-memory tile take their element-wise kernel."""
+    x, raw = make_inputs(gen, (2, 1, 3, 4500), torch.uint8, raw_dtype, device)
+    crop, flip = random_windows(gen, 2, 3, 4500, 2, 4400, device)
+    assert_matches(x, raw, 8 / 255, "clamp", crop, flip, (2, 4400), gen, atol=atol)
+
+
+def test_cpu_window_outside_the_image_raises_at_once(gen):
+    x, raw = make_inputs(gen, (3, 2, 10, 70), torch.uint8, torch.float32, "cpu")
+    crop = torch.tensor([[0, 0], [2, 7], [5, 3]])
+    with pytest.raises(ValueError, match=r"5x64 window outside the 10x70 image.*0 <= top <= 5 and 0 <= left <= 6"):
+        ops.perturb_apply(x, raw, 8 / 255, crop=crop, out_size=(5, 64))
+
+
+def _no_host_reads(monkeypatch):
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
+def test_compiled_path_reads_no_values_back(gen, monkeypatch):
+    """Windows are checked by the kernel, and a centre crop makes no window tensor: a call (and its
+    backward) reads nothing back, so on a GPU it never waits for the device."""
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
+    x, raw = make_inputs(gen, (2, 1, 8, 8), torch.uint8, torch.bfloat16, "cpu")
+    crop, flip = random_windows(gen, 2, 8, 8, 5, 5, "cpu")
+    _no_host_reads(monkeypatch)
+    ops.perturb_apply(x, raw, 0.03, crop=crop, flip=flip, out_size=(5, 5)).sum().backward()
+    ops.perturb_apply(x, raw, 0.03, mode="tanh", out_size=(6, 6)).sum().backward()
+
+
+@pytest.mark.cuda
+def test_cuda_window_outside_the_image_is_clamped_and_raised_later(gen):
+    device = torch.device("cuda")
+    ops.raise_pending_errors(device)  # start clean
+    x, raw = make_inputs(gen, (3, 2, 10, 70), torch.uint8, torch.float32, device)
+    crop = torch.tensor([[0, 0], [2, 10], [5, 3]], device=device)  # crop[1]: left 10 > 70 - 64
+    flip = torch.tensor([False, True, False], device=device)
+    out = ops.perturb_apply(x, raw, 8 / 255, crop=crop, flip=flip, out_size=(5, 64))  # no error yet
+    grad_out = torch.randn(out.shape, generator=gen).to(device)
+    (grad,) = torch.autograd.grad(out, raw, grad_out)
+    clamped = torch.tensor([[0, 0], [2, 6], [5, 3]], device=device)
+    expected, leaf = reference_of(x, raw, 8 / 255, "clamp", clamped, flip, (5, 64))
+    (grad_expected,) = torch.autograd.grad(expected, leaf, grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, grad_expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"perturb_apply: crop\[1\] = \(2, 10\) put the 5x64 window outside the 10x70 image"):
+        ops.raise_pending_errors(device)
+    ops.raise_pending_errors(device)  # the record was cleared
+    ops.perturb_apply(x, raw, 8 / 255, crop=clamped, flip=flip, out_size=(5, 64)).sum().backward()
+    ops.raise_pending_errors(0)  # valid windows record nothing
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("raw_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_far_out_windows_read_only_inside_the_image(gen, raw_dtype):
+    """Windows far outside the image (offsets that would overflow 32-bit arithmetic) are clamped to
+    the nearest valid window, forward and backward, and reported."""
+    device = torch.device("cuda")
+    ops.raise_pending_errors(device)
+    x, raw = make_inputs(gen, (4, 3, 70, 70), torch.uint8, raw_dtype, device)
+    crop = torch.tensor([[10**12, -(10**12)], [-5, 3], [2, 2**40], [-(2**62), 2**62]], device=device)
+    flip = torch.tensor([True, False, True, False], device=device)
+    clamped = torch.tensor([[6, 0], [0, 3], [2, 6], [0, 6]], device=device)
+    out = ops.perturb_apply(x, raw, 8 / 255, crop=crop, flip=flip, out_size=(64, 64))
+    grad_out = torch.randn(out.shape, generator=gen).to(device=device, dtype=raw_dtype)
+    (grad,) = torch.autograd.grad(out, raw, grad_out)
+    expected, leaf = reference_of(x, raw, 8 / 255, "clamp", clamped, flip, (64, 64))
+    (grad_expected,) = torch.autograd.grad(expected, leaf, grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, grad_expected, atol=1e-6, rtol=0)
+    # Every sample's window is out: which one is described first depends on the blocks' order.
+    with pytest.raises(ValueError, match=r"crop\[\d\] = \(-?\d+, -?\d+\) put the 64x64 window outside the 70x70 image"):
+        ops.raise_pending_errors(device)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -169,8 +305,8 @@ def test_noncontiguous_and_channels_last_inputs(device, gen):
         ({"eps": float("nan")}, "eps must be a finite float >= 0"),
         ({"mode": "sigmoid"}, "mode must be one of"),
         ({"crop": torch.tensor([[0, 0], [1, 1]]), "out_size": (7, 7), "extra": None}, None),
-        ({"crop": torch.tensor([[0, 0], [1, 3]]), "out_size": (6, 6)}, "must lie inside"),
-        ({"crop": torch.tensor([[-1, 0], [0, 0]]), "out_size": (6, 6)}, "must lie inside"),
+        ({"crop": torch.tensor([[0, 0], [1, 3]]), "out_size": (6, 6)}, r"6x6 window outside the 8x8 image.*0 <= left <= 2"),
+        ({"crop": torch.tensor([[-1, 0], [0, 0]]), "out_size": (6, 6)}, r"6x6 window outside the 8x8 image.*0 <= top <= 2"),
         ({"crop": torch.tensor([[0, 0]]), "out_size": (6, 6)}, r"crop must have shape \[B,2\]"),
         ({"crop": torch.zeros(2, 2), "out_size": (6, 6)}, "crop must be an integer tensor"),
         ({"crop": torch.zeros(2, 2, dtype=torch.int64)}, "crop requires out_size"),
@@ -193,6 +329,8 @@ def test_bad_input_names_the_argument(kwargs, match):
 
 def test_compiled_op_rejects_out_of_image_crop_directly():
     """The C++ CPU kernel checks windows itself, for callers of torch.ops.mtlue directly."""
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
     x = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match=r"crop\[0\] = \(3, 0\)"):
         torch.ops.mtlue.perturb_apply(x, torch.zeros(1, 1, 4, 4), 0.1, 0, torch.tensor([[3, 0]]), None, 2, 2)

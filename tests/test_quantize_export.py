@@ -43,13 +43,68 @@ def test_noncontiguous_and_channels_last(device, gen):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_delta_beyond_int8_range_is_an_error(device):
-    x = torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device=device)
-    delta = torch.full((1, 1, 2, 2), 0.6, device=device)
-    with pytest.raises(ValueError, match="more than 127/255"):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,offset", [((2, 3, 70, 70), 0), ((1, 1, 3, 37), 0), ((3, 1, 16, 16), 0), ((2, 3, 9, 11), 5)])
+def test_vector_sizes_tails_and_misaligned_tensors(device, gen, dtype, shape, offset):
+    """Element counts that are and are not multiples of the kernels' 16-element vectors, and
+    tensors that start off a 16-byte boundary (offset > 0: contiguous views into a larger buffer)."""
+    numel = torch.Size(shape).numel()
+    x = torch.randint(0, 256, (numel + offset,), generator=gen, dtype=torch.uint8)[offset:].view(shape)
+    delta = ((torch.rand(numel + offset, generator=gen, dtype=torch.float64) * 2 - 1) * 40 / 255).to(dtype)
+    delta = delta[offset:].view(shape)
+    delta[0, 0, 0, :3] = torch.tensor([float("nan"), 0.5 / 255, -0.5 / 255], dtype=dtype)
+    x, delta = x.to(device), delta.to(device)
+    if offset:  # .to(device) copies; keep the offset on the device too
+        x = torch.cat([x.new_zeros(offset), x.flatten()])[offset:].view(shape)
+        delta = torch.cat([delta.new_zeros(offset), delta.flatten()])[offset:].view(shape)
+        assert x.storage_offset() == offset and delta.is_contiguous()
+    protected, delta_q = ops.quantize_export(x, delta)
+    protected_ref, delta_q_ref = reference.quantize_export(x, delta)
+    assert torch.equal(protected, protected_ref) and torch.equal(delta_q, delta_q_ref)
+    ops.raise_pending_errors(device)
+
+
+def test_delta_beyond_int8_range_is_an_error_at_once_on_the_cpu():
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
+    delta = torch.full((1, 1, 2, 2), 0.6)
+    with pytest.raises(ValueError, match=r"4 element\(s\) of delta move a pixel by more than 127/255"):
         ops.quantize_export(x, delta)
     with pytest.raises(ValueError, match="more than 127/255"):
         reference.quantize_export(x, delta)
+
+
+@pytest.mark.cuda
+def test_delta_beyond_int8_range_is_raised_later_on_cuda(gen):
+    """On CUDA the overflow is counted on the device (no read back per call), the differences are
+    saturated to +-127, and the next raise_pending_errors reports the count, once."""
+    device = torch.device("cuda")
+    ops.raise_pending_errors(device)
+    x = torch.full((2, 3, 33, 33), 100, dtype=torch.uint8, device=device)
+    delta = torch.zeros(x.shape, device=device)
+    delta[0, 0, 0, :5] = 0.6  # +153
+    delta[1, 2, 32, -2:] = -0.6  # -153 -> clamped at 0, i.e. -100: within range
+    delta[1, 1, 7, 3] = -0.9  # x - 229: clamped at 0 as well
+    protected, delta_q = ops.quantize_export(x, delta)
+    assert delta_q[0, 0, 0, :5].tolist() == [127] * 5 and protected[0, 0, 0, :5].tolist() == [253] * 5
+    with pytest.raises(ValueError, match=r"quantize_export: 5 element\(s\) of delta move a pixel by more than 127/255"):
+        ops.raise_pending_errors(device)
+    ops.raise_pending_errors(device)
+    ops.quantize_export(x, delta * 0.1)
+    ops.raise_pending_errors(device)
+
+
+def test_compiled_path_reads_no_values_back(gen, monkeypatch):
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
+    x = torch.randint(0, 256, (2, 3, 9, 10), generator=gen, dtype=torch.uint8)
+    delta = torch.randn(x.shape, generator=gen) * 0.02
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ops.quantize_export(x, delta)
 
 
 def test_gradient_does_not_flow(device):

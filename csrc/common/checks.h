@@ -1,5 +1,7 @@
 // Argument checks shared by the CPU and CUDA registrations. The Python wrappers in
 // mtlue_fast/ops validate first with friendlier messages; these protect direct torch.ops calls.
+// Only shapes, dtypes and devices are checked here: values (crop windows, task offsets) are checked
+// by the kernels themselves (raised at once on the CPU, recorded on CUDA; see error_slots.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,9 +40,6 @@ inline void check_perturb_args(const at::Tensor& x, const at::Tensor& raw, doubl
                 "perturb_apply: crop must be [B,2], got ", crop->sizes());
     MTLUE_CHECK(crop->device() == x.device(), "perturb_apply: crop is on ", crop->device(),
                 " but x is on ", x.device());
-  } else {
-    MTLUE_CHECK(out_h == height && out_w == width,
-                "perturb_apply: an out size different from the image needs crop");
   }
   if (flip.has_value()) {
     MTLUE_CHECK(flip->scalar_type() == at::kBool, "perturb_apply: flip must be bool, got ",

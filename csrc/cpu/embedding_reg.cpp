@@ -19,12 +19,14 @@ std::vector<int64_t> task_of_rows(const at::Tensor& task_offsets, int64_t rows) 
   const int64_t* off = task_offsets.data_ptr<int64_t>();
   const int64_t tasks = task_offsets.size(0) - 1;
   MTLUE_CHECK(off[0] == 0 && off[tasks] == rows,
-              "embedding_reg: task_offsets must start at 0 and end at R=", rows, ", got ", off[0],
-              " ... ", off[tasks]);
-  std::vector<int64_t> task(rows);
-  for (int64_t k = 0; k < tasks; ++k) {
+              "embedding_reg: task_offsets must be strictly increasing from 0 to R=", rows,
+              ", got ", off[0], " ... ", off[tasks]);
+  for (int64_t k = 0; k < tasks; ++k) {  // all checked before any row is filled in
     MTLUE_CHECK(off[k] < off[k + 1], "embedding_reg: task_offsets must be strictly increasing, got ",
                 off[k], " then ", off[k + 1], " at index ", k);
+  }
+  std::vector<int64_t> task(rows);
+  for (int64_t k = 0; k < tasks; ++k) {
     for (int64_t r = off[k]; r < off[k + 1]; ++r) task[r] = k;
   }
   return task;

@@ -40,12 +40,13 @@ inline opmath_t delta_of(opmath_t raw, opmath_t eps) {
   }
 }
 
-// Per-sample window: top/left of the crop and whether it is flipped.
+// Per-sample window: top/left of the crop (the centred window without one) and its flip.
 struct Windows {
   const int64_t* crop;  // [B,2] or nullptr
   const bool* flip;     // [B] or nullptr
-  int64_t top(int64_t b) const { return crop ? crop[2 * b] : 0; }
-  int64_t left(int64_t b) const { return crop ? crop[2 * b + 1] : 0; }
+  int64_t centre_top, centre_left;
+  int64_t top(int64_t b) const { return crop ? crop[2 * b] : centre_top; }
+  int64_t left(int64_t b) const { return crop ? crop[2 * b + 1] : centre_left; }
   bool flipped(int64_t b) const { return flip && flip[b]; }
 };
 
@@ -124,15 +125,18 @@ void check_crop_bounds(const at::Tensor& crop, int64_t height, int64_t width, in
     const int64_t top = c[2 * b], left = c[2 * b + 1];
     MTLUE_CHECK(top >= 0 && left >= 0 && top + out_h <= height && left + out_w <= width,
                 "perturb_apply: crop[", b, "] = (", top, ", ", left, ") puts the ", out_h, "x", out_w,
-                " window outside the ", height, "x", width, " image");
+                " window outside the ", height, "x", width, " image; crop windows must satisfy "
+                "0 <= top <= ", height - out_h, " and 0 <= left <= ", width - out_w);
   }
 }
 
 // Contiguous crop/flip and the Windows view of them (the tensors must outlive the view).
 struct PreparedWindows {
   std::optional<at::Tensor> crop, flip;
+  int64_t centre_top = 0, centre_left = 0;
   Windows view() const {
-    return {crop ? crop->data_ptr<int64_t>() : nullptr, flip ? flip->data_ptr<bool>() : nullptr};
+    return {crop ? crop->data_ptr<int64_t>() : nullptr, flip ? flip->data_ptr<bool>() : nullptr,
+            centre_top, centre_left};
   }
 };
 
@@ -140,6 +144,8 @@ PreparedWindows prepare_windows(const std::optional<at::Tensor>& crop,
                                 const std::optional<at::Tensor>& flip, int64_t height, int64_t width,
                                 int64_t out_h, int64_t out_w) {
   PreparedWindows w;
+  w.centre_top = (height - out_h) / 2;
+  w.centre_left = (width - out_w) / 2;
   if (crop) {
     w.crop = crop->contiguous();
     check_crop_bounds(*w.crop, height, width, out_h, out_w);

@@ -1,12 +1,15 @@
 // CUDA registrations of the mtlue ops: validate, make inputs contiguous, allocate outputs, launch.
 // Kernels live in the .cu files next to this one (light includes only; see launchers.h).
-// Crop windows are bounds-checked by the Python wrapper (reading them here would synchronise);
-// the kernels never read outside the image whatever the crop holds.
+// Checks of tensor values (crop windows, export overflow, task offsets) would synchronise here; the
+// kernels record them in the device's error buffer instead, which mtlue::take_pending_errors reads.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
 
 #include "../common/checks.h"
@@ -20,6 +23,31 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
+// The error buffer of a device (int64 [error_slot::kSlots], zeroed on the current stream when first
+// used). Kept for the life of the process: never freed, so no CUDA call runs at exit.
+const at::Tensor& error_buffer(const c10::Device& device) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<c10::DeviceIndex, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[device.index()];
+  if (!buffer.defined()) {
+    buffer = at::zeros({error_slot::kSlots}, at::TensorOptions().dtype(at::kLong).device(device));
+  }
+  return buffer;
+}
+
+// The errors recorded on like's device since the last call, as a CPU int64 [kSlots] tensor, and
+// the buffer cleared. Synchronises with the current stream (the only call that does).
+at::Tensor take_pending_errors_cuda(const at::Tensor& like) {
+  MTLUE_CHECK(like.is_cuda(), "take_pending_errors: expected a CUDA tensor, got one on ",
+              like.device());
+  const c10::cuda::CUDAGuard guard(like.device());
+  const at::Tensor& buffer = error_buffer(like.device());
+  at::Tensor snapshot = buffer.clone();
+  buffer.zero_();
+  return snapshot.cpu();
+}
+
 at::Tensor perturb_apply_cuda(const at::Tensor& x_in, const at::Tensor& raw_in, double eps,
                               int64_t mode, const std::optional<at::Tensor>& crop,
                               const std::optional<at::Tensor>& flip, int64_t out_h, int64_t out_w) {
@@ -28,7 +56,7 @@ at::Tensor perturb_apply_cuda(const at::Tensor& x_in, const at::Tensor& raw_in, 
   const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, raw.options());
   perturb_apply_forward(x, raw, eps, mode, contiguous_or_undefined(crop),
-                        contiguous_or_undefined(flip), out);
+                        contiguous_or_undefined(flip), out, error_buffer(x.device()));
   return out;
 }
 
@@ -46,14 +74,19 @@ at::Tensor perturb_apply_backward_cuda(const at::Tensor& grad_out_in, const at::
   const at::Tensor grad_out = grad_out_in.to(raw.scalar_type()).contiguous();
   at::Tensor grad_raw = at::empty_like(raw, at::MemoryFormat::Contiguous);
   perturb_apply_backward(grad_out, x, raw, eps, mode, contiguous_or_undefined(crop),
-                         contiguous_or_undefined(flip), grad_raw);
+                         contiguous_or_undefined(flip), grad_raw, error_buffer(x.device()));
   return grad_raw;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_reg_cuda(
     const at::Tensor& table, const at::Tensor& task_offsets) {
   const c10::cuda::CUDAGuard guard(table.device());
-  return embedding_reg_forward(table, task_offsets, embedding_reg_forward_pairs);
+  const at::Tensor& errors = error_buffer(table.device());
+  auto pairs = [&](const at::Tensor& gram, const at::Tensor& offsets, at::Tensor& cos,
+                   at::Tensor& norms, at::Tensor& intra, at::Tensor& inter) {
+    embedding_reg_forward_pairs(gram, offsets, cos, norms, intra, inter, errors);
+  };
+  return embedding_reg_forward(table, task_offsets, pairs);
 }
 
 at::Tensor embedding_reg_backward_cuda(const at::Tensor& grad_intra, const at::Tensor& grad_inter,
@@ -71,10 +104,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_export_cuda(const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous(), delta = delta_in.contiguous();
   at::Tensor protected_img = at::empty(x.sizes(), x.options());
   at::Tensor delta_q = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  const int64_t overflow = quantize_export(x, delta, protected_img, delta_q);
-  MTLUE_CHECK(overflow == 0, "quantize_export: ", overflow,
-              " element(s) of delta move a pixel by more than 127/255; delta_q is int8, so |255*delta| "
-              "must stay <= 127");
+  quantize_export(x, delta, protected_img, delta_q, error_buffer(x.device()));
   return {protected_img, delta_q};
 }
 
@@ -86,6 +116,7 @@ TORCH_LIBRARY_IMPL(mtlue, CUDA, m) {
   m.impl("embedding_reg", &embedding_reg_cuda);
   m.impl("embedding_reg_backward", &embedding_reg_backward_cuda);
   m.impl("quantize_export", &quantize_export_cuda);
+  m.impl("take_pending_errors", &take_pending_errors_cuda);
 }
 
 }  // namespace mtlue::cuda

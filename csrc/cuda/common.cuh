@@ -87,6 +87,46 @@ __device__ __forceinline__ T block_sum(T v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// N elements of T moved as one access: 16 bytes (one vector load or store) when N * sizeof(T) is
+// 16, several 16-byte accesses when it is more, one narrower access when it is less. The address
+// must be aligned to min(16, N * sizeof(T)) bytes.
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Division by a divisor d >= 1 fixed at launch, for numerators n with n * d < 2^32:
+// floor(n / d) == floor(n * m / 2^32) with m = floor(2^32 / d) + 1 (one wide multiply, no divide).
+struct FastDiv {
+  uint64_t magic;
+  static FastDiv of(uint32_t d) { return FastDiv{(uint64_t{1} << 32) / d + 1}; }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(n) * magic) >> 32);
+  }
+};
+
+// Adds n to errors[slot] (an int64 count of the device's error buffer); true for exactly the one
+// caller that found it at 0, which then describes the error in the slots after it.
+__device__ __forceinline__ bool count_error(int64_t* errors, int slot, int64_t n = 1) {
+  static_assert(sizeof(unsigned long long) == sizeof(int64_t));
+  return atomicAdd(reinterpret_cast<unsigned long long*>(errors + slot),
+                   static_cast<unsigned long long>(n)) == 0ull;
+}
+
 // True when every element offset below `numel` fits comfortably in 32-bit unsigned arithmetic
 // (kernels add small unroll strides to in-range offsets, hence the strict 2^31 bound).
 inline bool fits_32bit(int64_t numel) { return numel < (int64_t{1} << 31); }

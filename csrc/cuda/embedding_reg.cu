@@ -98,11 +98,32 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Single block: sums the row partials in a fixed order and divides by the pair counts.
+// Records offsets that are not 0 = o_0 < ... < o_K = R in the error buffer (index -1: the end
+// points). Bad offsets make the results meaningless but every read above stays in bounds.
+__device__ __forceinline__ void check_offsets(const int64_t* __restrict__ offsets, int64_t K,
+                                              int64_t R, int64_t* __restrict__ errors) {
+  auto record = [&](int64_t k, int64_t low, int64_t high) {
+    if (count_error(errors, error_slot::kOffsetsCount)) {
+      errors[error_slot::kOffsetsIndex] = k;
+      errors[error_slot::kOffsetsLow] = low;
+      errors[error_slot::kOffsetsHigh] = high;
+      errors[error_slot::kOffsetsRows] = R;
+    }
+  };
+  if (threadIdx.x == 0 && (offsets[0] != 0 || offsets[K] != R)) record(-1, offsets[0], offsets[K]);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    if (!(offsets[k] < offsets[k + 1])) record(k, offsets[k], offsets[k + 1]);
+  }
+}
+
+// Single block: checks the offsets, sums the row partials in a fixed order and divides by the pair
+// counts.
 template <typename T>
 __global__ void __launch_bounds__(kFinalThreads)
     pair_means_kernel(const T* __restrict__ partials, const int64_t* __restrict__ offsets,
-                      int64_t K, int64_t R, T* __restrict__ intra, T* __restrict__ inter) {
+                      int64_t K, int64_t R, T* __restrict__ intra, T* __restrict__ inter,
+                      int64_t* __restrict__ errors) {
+  check_offsets(offsets, K, R, errors);
   T intra_sum = T(0), inter_sum = T(0);
   for (int64_t m = threadIdx.x; m < R; m += blockDim.x) {
     intra_sum += partials[m];
@@ -157,11 +178,11 @@ __global__ void __launch_bounds__(kRowThreads)
 
 }  // namespace
 
-// gram [R,R] float/double; task_offsets [K+1] int64 (0 = o_0 < ... < o_K = R).
+// gram [R,R] float/double; task_offsets [K+1] int64 (0 = o_0 < ... < o_K = R, else recorded).
 // Writes norms [R], cos [R,R] and the 0-dim intra / inter (all dtype of gram).
 void embedding_reg_forward_pairs(const at::Tensor& gram, const at::Tensor& task_offsets,
                                  at::Tensor& cos, at::Tensor& norms, at::Tensor& intra,
-                                 at::Tensor& inter) {
+                                 at::Tensor& inter, const at::Tensor& errors) {
   const c10::cuda::CUDAGuard guard(gram.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t R = gram.size(0);
@@ -184,7 +205,7 @@ void embedding_reg_forward_pairs(const at::Tensor& gram, const at::Tensor& task_
     // Always launched so intra / inter are written (0 when R == 0).
     pair_means_kernel<scalar_t><<<1, kFinalThreads, 0, stream>>>(
         partials.const_data_ptr<scalar_t>(), offsets, K, R, intra.mutable_data_ptr<scalar_t>(),
-        inter.mutable_data_ptr<scalar_t>());
+        inter.mutable_data_ptr<scalar_t>(), errors.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import torch
 
-OP_NAMES = ("perturb_apply", "perturb_apply_backward", "embedding_reg", "embedding_reg_backward", "quantize_export")
+# Every op a library must serve for a device; one built from older sources (no take_pending_errors,
+# so its CUDA kernels would not record value errors) is not used.
+OP_NAMES = (
+    "perturb_apply",
+    "perturb_apply_backward",
+    "embedding_reg",
+    "embedding_reg_backward",
+    "quantize_export",
+    "take_pending_errors",
+)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 

@@ -1,13 +1,17 @@
 """Argument validation shared by the compiled and reference paths of every op.
 
-Shape, dtype and device checks are static and run under ``torch.compile`` too. Checks that read
-tensor values (crop windows, task offsets held on a GPU) are skipped while compiling, since they
-would force a host sync and a graph break; the kernels still never read out of bounds.
+Shape, dtype and device checks are static and run everywhere, under ``torch.compile`` too. Checks
+of tensor values (crop windows, task offsets given as a tensor) are left to the compiled kernels,
+which make them without a host read: the CPU kernels raise at once, the CUDA kernels record the
+error for :func:`mtlue_fast.ops.raise_pending_errors` (see ``_errors.py``). Only the pure-PyTorch
+reference path checks values here, eagerly (skipped while compiling, where a host read would break
+the graph).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -46,10 +50,14 @@ def perturb_args(
     crop: torch.Tensor | None,
     flip: torch.Tensor | None,
     out_size: Sequence[int] | None,
+    *,
+    check_windows: bool = True,
 ) -> tuple[int, torch.Tensor | None, tuple[int, int]]:
     """Validate ``perturb_apply`` arguments; return (mode id, crop as int64 or None, (h, w)).
 
-    ``out_size`` without ``crop`` means a centre crop of every sample.
+    ``out_size`` without ``crop`` means a centre crop of every sample; crop stays None (both the
+    kernels and the reference take that as the centred window). ``check_windows``: check the crop
+    windows' values here (one host read); off for the compiled kernels, which check them.
     """
     op = "perturb_apply"
     check_rank4("x", x, op)
@@ -81,22 +89,20 @@ def perturb_args(
         if not (1 <= out_hw[0] <= height and 1 <= out_hw[1] <= width):
             raise ValueError(f"{op}: out_size {out_hw} must lie within the image size {(height, width)}")
 
-    if crop is None and out_hw != (height, width):
-        top, left = (height - out_hw[0]) // 2, (width - out_hw[1]) // 2
-        crop = torch.tensor([top, left], dtype=torch.int64, device=x.device).expand(batch, 2)
     if crop is not None:
         if crop.dtype.is_floating_point or crop.dtype.is_complex or crop.dtype == torch.bool:
             raise ValueError(f"{op}: crop must be an integer tensor of (top, left), got {crop.dtype}")
         if tuple(crop.shape) != (batch, 2):
             raise ValueError(f"{op}: crop must have shape [B,2]=[{batch},2], got {tuple(crop.shape)}")
         crop = crop.to(torch.int64)
-        if not _is_compiling() and crop.numel():
+        if check_windows and not _is_compiling() and crop.numel():
             bounds = torch.cat([crop.amin(dim=0), crop.amax(dim=0)]).tolist()  # one host read
             lo, hi = bounds[:2], bounds[2:]
             if lo[0] < 0 or lo[1] < 0 or hi[0] + out_hw[0] > height or hi[1] + out_hw[1] > width:
                 raise ValueError(
-                    f"{op}: crop windows of size {out_hw} must lie inside the {height}x{width} image; "
-                    f"got top in [{lo[0]}, {hi[0]}], left in [{lo[1]}, {hi[1]}]"
+                    f"{op}: a crop window puts the {out_hw[0]}x{out_hw[1]} window outside the {height}x{width} "
+                    f"image (top in [{lo[0]}, {hi[0]}], left in [{lo[1]}, {hi[1]}]); crop windows must satisfy "
+                    f"0 <= top <= {height - out_hw[0]} and 0 <= left <= {width - out_hw[1]}"
                 )
     if flip is not None:
         if flip.dtype != torch.bool:
@@ -106,8 +112,16 @@ def perturb_args(
     return MODES[mode], crop, out_hw
 
 
-def embedding_args(table: torch.Tensor, task_offsets: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Validate ``embedding_reg`` arguments; return task_offsets as int64 on table's device."""
+def embedding_args(
+    table: torch.Tensor, task_offsets: torch.Tensor | Sequence[int], *, check_values: bool = True
+) -> torch.Tensor:
+    """Validate ``embedding_reg`` arguments; return task_offsets as int64 on table's device.
+
+    Offsets given as a sequence are checked here and copied to the device once (cached). Offsets
+    given as a tensor are checked here only with ``check_values`` (the reference path: one host
+    read); the compiled kernels check them themselves, except that a CPU tensor of offsets for a
+    table on a GPU is checked here and copied once per tensor (and per in-place change of it).
+    """
     op = "embedding_reg"
     if not isinstance(table, torch.Tensor):
         raise TypeError(f"{op}: table must be a torch.Tensor, got {type(table).__name__}")
@@ -127,14 +141,39 @@ def embedding_args(table: torch.Tensor, task_offsets: torch.Tensor | Sequence[in
             raise ValueError(f"{op}: task_offsets must be an integer tensor, got {task_offsets.dtype}")
         if task_offsets.dim() != 1:
             raise ValueError(f"{op}: task_offsets must have shape [K+1], got {tuple(task_offsets.shape)}")
+        if task_offsets.shape[0] < 2:
+            raise ValueError(
+                f"{op}: task_offsets must have shape [K+1] with K >= 1, got {task_offsets.shape[0]} value(s)"
+            )
         if task_offsets.device.type != "cpu" and task_offsets.device != table.device:
             raise ValueError(
                 f"{op}: task_offsets is on {task_offsets.device} but table is on {table.device}; "
                 "pass them on the table's device or on the CPU"
             )
-        if not _is_compiling():
+        if _is_compiling():
+            return task_offsets.to(device=table.device, dtype=torch.int64)
+        if check_values:
             _check_offset_values(task_offsets.tolist(), rows)
+        elif task_offsets.device != table.device:
+            return _offsets_copy(task_offsets, table.device, rows)
     return task_offsets.to(device=table.device, dtype=torch.int64)
+
+
+# (id of a CPU offsets tensor, device, R) -> (weak reference to it, its version, checked device copy)
+_copies: dict[tuple[int, torch.device, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _offsets_copy(offsets: torch.Tensor, device: torch.device, rows: int) -> torch.Tensor:
+    """A CPU tensor of offsets checked (a read of host memory, no device sync) and copied to
+    ``device`` once: per-step calls reuse the copy while the tensor is the same and unchanged."""
+    key = (id(offsets), device, rows)
+    hit = _copies.get(key)
+    if hit is not None and hit[0]() is offsets and hit[1] == offsets._version:
+        return hit[2]
+    _check_offset_values(offsets.tolist(), rows)
+    copy = offsets.to(device=device, dtype=torch.int64)
+    _copies[key] = (weakref.ref(offsets, lambda _ref, key=key: _copies.pop(key, None)), offsets._version, copy)
+    return copy
 
 
 @functools.lru_cache(maxsize=64)

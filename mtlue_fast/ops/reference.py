@@ -1,8 +1,8 @@
 """Pure-PyTorch definitions of the mtlue ops: the oracle for the compiled kernels and the fallback
 when no compiled library is available.
 
-These functions assume arguments have been validated (see ``mtlue_fast.ops._checks``) and that
-crops are given explicitly. Gradients come from autograd. The compiled kernels in ``csrc/`` follow
+These functions assume arguments have been validated (see ``mtlue_fast.ops._checks``). Gradients
+come from autograd. The compiled kernels in ``csrc/`` follow
 the same arithmetic, including:
 
 - computation in float32 for half/bfloat16 inputs ("opmath"), float64 when any input is float64;
@@ -45,7 +45,8 @@ def perturb_apply(
         raw: ``[B,C,H,W]`` floating, the generator's unbounded output.
         eps: L-inf budget on the [0, 1] scale.
         mode: ``MODE_CLAMP`` (delta = clamp(raw, -eps, eps)) or ``MODE_TANH`` (eps * tanh(raw)).
-        crop: int64 ``[B,2]`` (top, left) of each window, or None for the whole image.
+        crop: int64 ``[B,2]`` (top, left) of each window, or None for the centred window
+            ``((H-h)//2, (W-w)//2)`` of every sample (the whole image when ``out_size`` is its size).
         flip: bool ``[B]``, horizontal flip of each window, or None.
         out_size: ``(h, w)`` of the window.
 
@@ -69,15 +70,15 @@ def crop_flip(
 ) -> torch.Tensor:
     """Per-sample window ``[top:top+h, left:left+w]`` of ``y`` ``[B,C,H,W]``, flipped where ``flip``.
 
-    Implemented as one gather so autograd routes the gradient back exactly.
+    ``crop`` None: the centred window of every sample (a slice). Otherwise one gather, so autograd
+    routes the gradient back exactly.
     """
     batch, _, height, width = y.shape
     h, w = out_size
-    if crop is None and (h, w) == (height, width):
-        windowed = y
+    if crop is None:
+        top, left = (height - h) // 2, (width - w) // 2
+        windowed = y[:, :, top : top + h, left : left + w]
     else:
-        if crop is None:
-            crop = torch.zeros(batch, 2, dtype=torch.int64, device=y.device)
         rows = crop[:, 0:1].to(torch.int64) + torch.arange(h, device=y.device)  # [B,h]
         cols = crop[:, 1:2].to(torch.int64) + torch.arange(w, device=y.device)  # [B,w]
         batch_idx = torch.arange(batch, device=y.device)[:, None, None]

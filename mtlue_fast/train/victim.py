@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import dist
+from .. import dist, ops
 from ..data.loader import DeviceBatches, to_unit_float
 from ..fileio import read_json, read_jsonl, write_json, write_jsonl
 from ..models import build_model
@@ -434,6 +434,7 @@ def train_epoch(step: TrainStep | GraphedStep, batches: DeviceBatches, epoch: in
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        ops.raise_pending_errors(device)  # value errors the GPU kernels recorded in this epoch
     elapsed = time.perf_counter() - start
     if loss_sum is not None and place.distributed:
         loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size

@@ -42,7 +42,7 @@ from ..data.cache import DENSE_ARRAYS, Cache, open_cache
 from ..data.loader import to_unit_float
 from ..fileio import read_json, write_json
 from ..models.generator import DenseGenerator, MTLGenerator
-from ..ops import quantize_export
+from ..ops import quantize_export, raise_pending_errors
 from ..progress import Progress
 
 __all__ = ["Perturb", "write_protected", "write_image_files", "export_digest", "MARKER_FILE"]
@@ -300,6 +300,7 @@ def _write_arrays(clean: Cache, folder: Path, perturb: Perturb, method: str, eps
         bar.update(stop - start)
     writer.flush()
     bar.close()
+    raise_pending_errors(device)  # on a GPU, a delta beyond the int8 range was saturated and recorded
     max_levels = _check_flags(flags, spans, limit, method, eps)
     images_out.flush()
     delta_out.flush()
@@ -692,6 +693,7 @@ def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_
         writer.put(offset, offset + stop - start, (delta_q,))
         offset += stop - start
     writer.flush()
+    raise_pending_errors(device)
     np.save(path, shard)
 
 

@@ -179,8 +179,8 @@ class GeneratorStep:
             flip = (torch.rand(total, device=device) < 0.5)[place.rank :: place.world_size]
         else:
             crop = flip = None  # the fused op centre-crops
-        if self.config.fused_ops:
-            return ops.perturb_apply(images, raw.float(), self.config.eps, mode=self.config.mode, crop=crop, flip=flip, out_size=(h, w))
+        if self.config.fused_ops:  # the op takes bf16 raw as it is (no extra float pass)
+            return ops.perturb_apply(images, raw, self.config.eps, mode=self.config.mode, crop=crop, flip=flip, out_size=(h, w))
         # The straightforward path: the pure-PyTorch definition (bound, add, clamp, gather as
         # separate ops), which wants an explicit window.
         if crop is None:
@@ -243,7 +243,7 @@ def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objectiv
         labels = torch.from_numpy(np.asarray(view.labels)[rows]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             raw = generator.raw(to_unit_float(images), labels)
-        x_adv = ops.perturb_apply(images, raw.float(), config.eps, mode=config.mode, out_size=crop)
+        x_adv = ops.perturb_apply(images, raw, config.eps, mode=config.mode, out_size=crop)
         for outputs in _surrogate_outputs(surrogates, x_adv, amp):
             batch_errors = objective.errors(outputs.float(), labels)
             errors = batch_errors if errors is None else errors + batch_errors
@@ -388,6 +388,7 @@ def generate(
             steps += 1
             progress.update(images.shape[0] * place.world_size)
         progress.close()
+        ops.raise_pending_errors(device)  # value errors the GPU kernels recorded in this pass
         scheduler.step()
         if em_optimizer is not None:
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index, em_trained)
