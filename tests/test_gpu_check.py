@@ -1,4 +1,5 @@
-"""bench/gpu_check.py: its pure helpers, and the whole script end to end with --cpu (tiny sizes)."""
+"""bench/gpu_check.py and its parts (bench/device_check/): the pure helpers, each part's plumbing
+with the subprocesses faked, and the whole script end to end with --cpu (tiny sizes)."""
 
 from __future__ import annotations
 
@@ -6,100 +7,86 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.py"
+sys.path.insert(0, str(REPO / "bench"))
+
+from device_check import PARTS, bandwidth, benchmarks, build, cli, cuda_tests, junit, paper_scale, pipeline, summary  # noqa: E402
+from device_check import bench_plugin, record, runner, throughput  # noqa: E402
 
 
 def _load(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-gc = _load("gpu_check_under_test", SCRIPT)
+def _ctx(tmp_path, device="cuda", out=True, **options) -> runner.Context:
+    args = cli.parser().parse_args(["--out", str(tmp_path / "out"), *(["--cpu"] if device == "cpu" else [])])
+    for key, value in options.items():
+        setattr(args, key, value)
+    return runner.Context(args, device, tmp_path, tmp_path / "logs", out=(tmp_path / "out") if out else None, capability="9.0")
+
+
+# ----------------------------------------------------------------------------- bandwidth and throughput
 
 
 def test_bandwidth_fraction():
     # 1.5 GB in 1 ms against a 3 TB/s copy: 1.5 TB/s, half of it.
-    assert gc.bandwidth_fraction(1.5e9, 1e-3, 3e12) == pytest.approx(0.5)
+    assert bandwidth.bandwidth_fraction(1.5e9, 1e-3, 3e12) == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        gc.bandwidth_fraction(1, 0, 1)
+        bandwidth.bandwidth_fraction(1, 0, 1)
 
 
 def test_op_bytes_from_size_names():
     window, full = 512 * 3 * 64 * 64, 512 * 3 * 70 * 70
-    assert gc.op_bytes("perturb_apply", "celeba_512x3x70_crop64") == 18 * window + 4 * full
-    assert gc.op_bytes("quantize_export", "celeba_512x3x70_crop64") == 7 * full
-    assert gc.op_bytes("embedding_reg", "celeba_R80_D19600") == 12 * 80 * 19600
-    assert gc.op_bytes("perturb_apply", "odd") is None and gc.op_bytes("copy", "x") is None
+    assert bandwidth.op_bytes("perturb_apply", "celeba_512x3x70_crop64") == 18 * window + 4 * full
+    assert bandwidth.op_bytes("quantize_export", "celeba_512x3x70_crop64") == 7 * full
+    assert bandwidth.op_bytes("embedding_reg", "celeba_R80_D19600") == 12 * 80 * 19600
+    assert bandwidth.op_bytes("perturb_apply", "odd") is None and bandwidth.op_bytes("copy", "x") is None
 
 
 def test_byte_formulas_agree_with_bench_ops():
-    """The fallback formulas give what bench_ops.py records in ``extra_info["bytes"]``."""
+    """The fallback formulas give what bench_ops.py records in ``extra_info["bytes"]`` (float32 raw)."""
     bench_ops = _load("bench_ops_under_test", REPO / "bench" / "bench_ops.py")
     for name, size in bench_ops.PERTURB_SIZES.items():
-        assert gc.op_bytes("perturb_apply", name) == bench_ops.perturb_bytes(size)
+        assert bandwidth.op_bytes("perturb_apply", name) == bench_ops.perturb_bytes(size)
         batch, channels, side, _ = size
-        assert gc.op_bytes("quantize_export", name) == batch * channels * side * side * (1 + 4 + 1 + 1)
-
-
-def test_allot_and_budget():
-    assert gc.allot(60, 500, 10) == (60, None)
-    assert gc.allot(60, 30, 10) == (30, None)  # capped by what is left overall
-    seconds, why = gc.allot(60, 5, 10)
-    assert seconds is None and "overall budget spent" in why
-    seconds, why = gc.allot(5, 500, 10)
-    assert seconds is None and "under its minimum" in why
-    assert gc.allot(60, 100, 10, reserve=70) == (30, None)  # the later parts' minimums are held back
-    seconds, why = gc.allot(60, 100, 10, reserve=95)
-    assert seconds is None and "95 s kept for the later parts" in why
-    now = [100.0]
-    budget = gc.Budget(50, clock=lambda: now[0])
-    now[0] = 130.0
-    assert budget.elapsed() == 30 and budget.remaining() == 20
-    assert gc.shares(30, [1, 1, 1]) == [10, 10, 10] and gc.shares(10, [1, 0.25])[0] == pytest.approx(8)
-
-
-def test_parse_junit():
-    xml = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
-    <testcase classname="tests.test_perturb_apply" name="test_a[cuda]" time="0.1"/>
-    <testcase classname="tests.test_perturb_apply" name="test_b[cuda]" time="0.2"><failure message="assert 1 == 2">trace</failure></testcase>
-    <testcase classname="tests.test_loader" name="test_c" time="0"><skipped type="pytest.skip" message="needs a CUDA device"/></testcase>
-    <testcase classname="tests.test_x" name="test_d" time="0"><error message="fixture broke"/></testcase>
-    </testsuite></testsuites>"""
-    parsed = gc.parse_junit(xml)
-    assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
-    assert parsed["tests"]["tests.test_perturb_apply::test_b[cuda]"] == {"status": "failed", "seconds": 0.2, "message": "assert 1 == 2"}
-    assert parsed["tests"]["tests.test_loader::test_c"]["message"] == "needs a CUDA device"
+        assert bandwidth.op_bytes("quantize_export", name) == batch * channels * side * side * (1 + 4 + 1 + 1)
 
 
 def _bench(entries):
-    return {"benchmarks": [{"name": n, "group": g, "stats": {"median": m}, "extra_info": e} for n, g, m, e in entries]}
+    return {"benchmarks": [{"name": n, "fullname": f"f::{n}", "group": g, "stats": {"median": m}, "extra_info": e} for n, g, m, e in entries]}
 
 
 def test_summarize_ops_fraction_and_target():
     size = "celeba_512x3x70_crop64"
-    nbytes = gc.op_bytes("perturb_apply", size)
+    nbytes = bandwidth.op_bytes("perturb_apply", size)
+    pa = {"op": "perturb_apply", "size": size, "passes": "forward+backward"}
     data = _bench([
-        ("p-c", "g", nbytes / 2.4e12, {"op": "perturb_apply", "size": size, "impl": "compiled", "bytes": nbytes}),
-        ("p-r", "g", nbytes / 0.6e12, {"op": "perturb_apply", "size": size, "impl": "reference", "bytes": nbytes}),
+        ("p-c", "g", nbytes / 2.4e12, {**pa, "impl": "compiled", "raw": "float32", "bytes": nbytes}),
+        ("p-r", "g", nbytes / 0.6e12, {**pa, "impl": "reference", "raw": "float32", "bytes": nbytes}),
+        ("p-cb", "g", 1e-3, {**pa, "impl": "compiled", "raw": "bfloat16", "bytes": nbytes // 2}),
+        ("p-rb", "g", 4e-3, {**pa, "impl": "reference", "raw": "bfloat16", "bytes": nbytes // 2}),
         ("e-c", "h", 1e-3, {"op": "embedding_reg", "size": "celeba_R80_D19600", "impl": "compiled"}),
         ("copy", "c", 1e-3, {"op": "copy", "size": "copy_256MiB", "impl": "copy", "bytes": 3e9}),
     ])  # fmt: skip
-    out = gc.summarize_ops(data, 3e12, gpu=True)
-    rows = {(r["op"], r["impl"]): r for r in out["rows"]}
-    assert rows["perturb_apply", "compiled"]["fraction_of_copy"] == pytest.approx(0.8)
-    assert rows["perturb_apply", "reference"]["time_vs_compiled"] == pytest.approx(4.0)
-    assert rows["embedding_reg", "compiled"]["bytes"] == 12 * 80 * 19600  # computed from the size name
-    assert out["target"]["sizes"][size]["met"] is True
+    out = bandwidth.summarize_ops(data, 3e12, gpu=True)
+    rows = {(r["op"], r["impl"], r["raw"]): r for r in out["rows"]}
+    assert rows["perturb_apply", "compiled", "float32"]["fraction_of_copy"] == pytest.approx(0.8)
+    assert rows["perturb_apply", "reference", "float32"]["time_vs_compiled"] == pytest.approx(4.0)
+    assert rows["perturb_apply", "reference", "bfloat16"]["time_vs_compiled"] == pytest.approx(4.0)  # against bf16 compiled
+    assert rows["embedding_reg", "compiled", None]["bytes"] == 12 * 80 * 19600  # from the size name
+    assert list(out["target"]["sizes"]) == [size] and out["target"]["sizes"][size]["met"] is True  # float32 only
     assert out["bench_copy"]["gb_per_s"] == pytest.approx(3000)
-    assert gc.summarize_ops(data, 3e12, gpu=False)["target"]["sizes"][size]["met"] is None
+    assert bandwidth.summarize_ops(data, 3e12, gpu=False)["target"]["sizes"][size]["met"] is None
 
 
 def test_summarize_throughput_ratios_and_targets():
@@ -111,47 +98,90 @@ def test_summarize_throughput_ratios_and_targets():
         ("s-s", "sep", 0.1, {"images": 512, "variant": "shared pass", "kind": "generator"}),
         ("s-p", "sep", 0.6, {"images": 512, "variant": "pass per checkpoint", "kind": "generator"}),
     ])  # fmt: skip
-    out = gc.summarize_throughput(data, gpu=True)
+    out = throughput.summarize_throughput(data, gpu=True)
     assert out["groups"]["victim"]["fast"]["vs_straightforward"] == pytest.approx(4.0)
     assert out["targets"]["victim_fast_vs_straightforward"]["met"] is True
     assert out["targets"]["victim_fast_images_per_second"] == {"value": 40960.0, "threshold": 25000.0, "met": True}
     assert out["targets"]["weighting_step_vs_ew_max"]["value"] == pytest.approx(3.0)
     assert out["targets"]["weighting_step_vs_ew_max"]["met"] is False
     assert out["targets"]["sep_shared_vs_per_checkpoint"]["value"] == pytest.approx(6.0)
-    assert all(t["met"] is None for t in gc.summarize_throughput(data, gpu=False)["targets"].values())
+    assert all(t["met"] is None for t in throughput.summarize_throughput(data, gpu=False)["targets"].values())
 
 
-def test_backends_complete_and_slug():
-    info = {"ops": {"perturb_apply": {"cpu": "compiled CPU", "cuda": "reference"}, "quantize_export": {"cpu": "compiled CPU", "cuda": "compiled CUDA"}}}
-    assert gc.backends_complete(info, "cpu") and not gc.backends_complete(info, "cuda")
-    assert not gc.backends_complete(None, "cpu") and not gc.backends_complete({"ops": {}}, "cpu")
-    assert gc.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+def test_merge_rounds_takes_the_median_of_round_medians():
+    rounds = [_bench([("v-s", "victim", m, {"images": 100, "variant": "straightforward", "kind": "victim"})]) for m in (1.0, 4.0, 2.0)]
+    rounds[1]["benchmarks"].append(_bench([("v-f", "victim", 0.5, {"images": 100, "variant": "fast", "kind": "victim"})])["benchmarks"][0])
+    merged = benchmarks.merge_rounds(rounds)
+    by_name = {b["name"]: b for b in merged["benchmarks"]}
+    assert by_name["v-s"]["stats"]["median"] == 2.0 and by_name["v-s"]["round_medians"] == [1.0, 4.0, 2.0]
+    assert "round_medians" not in by_name["v-f"]  # measured once
+    rows = throughput.summarize_throughput(merged, gpu=True)["groups"]["victim"]
+    assert rows["straightforward"]["round_images_per_second"] == [100.0, 25.0, 50.0]
+    assert rows["fast"]["vs_straightforward"] == pytest.approx(4.0)
 
 
-def test_size_plugin_wraps_sizes(monkeypatch):
-    module = type(sys)("bench_fake_sizes")
-    module.sizes = lambda device: {"width": 1.0, "batch_size": 512, "steps": 20}
-    monkeypatch.setitem(sys.modules, "bench_fake_sizes", module)
-    monkeypatch.setenv("GPU_CHECK_BENCH_SIZES", json.dumps({"bench_fake_sizes": {"batch_size": 8}}))
-    gc.pytest_collection_finish(None)
-    assert module.sizes("cpu") == {"width": 1.0, "batch_size": 8, "steps": 20}
+def test_bench_plan_alternates_rounds_and_puts_compiled_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks, "dali_available", lambda ctx: False)
+    ctx = _ctx(tmp_path)
+    runs, notes = benchmarks.plan(ctx, list(benchmarks.BENCHES), 2, [])
+    assert [(r.round, r.name) for r in runs] == [
+        (1, "ops"), (1, "victim"), (1, "generator"), (1, "ops-compiled"),
+        (2, "ops"), (2, "victim"), (2, "generator"), (2, "ops-compiled"),
+    ]  # fmt: skip
+    assert runs[1].targets == ["bench/bench_victim.py"] and runs[3].selection == benchmarks.OPS_GPU_COMPILED
+    assert notes == ["bench_data.py not run: DALI not installed"]
+    runs, _ = benchmarks.plan(ctx, ["ops", "victim"], 1, ["-k", "graph"])  # the user's -k replaces the selections
+    assert [r.name for r in runs] == ["ops", "victim"] and all(r.selection is None for r in runs)
+    runs, notes = benchmarks.plan(_ctx(tmp_path, "cpu"), list(benchmarks.BENCHES), 1, [])
+    assert [r.name for r in runs] == ["ops", "victim", "generator"] and runs[0].selection == benchmarks.OPS_CPU
+    assert runs[1].targets == benchmarks.TRAINING_CPU["victim"] and "--cpu" in notes[0]
 
 
-def test_cli_parsing():
-    assert gc.parse_budgets("c=60,e=120.5") == {"c": 60.0, "e": 120.5}
-    assert gc.parse_parts("a, c") == ["a", "c"]
-    with pytest.raises(Exception):
-        gc.parse_parts("a,z")
-    with pytest.raises(Exception):
-        gc.parse_budgets("x=3")
+def test_bench_part_passes_arguments_and_keeps_jsons(tmp_path, monkeypatch):
+    """Every run gets the plugin, the device, its JSON path under <out>/bench/round-<i>/ and the
+    --bench-args; a run that timed out fails the part but keeps the others' results."""
+    monkeypatch.setattr(benchmarks, "measure_copy", lambda device, nbytes: {"buffer_bytes": nbytes, "gb_per_s": 3000.0, "bytes_per_s": 3e12})
+    ctx = _ctx(tmp_path, benches=["ops", "victim"], rounds=2, bench_args="-x --benchmark-min-rounds=2")
+    calls = []
+
+    def fake_pytest(name, targets, timeout, extra, env=None):
+        calls.append((name, extra))
+        path = Path(next(a for a in extra if a.startswith("--benchmark-json=")).split("=", 1)[1])
+        info = {"images": 10, "variant": "fast", "kind": "victim"} if "victim" in name else {"op": "perturb_apply", "size": "s", "impl": "compiled"}
+        path.write_text(json.dumps(_bench([(name.split("-round")[0], "g", 0.5, info)])))  # the same benchmark each round
+        return runner.Proc([name], 0 if name != "bench-victim-round2" else -2, name == "bench-victim-round2", 1.0, "log")
+
+    ctx.pytest = fake_pytest
+    with pytest.raises(runner.PartFailed) as failed:
+        benchmarks.part_bench(ctx, time.monotonic() + 600)
+    assert [c[0] for c in calls] == ["bench-ops-round1", "bench-victim-round1", "bench-ops-compiled-round1",
+                                     "bench-ops-round2", "bench-victim-round2", "bench-ops-compiled-round2"]  # fmt: skip
+    for name, extra in calls:
+        assert extra[:4] == ["-p", "device_check.bench_plugin", "--bench-device", "cuda"] and extra[-2:] == ["-x", "--benchmark-min-rounds=2"]
+    assert (tmp_path / "out" / "bench" / "round-2" / "victim.json").is_file()
+    assert "bench-victim-round2" not in failed.value.reason and "victim (round 2): pytest timed out" in failed.value.reason
+    assert failed.value.results["victim"]["groups"]["g"]["fast"]["round_images_per_second"] == [20.0, 20.0]
 
 
-def test_markdown_of_a_skipped_run():
-    record = {"date": "2026-01-01", "command": "python bench/gpu_check.py", "seconds": 1.0, "exit_status": 0,
-              "device": {"type": "cpu", "name": "cpu", "torch": "2", "python": "3", "cores": 2}, "git": {"revision": None},
-              "parts": {k: {"name": gc.PART_NAMES[k], "status": "skipped", "reason": "not in --parts"} for k in gc.PARTS}}  # fmt: skip
-    text = gc.markdown(record)
-    assert "| e. end to end | skipped |" in text
+# ----------------------------------------------------------------------------- tests part
+
+
+def test_parse_junit_and_modules():
+    xml = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+    <testcase classname="tests.test_perturb_apply" name="test_a[cuda]" time="0.1"/>
+    <testcase classname="tests.test_perturb_apply" name="test_b[cuda]" time="0.2"><failure message="assert 1 == 2">trace</failure></testcase>
+    <testcase classname="tests.test_loader" name="test_c" time="0"><skipped type="pytest.skip" message="needs a CUDA device"/></testcase>
+    <testcase classname="tests.test_sync_free.TestSteps" name="test_d" time="0"><error message="fixture broke"/></testcase>
+    </testsuite></testsuites>"""
+    parsed = junit.parse_junit(xml)
+    assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
+    assert parsed["tests"]["tests.test_perturb_apply::test_b[cuda]"] == {"status": "failed", "seconds": 0.2, "message": "assert 1 == 2"}
+    assert parsed["tests"]["tests.test_loader::test_c"]["message"] == "needs a CUDA device"
+    assert junit.by_module(parsed["tests"]) == {
+        "tests/test_loader.py": {"skipped": 1}, "tests/test_perturb_apply.py": {"passed": 1, "failed": 1},
+        "tests/test_sync_free.py": {"error": 1},
+    }  # fmt: skip
+    assert junit.module_of("tests/test_x.py::test_y[a]") == "tests/test_x.py"
 
 
 CRASH_LOG = """FFF......Fatal Python error: Segmentation fault
@@ -165,91 +195,223 @@ Current thread 0x00007fbc8b276140 (most recent call first):
   File "{repo}/tests/test_quantize_export.py", line 50 in test_delta_beyond_int8_range_is_an_error
   File "/opt/venv/lib/python3.12/site-packages/_pytest/python.py", line 167 in pytest_pyfunc_call
 """
+CULPRIT = "tests/test_quantize_export.py::test_delta_beyond_int8_range_is_an_error"
 
 
 def test_crashed_test_reads_the_faulthandler_dump():
-    log = CRASH_LOG.format(repo=REPO)
-    assert gc.crashed_test(log) == "tests/test_quantize_export.py::test_delta_beyond_int8_range_is_an_error"
-    assert gc.crashed_test("....F.. 1 failed, 6 passed") is None
-    assert gc.crashed_test("Fatal Python error: Aborted\n  File \"/x/conftest.py\", line 3 in setup\n") is None
+    assert junit.crashed_test(CRASH_LOG.format(repo=REPO)) == CULPRIT
+    assert junit.crashed_test("....F.. 1 failed, 6 passed") is None
+    assert junit.crashed_test("Fatal Python error: Aborted\n  File \"/x/conftest.py\", line 3 in setup\n") is None
 
 
-def test_part_b_reruns_without_the_test_that_crashed(tmp_path):
+def test_tests_part_reruns_without_the_test_that_crashed(tmp_path):
     """A crash (negative exit status, no JUnit XML) is followed by a rerun that deselects the
-    crashing test; the crash is recorded as a failure and the rerun's results are kept."""
+    crashing test; the crash is recorded as a failure, the rerun's outcomes are kept per test and
+    its JUnit XML is copied under <out>/tests/."""
     calls = []
-    ctx = gc.Context(args=None, device="cuda", work=tmp_path, logs=tmp_path / "logs")
+    ctx = _ctx(tmp_path)
 
     def fake_pytest(name, targets, timeout, extra, env=None):
         calls.append(extra)
         log = tmp_path / f"{name}.log"
-        junit = Path(extra[0].split("=", 1)[1])
+        xml = Path(extra[0].split("=", 1)[1])
         if len(calls) == 1:
             log.write_text(CRASH_LOG.format(repo=REPO))
-            return gc.Proc([name], -11, False, 1.0, str(log))
-        junit.write_text('<testsuite><testcase classname="tests.test_a" name="test_ok" time="0.1"/></testsuite>')
+            return runner.Proc([name], -11, False, 1.0, str(log))
+        xml.write_text('<testsuite><testcase classname="tests.test_sync_free" name="test_ok[cuda]" time="0.1"/></testsuite>')
         log.write_text("1 passed")
-        return gc.Proc([name], 0, False, 1.0, str(log))
+        return runner.Proc([name], 0, False, 1.0, str(log))
 
     ctx.pytest = fake_pytest
-    tests, procs, problems = gc.run_tests_surviving_crashes(ctx, "b-tests", ["tests"], gc.time.monotonic() + 60)
-    culprit = "tests/test_quantize_export.py::test_delta_beyond_int8_range_is_an_error"
-    assert len(calls) == 2 and f"--deselect={culprit}" in calls[1] and not any("--deselect" in a for a in calls[0])
-    assert tests[culprit]["status"] == "failed" and "signal 11" in tests[culprit]["message"]
-    assert tests["tests.test_a::test_ok"]["status"] == "passed"
+    tests, procs, problems = cuda_tests.run_tests_surviving_crashes(ctx, "tests", ["tests"], time.monotonic() + 60)
+    assert len(calls) == 2 and f"--deselect={CULPRIT}" in calls[1] and not any("--deselect" in a for a in calls[0])
+    assert tests[CULPRIT]["status"] == "failed" and "signal 11" in tests[CULPRIT]["message"]
+    assert tests["tests.test_sync_free::test_ok[cuda]"] == {"status": "passed", "seconds": 0.1}
     assert problems == [] and len(procs) == 2
+    assert (tmp_path / "out" / "tests" / "tests-rerun1.xml").is_file()
 
 
-def test_part_b_stops_rerunning_a_crash_it_cannot_place(tmp_path):
-    ctx = gc.Context(args=None, device="cuda", work=tmp_path, logs=tmp_path / "logs")
+def test_tests_part_stops_rerunning_a_crash_it_cannot_place(tmp_path):
+    ctx = _ctx(tmp_path)
     calls = []
 
     def crashing(name, targets, timeout, extra, env=None):
         calls.append(name)
         log = tmp_path / f"{name}.log"
         log.write_text("Fatal Python error: Segmentation fault\n  <no Python frame>\n")
-        return gc.Proc([name], -11, False, 1.0, str(log))
+        return runner.Proc([name], -11, False, 1.0, str(log))
 
     ctx.pytest = crashing
-    tests, procs, problems = gc.run_tests_surviving_crashes(ctx, "b-tests", ["tests"], gc.time.monotonic() + 60)
-    assert calls == ["b-tests"] and tests == {} and problems == ["b-tests: pytest crashed (signal 11)"]
+    tests, procs, problems = cuda_tests.run_tests_surviving_crashes(ctx, "tests", ["tests"], time.monotonic() + 60)
+    assert calls == ["tests"] and tests == {} and problems == ["tests: pytest crashed (signal 11)"]
+
+
+def test_tests_part_runs_on_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_tests, "dali_available", lambda ctx: False)
+    ctx = _ctx(tmp_path)
+    runs = cuda_tests.planned_runs(ctx)
+    assert [(n, t) for n, t, _ in runs] == [("tests", cuda_tests.TESTS_GPU), ("tests-compile", cuda_tests.TESTS_GPU_COMPILE)]
+    assert "-m" in cuda_tests.TESTS_GPU and "cuda" in cuda_tests.TESTS_GPU  # picks up tests/test_sync_free.py's CUDA tests
+    assert ctx.notes == ["tests/test_dali.py not run: DALI not installed"]
+
+
+# ----------------------------------------------------------------------------- build, paper scale, pipeline
+
+
+def test_backends_complete_and_slug():
+    info = {"ops": {"perturb_apply": {"cpu": "compiled CPU", "cuda": "reference"},
+                    "quantize_export": {"cpu": "compiled CPU", "cuda": "compiled CUDA"}}}  # fmt: skip
+    assert build.backends_complete(info, "cpu") and not build.backends_complete(info, "cuda")
+    assert not build.backends_complete(None, "cpu") and not build.backends_complete({"ops": {}}, "cpu")
+    assert record.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_build_part_installs_for_the_gpu_capability(tmp_path, monkeypatch):
+    ran = []
+    complete = {"ops": {"perturb_apply": {"cpu": "compiled CPU", "cuda": "compiled CUDA"}}, "library": {"source": "built"}}
+
+    def fake_run(command, timeout, log, env=None):
+        ran.append((command, env))
+        if "-c" in command:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            Path(log).write_text(build.MARK + json.dumps(complete) + "\n")
+        return runner.Proc(command, 0, False, 1.0, str(log))
+
+    monkeypatch.setattr(build, "run_logged", fake_run)
+    results = build.part_build(_ctx(tmp_path), time.monotonic() + 600)
+    command, env = ran[0]
+    assert command[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "-e", "."]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and results["built"] and results["ops"] == complete["ops"]
+    ran.clear()
+    results = build.part_build(_ctx(tmp_path, no_build=True), time.monotonic() + 600)
+    assert len(ran) == 1 and "-c" in ran[0][0] and ran[0][1]["MTLUE_NO_JIT"] == "1" and not results["built"]
+
+
+def test_paper_scale_command_and_skip(tmp_path, monkeypatch):
+    out = tmp_path / "paper_scale.json"
+    assert paper_scale.command(_ctx(tmp_path), out)[1:] == ["bench/paper_scale.py", "--out", str(out), "--device", "cuda"]
+    assert paper_scale.command(_ctx(tmp_path, "cpu"), out)[-3:] == ["--cpu", "--steps", str(paper_scale.CPU_STEPS)]
+    assert paper_scale.command(_ctx(tmp_path, paper_scale_steps=50), out)[-2:] == ["--steps", "50"]
+    monkeypatch.setattr(paper_scale, "SCRIPT", tmp_path / "absent.py")
+    with pytest.raises(runner.PartSkipped):
+        paper_scale.part_paper_scale(_ctx(tmp_path), time.monotonic() + 60)
+
+
+def test_paper_scale_part_runs_the_script(tmp_path, monkeypatch):
+    script = tmp_path / "fake_paper_scale.py"
+    script.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "json.dump({'images_per_second': 12.5, 'steps': int(sys.argv[-1]), 'rows': [1]}, open(out, 'w'))\n")  # fmt: skip
+    monkeypatch.setattr(paper_scale, "SCRIPT", script)
+    ctx = _ctx(tmp_path, "cpu")
+    results = paper_scale.part_paper_scale(ctx, time.monotonic() + 60)
+    assert results["summary"] == {"images_per_second": 12.5, "steps": 1}
+    assert json.loads((tmp_path / "out" / "paper_scale.json").read_text())["steps"] == 1
+
+
+def test_pipeline_commands(tmp_path):
+    cmd, sets = pipeline.command(_ctx(tmp_path), "chestxray", tmp_path / "r", ["train.epochs=2"])
+    assert cmd[3:8] == ["--dataset", "chestxray", "--victim-seeds", "3", "--device"] and sets == ["train.epochs=2"]
+    cmd, sets = pipeline.command(_ctx(tmp_path, "cpu"), "chestxray", tmp_path / "r", [])
+    assert "--victim-seeds" not in cmd and cmd[cmd.index("--preset") + 1] == "smoke" and sets == pipeline.CPU_SETTINGS
+    cmd, sets = pipeline.command(_ctx(tmp_path), "celeba", tmp_path / "r", [])
+    assert sets == ["train.width=1.0", "generate.width=1.0"] and "--preset" not in cmd
+
+
+@pytest.mark.parametrize("dataset", list(pipeline.RUNS))
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
+def test_pipeline_settings_are_valid_config(gpu, dataset):
+    """The --set overrides name real config keys (a renamed key would only show on the GPU)."""
+    from mtlue_fast import config
+
+    settings = pipeline.RUNS[dataset][2] if gpu else pipeline.CPU_SETTINGS
+    cfg = config.resolve(dataset, synthetic=True, preset="default" if gpu else "smoke", assignments=settings)
+    if dataset == "celeba":
+        assert cfg.train.width == (1.0 if gpu else 0.25)
+
+
+# ----------------------------------------------------------------------------- options, record, summary
+
+
+def test_size_plugin_wraps_sizes(monkeypatch):
+    module = type(sys)("bench_fake_sizes")
+    module.sizes = lambda device: {"width": 1.0, "batch_size": 512, "steps": 20}
+    monkeypatch.setitem(sys.modules, "bench_fake_sizes", module)
+    monkeypatch.setenv(bench_plugin.SIZES_ENV, json.dumps({"bench_fake_sizes": {"batch_size": 8}}))
+    bench_plugin.pytest_collection_finish(None)
+    assert module.sizes("cpu") == {"width": 1.0, "batch_size": 8, "steps": 20}
+
+
+def test_cli_options(capsys):
+    args = cli.parser().parse_args(["--out", "x", "--parts", "tests, bench", "--budget-bench", "90", "--rounds", "3", "--bench-args", "-k graph"])
+    assert args.parts == ["tests", "bench"] and args.rounds == 3 and args.bench_args == "-k graph"
+    assert cli.budgets(args) == {**cli.GPU_BUDGETS, "bench": 90.0}
+    assert cli.budgets(cli.parser().parse_args(["--out", "x", "--cpu"])) == cli.CPU_BUDGETS
+    for bad in (["--out", "x", "--parts", "a,z"], ["--out", "x", "--budget-tests", "-1"], ["--parts", "tests"],
+                ["--out", "x", "--benches", "ops,nope"], ["--out", "x", "--pipeline-runs", "mnist"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(bad)
+    assert "--parts takes a comma-separated subset of build,tests" in capsys.readouterr().err
+
+
+def test_run_part_records_failures_and_skips(tmp_path, monkeypatch):
+    def broken(ctx, deadline):
+        raise KeyError("oops")
+
+    def failing(ctx, deadline):
+        raise runner.PartFailed("2 test(s) failed", {"counts": {"failed": 2}})
+
+    monkeypatch.setitem(cli.PART_FUNCTIONS, "tests", failing)
+    monkeypatch.setitem(cli.PART_FUNCTIONS, "bench", broken)
+    ctx = _ctx(tmp_path)
+    entry = cli.run_part(ctx, "tests", 30)
+    assert entry["status"] == "failed" and entry["results"] == {"counts": {"failed": 2}} and entry["budget_s"] == 30
+    entry = cli.run_part(ctx, "bench", 30)
+    assert entry["status"] == "failed" and entry["reason"].startswith("KeyError") and "traceback" in entry
+
+
+def test_markdown_of_a_run():
+    record_ = {"date": "2026-01-01", "command": "python bench/gpu_check.py --out x", "seconds": 1.0, "exit_status": 1,
+               "device": {"type": "cuda", "name": "GPU X", "capability": "9.0", "memory_gib": 80.0, "gpus": 1, "cpu": "C", "cores": 2},
+               "versions": {"torch": "2", "cuda": "13.0", "cudnn": 9, "driver": "580", "python": "3", "mtlue_fast": "0.1.0"},
+               "git": {"commit": "abc", "dirty": True},
+               "parts": {k: {"status": "skipped", "reason": "not in --parts"} for k in PARTS}}  # fmt: skip
+    record_["parts"]["tests"] = {"status": "failed", "reason": "1 test(s) failed", "seconds": 3.0,
+                                 "results": {"counts": {"passed": 1, "failed": 1}, "failed": {"t::x": "boom"},
+                                             "modules": {"tests/test_sync_free.py": {"passed": 1, "failed": 1}}}}  # fmt: skip
+    text = summary.markdown(record_)
+    assert "| pipeline | skipped |" in text and "driver 580" in text and "commit abc with uncommitted changes" in text
+    assert "| tests/test_sync_free.py | 1 | 1 | 0 | 0 |" in text and "- FAILED t::x: boom" in text
 
 
 def test_machine_record_without_an_installed_package(tmp_path):
-    """A fresh GPU machine has no mtlue_fast installed before part a builds it: the machine record
-    (taken before any part runs) must not need it. A package that fails to import stands in for the
-    missing one."""
+    """Before the build part the package may not be installed: the device record must not need it.
+    A package that fails to import stands in for the missing one."""
     fake = tmp_path / "mtlue_fast"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('mtlue_fast is not installed here')\n")
-    code = (f"import sys; sys.path[:0] = [{str(REPO / 'bench')!r}, {str(tmp_path)!r}]; import gpu_check; "
-            "print(gpu_check.machine('cpu')['cpu'])")
+    code = (f"import sys; sys.path[:0] = [{str(REPO / 'bench')!r}, {str(tmp_path)!r}]; from device_check import record; "
+            "print(record.device_record('cpu')['cpu']); print(record.versions('cpu')['mtlue_fast'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip(), "no CPU model printed"
+    cpu, version = proc.stdout.split("\n")[:2]
+    assert cpu.strip() and version == record.package_version()
 
 
 def test_cpu_run_end_to_end(tmp_path):
-    """The whole script at --cpu sizes (about 2 minutes on 2 busy cores): every part reports a status,
-    the Markdown is written, and the parity subset passed (exit status 0)."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=420)  # fmt: skip
+    """The whole script with --cpu at tiny sizes (under a minute on 2 cores; --no-build keeps the
+    installed package): every part reports a status and writes its JSON, the summary names the
+    versions, and the tests passed (exit status 0)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--no-build", "--out", str(out), "--budget-paper-scale", "120"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (json_path,) = tmp_path.glob("gpu-check-cpu-*.json")
-    record = json.loads(json_path.read_text())
-    assert set(record["parts"]) == set(gc.PARTS)
-    for key, part in record["parts"].items():
-        assert part["status"] in ("ok", "failed", "skipped"), (key, part)
-    assert record["parts"]["b"]["status"] == "ok" and record["parts"]["b"]["results"]["counts"]["passed"] > 0
-    assert record["device"]["torch"] and "revision" in record["git"]
-    assert json_path.with_suffix(".md").is_file()
-
-
-@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
-def test_end_to_end_settings_are_valid_config(gpu):
-    """The --set overrides of part e name real config keys (a renamed key would only show on the GPU)."""
-    from mtlue_fast import config
-
-    settings = gc.E2E_GPU_SETTINGS if gpu else gc.E2E_CPU_SETTINGS
-    cfg = config.resolve("celeba", synthetic=True, preset="default" if gpu else "smoke", assignments=settings)
-    assert cfg.train.width == (1.0 if gpu else 0.25)
+    rec = json.loads((out / "summary.json").read_text())
+    assert set(rec["parts"]) == set(PARTS)
+    for key, part in rec["parts"].items():
+        assert part["status"] in ("ok", "skipped"), (key, part)
+    assert rec["parts"]["tests"]["results"]["counts"]["passed"] > 0
+    tests = json.loads((out / "tests.json").read_text())["results"]["tests"]
+    assert tests and all(t["status"] in junit.STATUSES for t in tests.values())
+    for name in ("build.json", "bench.json", "pipeline.json", "summary.md", "pipeline/celeba/report.json", "bench/ops.json"):
+        assert (out / name).is_file(), name
+    assert rec["versions"]["torch"] and rec["versions"]["python"] and "commit" in rec["git"] and rec["date"]
