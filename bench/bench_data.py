@@ -1,9 +1,19 @@
-"""Data throughput: cache build (DALI vs PIL), the batch iterator, the streaming DALI loader.
+"""Data throughput: cache decoding and building per decoder, the batch iterator, the streaming DALI loader.
 
 Run:  pytest bench/bench_data.py --benchmark-json bench/results/<name>.json
 
 Images/s are in ``extra_info["images"]`` / time. Test images are smooth random fields with noise
-(JPEG/PNG sizes close to real photographs and radiographs), written once per session.
+(JPEG/PNG sizes close to real photographs and radiographs), written once per session; the CelebA
+JPEGs are laid out as the dataset (``img_align_celeba/`` and its two annotation files), so
+``test_cache_build`` times :func:`mtlue_fast.data.build_cache` itself (decode, crop, resize, the
+memory-mapped arrays, the manifest) from a fresh cache folder each round.
+
+Decoders (``extra_info["decoder"]``): ``pil-1thread`` (Pillow, one file after the other), ``pil``
+(Pillow on the usable cores, at most 8), ``dali-cpu`` (DALI's CPU pipeline), ``dali-gpu`` (DALI's
+mixed decoder) and ``torchvision-cuda`` (nvJPEG through ``torchvision.io.decode_jpeg``). The CPU
+pipeline is what ``decoder="auto"`` takes without a GPU (``dali-cpu`` where DALI is installed, else
+``pil``); the GPU decoders' target is >= 3x it on the same machine (``extra_info["role"]``). The GPU
+cases skip without a GPU (and without DALI / torchvision's GPU decoder).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlue_fast.data import dali
+from mtlue_fast.data import build_cache, dali, gpu_decode
 from mtlue_fast.data.decode import PilDecoder
 from mtlue_fast.data.loader import DeviceBatches
 from mtlue_fast.data.specs import SPECS
@@ -32,17 +42,31 @@ def smooth_images(rng, n, height, width, channels):
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
+def write_celeba_layout(root: Path, pixels: np.ndarray, quality: int = 95) -> list[str]:
+    """``pixels`` uint8 [n, 218, 178, 3] as CelebA (``img_align_celeba/000001.jpg``..., the attribute
+    and partition files, every image in the training split); returns the image paths."""
+    from PIL import Image
+
+    folder = root / "img_align_celeba"
+    folder.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, len(pixels) + 1)]
+    for name, image in zip(names, pixels):
+        Image.fromarray(image).save(folder / name, quality=quality)
+    rng = np.random.default_rng(1)
+    rows = [f"{name} " + " ".join(f"{v:2d}" for v in rng.choice([-1, 1], 40)) for name in names]
+    (root / "list_attr_celeba.txt").write_text("\n".join([str(len(names)), " ".join(f"a{k}" for k in range(40)), *rows, ""]))
+    (root / "list_eval_partition.txt").write_text("".join(f"{name} 0\n" for name in names))
+    return [str(folder / name) for name in names]
+
+
 @pytest.fixture(scope="session")
 def image_files(tmp_path_factory) -> dict[str, list[str]]:
     from PIL import Image
 
     root = tmp_path_factory.mktemp("bench_images")
     rng = np.random.default_rng(0)
-    files: dict[str, list[str]] = {"celeba_jpeg": [], "xray_png": []}
-    for i, pixels in enumerate(smooth_images(rng, N_CELEBA, 218, 178, 3)):
-        path = root / f"{i:06d}.jpg"
-        Image.fromarray(pixels).save(path, quality=95)
-        files["celeba_jpeg"].append(str(path))
+    files: dict[str, list[str]] = {"xray_png": []}
+    files["celeba_jpeg"] = write_celeba_layout(root / "celeba", smooth_images(rng, N_CELEBA, 218, 178, 3))
     for i, pixels in enumerate(smooth_images(rng, N_XRAY, 1024, 1024, 1)):
         path = root / f"{i:08d}_000.png"
         Image.fromarray(pixels[..., 0], mode="L").save(path)
@@ -50,20 +74,72 @@ def image_files(tmp_path_factory) -> dict[str, list[str]]:
     return files
 
 
-DECODERS = ["pil", pytest.param("dali", marks=pytest.mark.skipif(not dali.available(), reason="DALI not installed"))]
+def _gpu_jpeg() -> bool:
+    return torch.cuda.is_available() and gpu_decode.available()
+
+
+_NO_GPU = not torch.cuda.is_available()
+DECODERS = [
+    "pil-1thread",
+    "pil",
+    pytest.param("dali-cpu", marks=pytest.mark.skipif(not dali.available(), reason="DALI not installed")),
+    pytest.param("dali-gpu", marks=pytest.mark.skipif(_NO_GPU or not dali.available(), reason="needs a GPU and DALI")),
+    pytest.param("torchvision-cuda", marks=pytest.mark.skipif(_NO_GPU, reason="needs a GPU")),
+]
 KINDS = {"celeba_jpeg": SPECS["celeba"].resize, "xray_png": SPECS["chestxray"].resize}
+
+
+def make_decoder(name: str):
+    if name == "pil-1thread":
+        return PilDecoder(num_threads=1)
+    if name == "pil":
+        return PilDecoder()
+    if name.startswith("dali"):
+        return dali.DaliDecoder(name.removeprefix("dali-"))
+    if not _gpu_jpeg():
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    return gpu_decode.TorchvisionDecoder("cuda")
+
+
+def _role(name: str) -> str:
+    """``cpu-pipeline``: what decoder="auto" takes without a GPU; ``gpu``; ``reference``."""
+    if name in ("dali-gpu", "torchvision-cuda"):
+        return "gpu"
+    return "cpu-pipeline" if name == ("dali-cpu" if dali.available() else "pil") else "reference"
 
 
 @pytest.mark.parametrize("decoder_name", DECODERS)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_cache_decode(benchmark, image_files, kind, decoder_name):
     """What a cache build spends per chunk: decode + crop + resize into uint8 [n,C,H,W]."""
-    decoder = PilDecoder() if decoder_name == "pil" else dali.DaliDecoder()
+    if decoder_name == "torchvision-cuda" and kind != "celeba_jpeg":
+        pytest.skip("torchvision decodes JPEGs on the GPU; PNGs go to PIL")
+    decoder = make_decoder(decoder_name)
     paths = image_files[kind]
-    decoder.decode(paths[:8], KINDS[kind])  # builds the DALI pipeline outside the timing
+    decoder.decode(paths[:8], KINDS[kind])  # builds the DALI pipeline / nvJPEG state outside the timing
     benchmark.group = f"cache decode {kind}"
-    benchmark.extra_info.update(images=len(paths), decoder=decoder.name)
+    benchmark.extra_info.update(images=len(paths), decoder=decoder.name, role=_role(decoder_name), kind="data")
     benchmark.pedantic(lambda: decoder.decode(paths, KINDS[kind]), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("decoder_name", DECODERS)
+def test_cache_build(benchmark, image_files, tmp_path, decoder_name):
+    """``build_cache`` of the CelebA-layout JPEGs, into a fresh cache folder each round (the
+    original files stay in the page cache: what a build from a local disk does after the first read)."""
+    decoder = make_decoder(decoder_name)
+    root = Path(image_files["celeba_jpeg"][0]).parent.parent
+    decoder.decode(image_files["celeba_jpeg"][:8], KINDS["celeba_jpeg"])
+    rounds = iter(range(10**6))
+
+    def fresh():
+        return (), {"cache_dir": tmp_path / f"round{next(rounds)}"}
+
+    def build(cache_dir):
+        build_cache("celeba", root, "train", cache_dir, decoder=decoder, progress=False)
+
+    benchmark.group = "cache build celeba 70x70"
+    benchmark.extra_info.update(images=len(image_files["celeba_jpeg"]), decoder=decoder.name, role=_role(decoder_name), kind="data")
+    benchmark.pedantic(build, setup=fresh, rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])

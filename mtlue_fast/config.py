@@ -50,7 +50,8 @@ class DataSettings:
     Attributes:
         cache_size: ``[H, W]`` of the uint8 cache (None: docs/method.md working resolution).
         crop: the victim's crop ``[h, w]`` (None: docs/method.md crop scaled to the cache).
-        decoder: ``auto`` (DALI when installed), ``dali`` or ``pil``.
+        decoder: ``auto`` (on a GPU: DALI's GPU decoder, else torchvision's; otherwise DALI's CPU
+            pipeline, else PIL), ``dali``, ``torchvision`` or ``pil``.
         synthetic_train, synthetic_test: images of the built-in synthetic sample (no --data-root).
         synthetic_size: ``[H, W]`` of the synthetic images (None: the dataset's default).
         synthetic_seed: its seed.
@@ -65,8 +66,8 @@ class DataSettings:
     synthetic_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.decoder not in ("auto", "dali", "pil"):
-            raise ConfigError(f"data.decoder must be 'auto', 'dali' or 'pil', got {self.decoder!r}")
+        if self.decoder not in ("auto", "dali", "torchvision", "pil"):
+            raise ConfigError(f"data.decoder must be 'auto', 'dali', 'torchvision' or 'pil', got {self.decoder!r}")
         for name in ("synthetic_train", "synthetic_test"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")

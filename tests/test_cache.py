@@ -173,3 +173,160 @@ def test_dali_and_pil_caches_agree_within_resize_tolerance(tmp_path, dataset, si
     diff = np.abs(np.asarray(pil.images, dtype=np.int16) - np.asarray(via_dali.images, dtype=np.int16))
     inner = diff[..., 2:-2, 2:-2]  # the resamplers treat the outermost pixels differently
     assert diff.mean() < 1.0 and inner.max() <= 3 and diff.max() <= 16
+
+
+# ---------------------------------------------------------------------------- which decoder
+
+
+@pytest.mark.parametrize(
+    "requested, gpu, dali, gpu_jpeg, expected",
+    [
+        ("auto", True, True, True, "dali-gpu"),  # a GPU: DALI's mixed decoder first
+        ("auto", True, True, False, "dali-gpu"),
+        ("auto", True, False, True, "torchvision-gpu"),  # no DALI: nvJPEG through torchvision
+        ("auto", True, False, False, "pil"),  # neither decodes on this GPU: the CPU path
+        ("auto", False, True, False, "dali-cpu"),
+        ("auto", False, False, False, "pil"),
+        ("dali", True, True, False, "dali-gpu"),
+        ("dali", False, True, False, "dali-cpu"),
+        ("torchvision", True, False, True, "torchvision-gpu"),
+        ("torchvision", True, True, True, "torchvision-gpu"),
+        ("pil", True, True, True, "pil"),
+    ],
+)
+def test_choose_decoder(requested, gpu, dali, gpu_jpeg, expected):
+    from mtlue_fast.data.cache import choose_decoder
+
+    assert choose_decoder(requested, gpu=gpu, dali=dali, gpu_jpeg=gpu_jpeg) == expected
+
+
+@pytest.mark.parametrize(
+    "requested, gpu, dali, gpu_jpeg, message",
+    [
+        ("dali", True, False, True, "DALI is not installed"),
+        ("torchvision", False, False, False, "no CUDA GPU"),
+        ("torchvision", True, True, False, "cannot decode JPEGs on this GPU"),
+        ("nvjpeg", True, True, True, "decoder must be one of 'auto', 'dali', 'torchvision', 'pil'"),
+    ],
+)
+def test_choose_decoder_refuses(requested, gpu, dali, gpu_jpeg, message):
+    from mtlue_fast.data.cache import choose_decoder
+
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        choose_decoder(requested, gpu=gpu, dali=dali, gpu_jpeg=gpu_jpeg)
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend availability: ``machine(gpu=..., dali=..., gpu_jpeg=...)``; returns the probes' calls."""
+    import torch
+
+    from mtlue_fast.data import dali, gpu_decode
+
+    probed: list[str] = []
+
+    def pretend(gpu: bool, has_dali: bool, gpu_jpeg: bool) -> list[str]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setattr(dali, "available", lambda: probed.append("dali") or has_dali)
+        monkeypatch.setattr(gpu_decode, "available", lambda: probed.append("gpu_jpeg") or gpu_jpeg)
+        return probed
+
+    return pretend
+
+
+@pytest.mark.parametrize(
+    "requested, gpu, has_dali, gpu_jpeg, name, probes",
+    [
+        ("auto", True, True, True, "dali-gpu", ["dali"]),  # DALI settles it: torchvision is not probed
+        ("auto", True, False, True, "torchvision-cuda", ["dali", "gpu_jpeg"]),
+        ("auto", True, False, False, "pil", ["dali", "gpu_jpeg"]),
+        ("auto", False, True, True, "dali-cpu", ["dali"]),  # no GPU: nothing GPU-side is probed
+        ("auto", False, False, True, "pil", ["dali"]),
+        ("torchvision", True, True, True, "torchvision-cuda", ["gpu_jpeg"]),
+        ("pil", True, True, True, "pil", []),
+    ],
+)
+def test_resolve_decoder_builds_the_choice(machine, requested, gpu, has_dali, gpu_jpeg, name, probes):
+    from mtlue_fast.data.cache import resolve_decoder
+
+    probed = machine(gpu, has_dali, gpu_jpeg)
+    assert resolve_decoder(requested).name == name  # constructing builds no pipeline, touches no GPU
+    assert probed == probes
+
+
+def test_resolve_decoder_passes_a_decoder_through():
+    from mtlue_fast.data.cache import resolve_decoder
+
+    decoder = PilDecoder(num_threads=1)
+    assert resolve_decoder(decoder) is decoder
+
+
+def test_pil_threads_give_the_same_cache_rows(celeba_root):
+    records = load_records("celeba", celeba_root, "train")
+    one, errors_one = PilDecoder(num_threads=1).decode(records.paths, CELEBA_RESIZE)
+    many, errors_many = PilDecoder(num_threads=3).decode(records.paths, CELEBA_RESIZE)
+    assert errors_one == errors_many == [None] * 10 and np.array_equal(one, many)
+    with pytest.raises(ValueError, match="num_threads"):
+        PilDecoder(num_threads=0)
+
+
+def _pil_stand_in_for_nvjpeg(blobs):
+    """``torchvision.io.decode_jpeg``'s stand-in on a CPU: PIL decodes each blob to RGB ``[3, H, W]``."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    out = []
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as image:
+            image.load()
+            out.append(torch.from_numpy(np.asarray(image.convert("RGB")).transpose(2, 0, 1).copy()))
+    return out
+
+
+def _decoder_for(path: str):
+    from mtlue_fast.data import dali, gpu_decode
+
+    if path == "pil":
+        return PilDecoder(num_threads=1)
+    if path == "pil-threads":
+        return PilDecoder(num_threads=2)
+    if path == "dali-cpu":
+        if not dali.available():
+            pytest.skip("DALI not installed")
+        return dali.DaliDecoder("cpu", batch_size=4, num_threads=2)
+    if path == "torchvision-stand-in":  # the GPU decoder's batching and routing, PIL decoding in its place
+        return gpu_decode.TorchvisionDecoder("cpu", batch_size=4, num_threads=2, decode_fn=_pil_stand_in_for_nvjpeg)
+    if path == "dali-gpu":
+        if not dali.available():
+            pytest.skip("DALI not installed")
+        return dali.DaliDecoder("gpu", batch_size=4)
+    if not gpu_decode.available():
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    return gpu_decode.TorchvisionDecoder("cuda", batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["pil", "pil-threads", "dali-cpu", "torchvision-stand-in",
+     pytest.param("dali-gpu", marks=pytest.mark.cuda), pytest.param("torchvision-cuda", marks=pytest.mark.cuda)],
+)  # fmt: skip
+def test_every_decoder_skips_and_counts_corrupt_images(celeba_root, tmp_path, path):
+    folder = celeba_root / "img_align_celeba"
+    data = (folder / "000002.jpg").read_bytes()
+    (folder / "000002.jpg").write_bytes(data[: len(data) // 3])  # truncated
+    (folder / "000005.jpg").write_bytes(b"")  # empty
+    (folder / "000008.jpg").write_text("not an image")
+    decoder = _decoder_for(path)
+    cache = build_cache("celeba", celeba_root, "train", tmp_path / "cache", decoder=decoder, progress=False)
+    records = load_records("celeba", celeba_root, "train")
+    keep = [i for i in range(10) if i not in (1, 4, 7)]
+    assert len(cache) == 7 and np.array_equal(cache.labels, records.labels[keep])
+    assert cache.manifest["skipped"]["counts"] == {"undecodable_images": 3}
+    assert cache.manifest["decoder"] == decoder.name
+    assert getattr(decoder, "pil_fallbacks", 0) == 0
+    reference, _ = PilDecoder().decode([records.paths[i] for i in keep], CELEBA_RESIZE)
+    diff = np.abs(np.asarray(cache.images, dtype=np.int16) - reference)
+    # Pure noise JPEGs: the worst case for decoders that differ (DALI's and nvJPEG's resize/IDCT).
+    assert diff.mean() < 3.0 if path.startswith(("dali", "torchvision-cuda")) else diff.max() <= 1

@@ -393,3 +393,61 @@ def test_stream_skips_corrupt_files(tmp_path, stream_files):
     assert stream.pil_fallbacks == 0 and stream.bad_paths == {paths[5], paths[12]}
     again, _ = _collect(stream)  # next pass: known-bad files are left out up front
     assert stream.skipped == 4 and torch.equal(again, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixed (GPU) decoder: the same checks against PIL
+
+
+@pytest.fixture(scope="module")
+def gpu_decoder() -> DaliDecoder:
+    return DaliDecoder("gpu", batch_size=4, num_threads=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "kind, resize",
+    [
+        ("celeba", SPECS["celeba"].resize),
+        ("utkface", SPECS["utkface"].resize),
+        ("chest", ResizeSpec(1, (64, 64))),
+        ("png", SPECS["nyuv2"].resize),
+        ("celeba", ResizeSpec(1, (70, 70), center_crop=(140, 140))),
+    ],
+)
+def test_gpu_matches_pil(gpu_decoder, images, kind, resize):
+    assert gpu_decoder.name == "dali-gpu"
+    paths = images[kind]
+    ours, errors = gpu_decoder.decode(paths, resize)
+    ref, _ = PilDecoder().decode(paths, resize)
+    assert errors == [None] * len(paths) and ours.shape == (len(paths), resize.channels, *resize.size)
+    _assert_close_to_pil(ours, ref)
+    assert gpu_decoder.pil_fallbacks == 0
+
+
+@pytest.mark.cuda
+def test_gpu_center_crop_offsets_exact(gpu_decoder, images):
+    resize = ResizeSpec(3, (139, 141), center_crop=(139, 141))
+    ours, _ = gpu_decoder.decode(images["png"], resize)  # PNG: lossless, so the crop alone decides
+    ref, _ = PilDecoder().decode(images["png"], resize)
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.cuda
+def test_gpu_corrupt_files_reported(tmp_path, images):
+    good = images["celeba"]
+    data = open(good[0], "rb").read()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 3])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    not_image = tmp_path / "text.png"
+    not_image.write_text("not an image")
+    paths = good[:2] + [str(truncated), good[2], str(empty)] + good[3:5] + [str(not_image)] + good[5:]
+    bad = {2, 4, 7}
+    dec = DaliDecoder("gpu", batch_size=4, num_threads=2)
+    ours, errors = dec.decode(paths, SPECS["celeba"].resize)
+    assert {i for i, e in enumerate(errors) if e is not None} == bad
+    clean, clean_errors = dec.decode(good, SPECS["celeba"].resize)  # usable after the failures
+    assert clean_errors == [None] * len(good)
+    np.testing.assert_array_equal(ours[[i for i in range(len(paths)) if i not in bad]], clean)

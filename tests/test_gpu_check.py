@@ -125,11 +125,11 @@ def test_bench_plan_alternates_rounds_and_puts_compiled_last(tmp_path, monkeypat
     ctx = _ctx(tmp_path)
     runs, notes = benchmarks.plan(ctx, list(benchmarks.BENCHES), 2, [])
     assert [(r.round, r.name) for r in runs] == [
-        (1, "ops"), (1, "victim"), (1, "generator"), (1, "ops-compiled"),
-        (2, "ops"), (2, "victim"), (2, "generator"), (2, "ops-compiled"),
+        (1, "ops"), (1, "victim"), (1, "generator"), (1, "data"), (1, "ops-compiled"),
+        (2, "ops"), (2, "victim"), (2, "generator"), (2, "data"), (2, "ops-compiled"),
     ]  # fmt: skip
-    assert runs[1].targets == ["bench/bench_victim.py"] and runs[3].selection == benchmarks.OPS_GPU_COMPILED
-    assert notes == ["bench_data.py not run: DALI not installed"]
+    assert runs[1].targets == ["bench/bench_victim.py"] and runs[4].selection == benchmarks.OPS_GPU_COMPILED
+    assert notes == ["bench_data.py: DALI not installed, its GPU decoder is not measured"]
     runs, _ = benchmarks.plan(ctx, ["ops", "victim"], 1, ["-k", "graph"])  # the user's -k replaces the selections
     assert [r.name for r in runs] == ["ops", "victim"] and all(r.selection is None for r in runs)
     runs, notes = benchmarks.plan(_ctx(tmp_path, "cpu"), list(benchmarks.BENCHES), 1, [])

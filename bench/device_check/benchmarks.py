@@ -4,7 +4,7 @@ One round runs, in this order: ``bench/bench_ops.py`` (the fused ops and their e
 after the copy bandwidth is measured here), ``bench/bench_victim.py`` and
 ``bench/bench_generator.py`` (every step variant the files define: eager, ``torch.compile``
 default, reduce-overhead, max-autotune, a CUDA-graph step; each file lists its compiled variants
-last), ``bench/bench_data.py`` where DALI imports (GPU only), and last the torch.compile'd
+last), ``bench/bench_data.py`` (GPU only: torchvision's and DALI's GPU decoders), and last the torch.compile'd
 references of the ops (a cold inductor compile is the slowest setup). ``--rounds N`` repeats the
 round N times, so round i has measured every variant once before round i+1 starts; a benchmark's
 median is then the median of its round medians, and every round's value is kept.
@@ -66,10 +66,10 @@ def plan(ctx: Context, benches: list[str], rounds: int, user_args: list[str]) ->
             one_round.append((name, name, [f"bench/bench_{name}.py"] if ctx.gpu else TRAINING_CPU[name], None, 1.0))
     if "data" in benches:
         if not ctx.gpu:
-            notes.append("bench_data.py not run: --cpu (the DALI mixed decoder needs a GPU)")
-        elif not dali_available(ctx):
-            notes.append("bench_data.py not run: DALI not installed")
-        else:
+            notes.append("bench_data.py not run: --cpu (the GPU decoders need a GPU)")
+        else:  # torchvision's nvJPEG decoder runs without DALI; DALI's cases skip themselves
+            if not dali_available(ctx):
+                notes.append("bench_data.py: DALI not installed, its GPU decoder is not measured")
             one_round.append(("data", "data", ["bench/bench_data.py"], None, 0.4))
     if "ops" in benches and ctx.gpu and not user_k:
         one_round.append(("ops", "ops-compiled", ["bench/bench_ops.py"], OPS_GPU_COMPILED, 0.6))

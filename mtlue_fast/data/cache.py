@@ -85,7 +85,9 @@ def build_cache(
         dataset, root, split: as for :func:`mtlue_fast.data.load_records`.
         cache_dir: cache root (default :func:`default_cache_root`); one folder per entry inside.
         size: working resolution ``(H, W)`` overriding the spec's (e.g. a reduced synthetic set).
-        decoder: ``"auto"`` (DALI when installed, else PIL), ``"dali"``, ``"pil"`` or a Decoder.
+        decoder: ``"auto"`` (on a GPU: DALI's GPU decoder, else torchvision's nvJPEG; otherwise
+            DALI's CPU pipeline, else PIL), ``"dali"``, ``"torchvision"``, ``"pil"`` or a Decoder
+            (see :func:`choose_decoder`).
         chunk_size: images decoded between two progress records.
         strict: a skipped row, missing image or undecodable file raises instead of being counted.
         progress: print a progress line with images/s.
@@ -130,20 +132,66 @@ def open_cache(entry: str | Path) -> Cache:
     return Cache(entry, images, labels, manifest["task_names"], manifest["num_classes"], manifest)
 
 
+DECODERS = ("auto", "dali", "torchvision", "pil")
+
+
+def choose_decoder(requested: str, *, gpu: bool, dali: bool, gpu_jpeg: bool) -> str:
+    """Which decoder a name stands for, given what this machine has.
+
+    Args:
+        requested: ``"auto"``, ``"dali"``, ``"torchvision"`` or ``"pil"``.
+        gpu: a CUDA GPU is available; dali: NVIDIA DALI imports; gpu_jpeg: torchvision decodes
+            JPEGs on the GPU (:func:`mtlue_fast.data.gpu_decode.available`).
+
+    Returns:
+        ``"dali-gpu"`` (DALI's mixed decoder), ``"torchvision-gpu"`` (nvJPEG through torchvision),
+        ``"dali-cpu"`` or ``"pil"``. ``auto``: with a GPU, DALI's GPU decoder when DALI is installed,
+        else torchvision's; without one (or neither), DALI's CPU pipeline, else PIL.
+        ``dali``: DALI on the GPU when there is one. ``torchvision``: torchvision on the GPU.
+
+    Raises:
+        ValueError: an unknown name. RuntimeError: the requested decoder is not available here.
+    """
+    if requested not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(repr(d) for d in DECODERS)}, got {requested!r}")
+    if requested == "pil":
+        return "pil"
+    if requested == "dali":
+        if not dali:
+            raise RuntimeError("decoder='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+        return "dali-gpu" if gpu else "dali-cpu"
+    if requested == "torchvision":
+        if not (gpu and gpu_jpeg):
+            why = "no CUDA GPU is available" if not gpu else "torchvision cannot decode JPEGs on this GPU"
+            raise RuntimeError(f"decoder='torchvision' decodes on a GPU, but {why}")
+        return "torchvision-gpu"
+    if gpu and dali:
+        return "dali-gpu"
+    if gpu and gpu_jpeg:
+        return "torchvision-gpu"
+    return "dali-cpu" if dali else "pil"
+
+
 def resolve_decoder(decoder: str | Decoder) -> Decoder:
+    """The decoder object for a name (see :func:`choose_decoder`); a Decoder is returned as is."""
     if not isinstance(decoder, str):
         return decoder
-    if decoder not in ("auto", "dali", "pil"):
-        raise ValueError(f"decoder must be 'auto', 'dali' or 'pil', got {decoder!r}")
-    if decoder == "pil":
-        return PilDecoder()
-    from . import dali
+    if decoder not in DECODERS:
+        choose_decoder(decoder, gpu=False, dali=False, gpu_jpeg=False)  # raises, naming the choices
+    import torch
 
-    if dali.available():
-        return dali.DaliDecoder()
-    if decoder == "dali":
-        raise RuntimeError("decoder='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-    return PilDecoder()
+    from . import dali, gpu_decode
+
+    gpu = torch.cuda.is_available()
+    has_dali = decoder in ("auto", "dali") and dali.available()
+    # Probed only where it can decide: the probe initialises CUDA and imports torchvision.
+    gpu_jpeg = gpu and decoder in ("auto", "torchvision") and not has_dali and gpu_decode.available()
+    choice = choose_decoder(decoder, gpu=gpu, dali=has_dali, gpu_jpeg=gpu_jpeg)
+    if choice == "pil":
+        return PilDecoder()
+    if choice == "torchvision-gpu":
+        return gpu_decode.TorchvisionDecoder("cuda")
+    return dali.DaliDecoder("gpu" if choice == "dali-gpu" else "cpu")
 
 
 # ----------------------------------------------------------------------------- internals

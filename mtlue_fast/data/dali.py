@@ -14,6 +14,8 @@ DALI quirks handled here (DALI 2.4, nvImageCodec 0.9):
   pipeline object should not be reused after that error: the batch is redone file by file with a
   fresh pipeline after each failure, and files DALI cannot decode are retried with PIL (so a format
   DALI lacks still decodes; a corrupt file fails there too and is reported);
+* nvJPEG (the mixed decoder) may decode a JPEG cut short without an error: JPEGs without an
+  end-of-image marker near their end go to PIL instead, which rejects a truncated file;
 * a zero-length sample makes ``external_source`` itself fail ("Attempted to peek the data batch that
   doesn't exist"): empty files are rejected before they reach DALI;
 * ``fn.peek_image_shape`` reports 3 channels even for grayscale files (only H and W are used).
@@ -25,7 +27,6 @@ The pipelines hold no random operators: the stream's crop offsets and flips are 
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -33,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .decode import PilDecoder
+from .decode import PilDecoder, default_threads, error_text, is_complete_jpeg, looks_like_jpeg, read_encoded
 from .specs import ResizeSpec
 
 
@@ -46,14 +47,6 @@ def available() -> bool:
     return True
 
 
-def _default_threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
-
-
 def _resolve_decoder_device(device: str) -> str:
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -64,20 +57,8 @@ def _resolve_decoder_device(device: str) -> str:
     return device
 
 
-def _read_encoded(path: str) -> np.ndarray:
-    """The file's bytes as a 1-D uint8 array; an empty file raises (DALI cannot take it)."""
-    data = np.fromfile(path, dtype=np.uint8)
-    if data.size == 0:
-        raise ValueError(f"empty file: {path}")
-    return data
-
-
 class _RunError(RuntimeError):
     """A DALI run failed on its data (the pipeline itself was built)."""
-
-
-def _error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
 
 
 def _decode_graph(encoded: Any, resize: ResizeSpec, decoder_device: str) -> Any:
@@ -134,7 +115,7 @@ class DaliDecoder:
         self.device = _resolve_decoder_device(device)
         self.name = f"dali-{self.device}"
         self.batch_size = batch_size
-        self.num_threads = num_threads or _default_threads()
+        self.num_threads = num_threads or default_threads()
         self.pil_fallbacks = 0
         self._pipes: dict[ResizeSpec, Any] = {}
 
@@ -193,26 +174,33 @@ class DaliDecoder:
         if not chunks:
             return out, errors
 
-        def read(chunk: list[int]) -> tuple[list[int], list[np.ndarray]]:
-            index, blobs = [], []
+        def read(chunk: list[int]) -> tuple[list[int], list[np.ndarray], list[int]]:
+            """The chunk's bytes for DALI, and the JPEGs cut short (for PIL, which rejects them)."""
+            index, blobs, short = [], [], []
             for i in chunk:
                 try:
-                    blobs.append(_read_encoded(paths[i]))
+                    blob = read_encoded(paths[i])
                 except Exception as err:  # missing, unreadable or empty
-                    errors[i] = _error_text(err)
+                    errors[i] = error_text(err)
+                    continue
+                if looks_like_jpeg(blob) and not is_complete_jpeg(blob):
+                    short.append(i)
                     continue
                 index.append(i)
-            return index, blobs
+                blobs.append(blob)
+            return index, blobs, short
 
         # Read the next chunk's files in a thread while DALI decodes the current one.
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(read, chunks[0])
             for k in range(len(chunks)):
-                index, blobs = ahead.result()
+                index, blobs, short = ahead.result()
                 if k + 1 < len(chunks):
                     ahead = reader.submit(read, chunks[k + 1])
                 if index:
                     self._decode_batch(index, blobs, paths, resize, out, errors)
+                for i in short:
+                    self._decode_with_pil(i, paths, resize, out, errors)
         return out, errors
 
     def _decode_batch(self, index, blobs, paths, resize, out, errors) -> None:
@@ -232,7 +220,7 @@ class DaliDecoder:
         try:
             out[i] = PilDecoder.decode_one(paths[i], resize)
         except Exception as err:
-            errors[i] = _error_text(err)
+            errors[i] = error_text(err)
             return
         if counts_as_fallback:
             self.pil_fallbacks += 1
@@ -306,7 +294,7 @@ class DaliStream:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
-        self.num_threads = num_threads or _default_threads()
+        self.num_threads = num_threads or default_threads()
         self.prefetch = max(1, prefetch)
         self.epoch = 0
         self.skipped = 0
@@ -414,7 +402,7 @@ class DaliStream:
                 self.skipped += 1
                 continue
             try:
-                blobs.append(_read_encoded(path))
+                blobs.append(read_encoded(path))
             except Exception:
                 self._mark_bad(path)
                 continue

@@ -1,8 +1,10 @@
-"""Decoding original image files into cache entries with PIL (the fallback when DALI is missing).
+"""Decoding original image files into cache entries: the contract, the shared geometry, and PIL.
 
-Every decoder has the same contract, ``decode(paths, resize) -> (images, errors)``: ``images`` is
-uint8 ``[n, C, H, W]`` at ``resize.size``; ``errors[i]`` is None, or why file i could not be
-decoded (its row of ``images`` is then zeros and must not be used). Geometry, shared by all
+Decoders: ``PilDecoder`` here (the CPU fallback), ``dali.DaliDecoder`` (NVIDIA DALI, GPU or CPU)
+and ``gpu_decode.TorchvisionDecoder`` (nvJPEG through torchvision, GPU); ``cache.resolve_decoder``
+picks one. Every decoder has the same contract, ``decode(paths, resize) -> (images, errors)``:
+``images`` is uint8 ``[n, C, H, W]`` at ``resize.size`` in host memory; ``errors[i]`` is None, or
+why file i could not be decoded (its row of ``images`` is then zeros and must not be used). Geometry, shared by all
 decoders: convert to L (1 channel; RGBA and RGB converted) or RGB, cut ``resize.center_crop`` from
 the centre (offsets ``(H-h)//2, (W-w)//2``), then resize bilinearly with antialiasing.
 NYUv2's ``.npy`` images (float HxWx3 in [0, 1]) are read with numpy and scaled by 255.
@@ -10,6 +12,8 @@ NYUv2's ``.npy`` images (float HxWx3 in [0, 1]) are read with numpy and scaled b
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +36,50 @@ def center_box(width: int, height: int, crop: tuple[int, int]) -> tuple[int, int
     return left, top, left + w, top + h
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Decoder worker threads by default: the usable cores, at most 8."""
+    return max(1, min(8, usable_cores()))
+
+
+def read_encoded(path: str) -> np.ndarray:
+    """The file's bytes as a 1-D uint8 array; an empty file raises (no decoder can take it)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError(f"empty file: {path}")
+    return data
+
+
+_EOI_WINDOW = 1024  # bytes at the end of a JPEG searched for its end-of-image marker
+
+
+def looks_like_jpeg(blob: np.ndarray) -> bool:
+    """Whether the uint8 bytes start with a JPEG's start-of-image marker."""
+    return blob.size >= 3 and blob[0] == 0xFF and blob[1] == 0xD8 and blob[2] == 0xFF
+
+
+def is_complete_jpeg(blob: np.ndarray) -> bool:
+    """Whether ``blob`` (uint8 bytes) starts like a JPEG and has an end-of-image marker near its
+    end. A file cut short has none, and nvJPEG (DALI's GPU decoder, torchvision's) may decode such a
+    file without complaint, so the GPU decoders hand these to PIL, which rejects them."""
+    if not looks_like_jpeg(blob):
+        return False
+    tail = blob[-_EOI_WINDOW:]
+    return bool(np.any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9)))
+
+
+def error_text(err: BaseException) -> str:
+    """How a decoding failure is reported in ``errors``."""
+    return f"{type(err).__name__}: {err}"
+
+
 def npy_image_to_uint8(array: np.ndarray) -> np.ndarray:
     """HxWx3 float in [0, 1] (or uint8) -> uint8 HxWx3."""
     if array.dtype == np.uint8:
@@ -40,19 +88,35 @@ def npy_image_to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 class PilDecoder:
-    """Decode with Pillow, one file at a time (no worker threads; the cache builds in chunks)."""
+    """Decode with Pillow on ``num_threads`` host threads (Pillow releases the GIL while it decodes
+    and resizes); ``None``: :func:`default_threads`, 1: one file after the other in this thread."""
 
     name = "pil"
+    num_threads: int | None = None
+
+    def __init__(self, num_threads: int | None = None):
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        self.num_threads = num_threads
 
     def decode(self, paths: list[str], resize: ResizeSpec) -> tuple[np.ndarray, list[str | None]]:
         height, width = resize.size
         out = np.zeros((len(paths), resize.channels, height, width), dtype=np.uint8)
         errors: list[str | None] = [None] * len(paths)
-        for i, path in enumerate(paths):
+
+        def one(i: int) -> None:
             try:
-                out[i] = self.decode_one(path, resize)
+                out[i] = self.decode_one(paths[i], resize)
             except Exception as err:  # corrupt/truncated/unreadable: reported by the caller
-                errors[i] = f"{type(err).__name__}: {err}"
+                errors[i] = error_text(err)
+
+        threads = min(self.num_threads or default_threads(), len(paths))
+        if threads <= 1:
+            for i in range(len(paths)):
+                one(i)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(one, range(len(paths))))
         return out, errors
 
     @staticmethod

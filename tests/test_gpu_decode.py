@@ -1,0 +1,308 @@
+"""GPU JPEG decoding through torchvision (mtlue_fast.data.gpu_decode) against the PIL path.
+
+CPU tests check everything but the nvJPEG call itself: the device-side geometry (grayscale, centre
+crop, antialiased resize) on PIL-decoded pixels, the routing of files (JPEG to the device, the rest to
+PIL), the batching, and that corrupt files are skipped and reported; the decoder then runs with
+``decode_fn`` standing in for ``torchvision.io.decode_jpeg``. The CUDA tests decode with nvJPEG.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mtlue_fast.data import build_cache, load_records
+from mtlue_fast.data import gpu_decode
+from mtlue_fast.data.decode import PilDecoder, is_complete_jpeg
+from mtlue_fast.data.gpu_decode import TorchvisionDecoder, crop_resize, to_gray
+from mtlue_fast.data.specs import SPECS, ResizeSpec
+
+CELEBA = SPECS["celeba"].resize  # 178x218, centre 140 -> 70
+UTKFACE = SPECS["utkface"].resize  # 200 -> 140
+# nvJPEG vs libjpeg (through PIL), as for DALI (tests/test_dali.py): mean |diff| below one grey level,
+# at most 3 away from the border, larger only on the outermost pixels at sharp edges.
+MEAN_TOL = 1.0
+INTERIOR_MAX_TOL = 3
+MAX_TOL = 16
+
+
+def _natural(height: int, width: int, seed: int) -> Image.Image:
+    """Smooth colour gradients, mild noise and a few hard-edged shapes."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        a, b, phase = rng.uniform(0.5, 3.0, 3)
+        channels.append(127 + 90 * np.sin(x / width * a * 6 + phase) * np.cos(y / height * b * 6) + rng.normal(0, 5, (height, width)))
+    image = Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+        size = int(rng.integers(width // 10, width // 3))
+        draw.rectangle([x0, y0, x0 + size, y0 + size // 2], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("gpu_decode")
+    sets: dict[str, list[str]] = {"celeba": [], "utkface": [], "png": [], "gray_jpeg": []}
+    for i in range(7):
+        path = root / f"celeba_{i}.jpg"
+        _natural(218, 178, i).save(path, quality=92)
+        sets["celeba"].append(str(path))
+    for i in range(3):
+        path = root / f"utk_{i}.jpg"
+        _natural(200, 200, 10 + i).save(path, quality=90)
+        sets["utkface"].append(str(path))
+    for i in range(2):
+        path = root / f"png_{i}.png"
+        _natural(218, 178, 20 + i).save(path)
+        sets["png"].append(str(path))
+    for i in range(2):
+        path = root / f"gray_{i}.jpg"
+        _natural(218, 178, 30 + i).convert("L").save(path, quality=90)
+        sets["gray_jpeg"].append(str(path))
+    return sets
+
+
+def pil_decode_fn(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``decode_jpeg``'s stand-in: PIL decodes every blob to RGB ``[3, H, W]``; any failure raises."""
+    out = []
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as image:
+            image.load()
+            out.append(torch.from_numpy(np.asarray(image.convert("RGB")).transpose(2, 0, 1).copy()))
+    return out
+
+
+def _pil_full(path: str) -> torch.Tensor:
+    return pil_decode_fn([torch.from_numpy(np.fromfile(path, dtype=np.uint8))])[0]
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+# ---------------------------------------------------------------------------- geometry (CPU)
+
+
+@pytest.mark.parametrize(
+    "kind, resize",
+    [
+        ("celeba", CELEBA),
+        ("utkface", UTKFACE),
+        ("celeba", ResizeSpec(1, (70, 70), center_crop=(140, 140))),  # grayscale from colour
+        ("celeba", ResizeSpec(3, (288, 384))),  # upscaling (NYUv2's size)
+        ("gray_jpeg", CELEBA),
+    ],
+)
+def test_crop_resize_matches_pil_on_the_same_pixels(files, kind, resize):
+    """Only the resize's float arithmetic differs from PIL's fixed point: at most one grey level."""
+    paths = files[kind]
+    ours = crop_resize(torch.stack([_pil_full(p) for p in paths]), resize).numpy()
+    ref, errors = PilDecoder(num_threads=1).decode(paths, resize)
+    assert errors == [None] * len(paths) and ours.shape == ref.shape and ours.dtype == np.uint8
+    diff = _diff(ours, ref)
+    assert diff.max() <= 1 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
+def test_crop_offsets_exact(files):
+    """Crop == size skips the resize; odd margins (218-139, 178-141) tell floor from rounding."""
+    resize = ResizeSpec(3, (139, 141), center_crop=(139, 141))
+    ours = crop_resize(torch.stack([_pil_full(p) for p in files["celeba"][:2]]), resize).numpy()
+    ref, _ = PilDecoder().decode(files["celeba"][:2], resize)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_crop_larger_than_image_raises():
+    with pytest.raises(ValueError, match="larger than the 20x30 image"):
+        crop_resize(torch.zeros(1, 3, 20, 30, dtype=torch.uint8), ResizeSpec(3, (8, 8), center_crop=(24, 24)))
+
+
+def test_to_gray_is_pils_convert():
+    rgb = np.random.default_rng(0).integers(0, 256, (31, 17, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(rgb).convert("L"))
+    ours = to_gray(torch.from_numpy(rgb.transpose(2, 0, 1).copy()))[0].numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_is_complete_jpeg(files, tmp_path):
+    data = np.fromfile(files["celeba"][0], dtype=np.uint8)
+    assert is_complete_jpeg(data)
+    assert not is_complete_jpeg(data[: len(data) // 3])  # cut short: no end-of-image marker
+    assert not is_complete_jpeg(np.fromfile(files["png"][0], dtype=np.uint8))
+    assert not is_complete_jpeg(np.zeros(0, np.uint8)) and not is_complete_jpeg(np.array([0xFF, 0xD8], np.uint8))
+
+
+# ---------------------------------------------------------------------------- the decoder (CPU, decode_fn)
+
+
+def _decoder(**kwargs) -> TorchvisionDecoder:
+    return TorchvisionDecoder("cpu", batch_size=kwargs.pop("batch_size", 4), num_threads=2, decode_fn=kwargs.pop("decode_fn", pil_decode_fn))
+
+
+def test_decoder_matches_pil_mixed_sizes_and_formats(files):
+    """JPEGs of two sizes share batches (grouped by size for the resize); PNGs go to PIL unchanged."""
+    paths = files["celeba"][:3] + files["utkface"][:2] + files["png"] + files["celeba"][3:] + files["gray_jpeg"]
+    resize = ResizeSpec(3, (70, 70), center_crop=(140, 140))
+    calls = []
+
+    def counting(blobs):
+        calls.append(len(blobs))
+        return pil_decode_fn(blobs)
+
+    decoder = _decoder(decode_fn=counting)
+    ours, errors = decoder.decode(paths, resize)
+    ref, ref_errors = PilDecoder().decode(paths, resize)
+    assert errors == ref_errors == [None] * len(paths)
+    assert decoder.name == "torchvision-cpu" and decoder.pil_fallbacks == 0
+    assert sum(calls) == len(paths) - len(files["png"]) and max(calls) <= 4  # every JPEG once, in batches
+    assert _diff(ours, ref).max() <= 1
+    png_rows = [paths.index(p) for p in files["png"]]
+    np.testing.assert_array_equal(ours[png_rows], ref[png_rows])
+
+
+def test_npy_images_go_to_pil(tmp_path, files):
+    npy = tmp_path / "0.npy"
+    np.save(npy, np.asarray(_natural(96, 128, 5), dtype=np.float32) / 255.0)
+    paths = [str(npy), files["celeba"][0]]
+    resize = SPECS["nyuv2"].resize
+    ours, errors = _decoder().decode(paths, resize)
+    ref, _ = PilDecoder().decode(paths, resize)
+    assert errors == [None, None]
+    np.testing.assert_array_equal(ours[0], ref[0])
+
+
+def test_corrupt_files_are_reported(tmp_path, files):
+    good = files["celeba"]
+    data = open(good[0], "rb").read()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 3])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    not_image = tmp_path / "text.jpg"
+    not_image.write_text("not an image")
+    missing = str(tmp_path / "missing.jpg")
+    paths = good[:2] + [str(truncated), good[2], str(empty)] + good[3:5] + [str(not_image), missing] + good[5:]
+    bad = {2, 4, 7, 8}
+    decoder = _decoder()
+    ours, errors = decoder.decode(paths, CELEBA)
+    assert {i for i, e in enumerate(errors) if e is not None} == bad
+    assert all(isinstance(errors[i], str) and errors[i] for i in bad)
+    assert decoder.pil_fallbacks == 0
+    clean, _ = decoder.decode(good, CELEBA)
+    np.testing.assert_array_equal(ours[[i for i in range(len(paths)) if i not in bad]], clean)
+
+
+def test_rejected_jpeg_falls_back_to_pil(files):
+    """A JPEG the device decoder rejects fails its batch; the batch is redone file by file and that
+    file decoded by PIL (counted); when PIL fails too it is reported."""
+    rejected = files["celeba"][1]
+    size = len(np.fromfile(rejected, dtype=np.uint8))
+
+    def picky(blobs):
+        if any(len(b) == size for b in blobs):
+            raise RuntimeError("nvJPEG: unsupported")
+        return pil_decode_fn(blobs)
+
+    decoder = _decoder(decode_fn=picky)
+    paths = files["celeba"][:4]
+    ours, errors = decoder.decode(paths, CELEBA)
+    ref, _ = PilDecoder().decode(paths, CELEBA)
+    assert errors == [None] * 4 and decoder.pil_fallbacks == 1
+    np.testing.assert_array_equal(ours[1], ref[1])
+    assert _diff(ours, ref).max() <= 1
+
+
+def test_cuda_device_needs_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        TorchvisionDecoder("cuda")
+    assert not gpu_decode.available.__wrapped__()  # the probe says no without a GPU
+
+
+# ---------------------------------------------------------------------------- nvJPEG (CUDA)
+
+
+def _assert_close_to_pil(ours: np.ndarray, ref: np.ndarray) -> None:
+    diff = _diff(ours, ref)
+    assert diff.mean() < MEAN_TOL, f"mean |GPU - PIL| = {diff.mean():.3f}"
+    assert diff[..., 2:-2, 2:-2].max() <= INTERIOR_MAX_TOL, f"max |GPU - PIL| away from the border = {diff[..., 2:-2, 2:-2].max()}"
+    assert diff.max() <= MAX_TOL, f"max |GPU - PIL| = {diff.max()}"
+
+
+def _need_gpu_jpeg():
+    if not gpu_decode.available():
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "kind, resize",
+    [("celeba", CELEBA), ("utkface", UTKFACE), ("celeba", ResizeSpec(1, (70, 70), center_crop=(140, 140))), ("gray_jpeg", CELEBA)],
+)
+def test_nvjpeg_matches_pil(files, kind, resize):
+    _need_gpu_jpeg()
+    decoder = TorchvisionDecoder("cuda", batch_size=4)
+    ours, errors = decoder.decode(files[kind], resize)
+    ref, _ = PilDecoder().decode(files[kind], resize)
+    assert errors == [None] * len(files[kind]) and decoder.pil_fallbacks == 0
+    _assert_close_to_pil(ours, ref)
+
+
+@pytest.mark.cuda
+def test_nvjpeg_corrupt_files_reported(tmp_path, files):
+    _need_gpu_jpeg()
+    good = files["celeba"]
+    data = open(good[0], "rb").read()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 3])
+    garbled = tmp_path / "garbled.jpg"  # JPEG markers around garbage: nvJPEG must reject it, PIL too
+    garbled.write_bytes(data[:2] + b"\xff" + bytes(200) + data[-2:])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    paths = good[:2] + [str(truncated), good[2], str(garbled), str(empty)] + good[3:]
+    bad = {2, 4, 5}
+    ours, errors = TorchvisionDecoder("cuda", batch_size=4).decode(paths, CELEBA)
+    assert {i for i, e in enumerate(errors) if e is not None} == bad
+    ref, _ = PilDecoder().decode(good, CELEBA)
+    _assert_close_to_pil(ours[[i for i in range(len(paths)) if i not in bad]], ref)
+
+
+@pytest.mark.cuda
+def test_nvjpeg_cache_matches_cpu_cache(tmp_path):
+    """The CelebA-format synthetic sample cached by nvJPEG and by PIL: same rows, close pixels."""
+    _need_gpu_jpeg()
+    from mtlue_fast.data import synthetic
+
+    root = synthetic.write("celeba", tmp_path / "celeba", 40, 4, seed=0)
+    gpu = build_cache("celeba", root, "train", tmp_path / "gpu", decoder="torchvision", progress=False)
+    cpu = build_cache("celeba", root, "train", tmp_path / "cpu", decoder="pil", progress=False)
+    assert gpu.manifest["decoder"] == "torchvision-cuda" and isinstance(gpu.images, np.memmap)
+    assert np.array_equal(gpu.labels, cpu.labels) and gpu.images.shape == cpu.images.shape
+    _assert_close_to_pil(np.asarray(gpu.images), np.asarray(cpu.images))
+
+
+@pytest.mark.cuda
+def test_nvjpeg_real_celeba_samples(samples):
+    _need_gpu_jpeg()
+    records = load_records("celeba", samples / "celeba", "train")
+    ours, errors = TorchvisionDecoder("cuda").decode(records.paths, CELEBA)
+    ref, _ = PilDecoder().decode(records.paths, CELEBA)
+    assert errors == [None] * len(records.paths)
+    _assert_close_to_pil(ours, ref)
+
+
+@pytest.mark.cuda
+def test_auto_decodes_on_the_gpu():
+    from mtlue_fast.data import dali
+    from mtlue_fast.data.cache import resolve_decoder
+
+    if not (dali.available() or gpu_decode.available()):
+        pytest.skip("neither DALI nor torchvision decodes on this GPU")
+    assert resolve_decoder("auto").name in ("dali-gpu", "torchvision-cuda")
