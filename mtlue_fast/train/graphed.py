@@ -77,6 +77,7 @@ class GraphedStep:
         self.static_in: tuple | None = None
         self.static_out: torch.Tensor | None = None
         self.replays = 0
+        self.side: torch.cuda.Stream | None = None
 
     def __getattr__(self, name: str):  # the wrapped step's attributes (model, optimizer, ...)
         if name == "fn":
@@ -101,7 +102,9 @@ class GraphedStep:
         return self._capture(images, labels, key)
 
     def _side_stream(self, images, labels):
-        side = torch.cuda.Stream(images.device)
+        if self.side is None:
+            self.side = torch.cuda.Stream(images.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
@@ -114,7 +117,8 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(images.device)
-            with torch.cuda.graph(graph):
+            # thread_local: a loader thread pinning host memory meanwhile does not spoil the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_out = self.fn(*self.static_in)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step
             self.failed = True
