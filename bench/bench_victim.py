@@ -104,6 +104,7 @@ def test_victim_training(benchmark, celeba_like, bench_device, path):
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
 
 
+# ``ew`` first: every other strategy's extra_info gets ``ratio_to_ew``, its median step over ew's.
 STRATEGIES = [
     ("ew", "representation"),
     ("pcgrad", "representation"),
@@ -114,10 +115,14 @@ STRATEGIES = [
 ]
 
 
+_EW_MEDIAN: dict[str, float] = {}  # device type -> ew's median epoch time in this session
+
+
 @pytest.mark.parametrize("name,space", STRATEGIES)
 def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
-    """Step time of a weighting strategy on the fast eager path (compile off: the strategies run
-    outside the compiled model either way)."""
+    """Step time of a weighting strategy on the device's default path without ``torch.compile``
+    (the strategies run outside the compiled model either way), and its ratio to equal weighting's
+    (``ratio_to_ew`` in extra_info, when ew ran before it in the session)."""
     if space == "parameters" and bench_device.type == "cuda":
         pytest.skip("40 batched backward passes of the full network: memory-bound comparison, CPU only")
     once, images = run_epoch(celeba_like, bench_device, weighting=name, grad_space=space)
@@ -125,3 +130,10 @@ def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
     variant = name if space == "representation" else f"{name} ({space})"
     benchmark.extra_info.update(images=images, variant=variant, kind="weighting")
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
+    median = benchmark.stats.stats.median
+    if name == "ew" and space == "representation":
+        _EW_MEDIAN[bench_device.type] = median
+    elif bench_device.type in _EW_MEDIAN:
+        benchmark.extra_info["ratio_to_ew"] = round(median / _EW_MEDIAN[bench_device.type], 3)

@@ -10,8 +10,11 @@ weights and running statistics live in its ``state_dict``, so checkpoints carry 
 - ``needs_task_grads``: True when it needs the per-task gradient matrix of the shared part, which
   :class:`~mtlue_fast.mtl.task_grads.TaskGradients` computes in one batched pass.
 
-Everything runs on the losses' device without host synchronisation, except Aligned-MTL's
-eigendecomposition (``torch.linalg.eigh``, which checks convergence on the host).
+Everything runs on the losses' device without host reads, and every step runs the same operations
+whatever the values: nothing here keeps a CUDA graph from capturing the training step. The gradient
+strategies' small solves on the ``[K, K]`` Gram matrix (:mod:`~mtlue_fast.mtl.gram_solvers`) are a bounded
+number of batched operations, not loops over tiny tensors; random draws (PCGrad's orders, RLW's
+weights) come from the device's default generator.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .gram_solvers import aligned_weights, fairgrad_weights, min_norm_weights, pcgrad_weights
 from .task_grads import TaskGradients
 
-__all__ = ["STRATEGIES", "Weighting", "get"]
+__all__ = ["STRATEGIES", "Weighting", "fairgrad_weights", "get", "min_norm_weights"]
 
 
 class Weighting(nn.Module):
@@ -232,9 +236,10 @@ class PCGrad(GradientWeighting):
     For each task i, its gradient is projected, against the other tasks' original gradients in a
     random order, onto the normal plane of every one it conflicts with (negative dot product); the
     results are summed. Every projected gradient stays a combination ``sum_j C_ij g_j`` of the
-    originals, so the rounds run on the ``[K, K]`` coefficients and the Gram matrix ``G G^T``
-    (float64) instead of on ``[K, P]`` vectors: one Gram product, K-1 tiny rounds, one
-    ``[K] x [K, P]`` product.
+    originals, so the projections run on the Gram matrix ``G G^T`` (float64): one Gram product,
+    :func:`~mtlue_fast.mtl.gram_solvers.pcgrad_weights` (two batched operations per projection
+    round, all K tasks at once), one ``[K] x [K, P]`` product. The orders are drawn on the Gram
+    matrix's device.
     """
 
     name = "pcgrad"
@@ -243,50 +248,7 @@ class PCGrad(GradientWeighting):
         k = gram.shape[0]
         keys = torch.rand(k, k, device=gram.device)
         keys.fill_diagonal_(2.0)  # own task sorts last and is never used
-        order = keys.argsort(dim=1)
-        rows = torch.arange(k, device=gram.device)
-        coefficients = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        for step in range(k - 1):
-            partner = order[:, step]
-            dot = (coefficients @ gram)[rows, partner]  # projected g_i . g_partner
-            scale = torch.where(dot < 0, dot / torch.diagonal(gram)[partner].clamp_min(1e-30), torch.zeros_like(dot))
-            coefficients[rows, partner] -= scale
-        return coefficients.sum(0)
-
-
-def min_norm_weights(gram: torch.Tensor, iterations: int = 100) -> torch.Tensor:
-    """Weights ``a`` on the simplex minimising ``a^T gram a`` (the min-norm point of the tasks'
-    convex hull; Sener & Koltun 2018), on the device without host reads.
-
-    Starts from the best two-task solution (closed form for every pair), then pairwise Frank-Wolfe with
-    exact line search for ``iterations`` steps. ``gram`` is ``[K, K]``; returns ``[K]`` in gram's dtype.
-    """
-    k = gram.shape[0]
-    if k == 1:
-        return torch.ones(1, dtype=gram.dtype, device=gram.device)
-    diag = torch.diagonal(gram)
-    # Pair (i, j): a_i = clip(((g_j - g_i) . g_j) / |g_i - g_j|^2, 0, 1).
-    diff = diag[:, None] + diag[None, :] - 2 * gram
-    a_pair = ((diag[None, :] - gram) / diff.clamp_min(1e-30)).clamp(0, 1)
-    a_pair = torch.where(diff > 1e-30, a_pair, torch.full_like(a_pair, 0.5))
-    cost = a_pair**2 * diag[:, None] + (1 - a_pair) ** 2 * diag[None, :] + 2 * a_pair * (1 - a_pair) * gram
-    best = cost.flatten().argmin()
-    i, j = best // k, best % k
-    a = a_pair.flatten()[best]
-    onehot = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    weights = a * onehot[i] + (1 - a) * onehot[j]
-    for _ in range(iterations):
-        # Pairwise Frank-Wolfe: move weight from the worst task in the support to the best task
-        # (converges linearly on the simplex, unlike plain Frank-Wolfe).
-        gradient = gram @ weights
-        best = gradient.argmin()
-        worst = torch.where(weights > 0, gradient, torch.full_like(gradient, -float("inf"))).argmax()
-        direction = onehot[best] - onehot[worst]
-        curvature = direction @ gram @ direction
-        step = -(direction @ gradient) / curvature.clamp_min(1e-30)
-        step = torch.minimum(step.clamp_min(0), weights[worst])
-        weights = (weights + torch.where(curvature > 1e-30, step, torch.zeros_like(step)) * direction).clamp_min(0)
-    return weights
+        return pcgrad_weights(gram, keys.argsort(dim=1)[:, : k - 1])
 
 
 class MGDA(GradientWeighting):
@@ -295,15 +257,17 @@ class MGDA(GradientWeighting):
     ``normalize``: how the gradients are scaled before solving: ``"none"`` (default), ``"l2"``,
     ``"loss"`` (divide by the task loss) or ``"loss+"`` (both). The found weights are applied to the
     unscaled gradients. In the default representation space this is the MGDA-UB bound.
+    ``iterations``: active-set rounds of :func:`~mtlue_fast.mtl.gram_solvers.min_norm_weights`.
     """
 
     name = "mgda"
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
-    def __init__(self, num_tasks: int, normalize: str = "none", iterations: int = 100) -> None:
+    def __init__(self, num_tasks: int, normalize: str = "none", iterations: int = 8) -> None:
         super().__init__(num_tasks)
         if normalize not in self.NORMALIZATIONS:
             raise ValueError(f"mgda normalize must be one of {self.NORMALIZATIONS}, got {normalize!r}")
+        _check_iterations("mgda", iterations)
         self.normalize, self.iterations = normalize, iterations
 
     def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -323,63 +287,15 @@ class AlignedMTL(GradientWeighting):
     With ``G G^T = V diag(lambda) V^T`` (components below a relative tolerance dropped), the
     aligned gradients are ``B G`` with ``B = sqrt(lambda_min) V diag(lambda^-1/2) V^T``: orthogonal
     with equal norms (a condition number of 1). The combined gradient is their sum,
-    ``(B 1)^T G``, so its projections on all aligned gradients are equal.
+    ``(B 1)^T G``, so its projections on all aligned gradients are equal. ``B 1`` comes from matrix
+    iterations (:func:`~mtlue_fast.mtl.gram_solvers.aligned_weights`), not ``torch.linalg.eigh``,
+    which reads its convergence flag back to the host.
     """
 
     name = "aligned_mtl"
 
     def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        eigenvalues, vectors = torch.linalg.eigh(gram)
-        tolerance = eigenvalues.max() * gram.shape[0] * torch.finfo(gram.dtype).eps
-        kept = eigenvalues > tolerance
-        inv_sqrt = torch.where(kept, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
-        smallest = torch.where(kept, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
-        smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
-        balance = smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T
-        return balance.sum(1)
-
-
-def fairgrad_weights(gram: torch.Tensor, alpha: float = 1.0, iterations: int = 30) -> torch.Tensor:
-    """Positive ``w [K]`` solving ``gram @ w = w ** (-1 / alpha)`` (FairGrad), on the device.
-
-    The system is the stationarity condition of the strictly convex
-    ``phi(w) = w^T gram w / 2 - sum_k f(w_k)`` with ``f' = w^(-1/alpha)``, so damped Newton steps
-    converge from any positive start. ``gram`` is scaled to unit mean diagonal first (the solution
-    scales as ``c^(-alpha/(1+alpha))`` when gram is scaled by c) and the result scaled back.
-    Each step tries 12 step lengths at once and keeps the best feasible one: no host reads.
-    """
-    k = gram.shape[0]
-    gram = gram.double()
-    scale = torch.diagonal(gram).mean().clamp_min(1e-30)
-    a = gram / scale
-    p = 1.0 / alpha
-    eye = torch.eye(k, dtype=a.dtype, device=a.device)
-    lengths = 0.5 ** torch.arange(12, dtype=a.dtype, device=a.device)  # [T]
-
-    def phi(w: torch.Tensor) -> torch.Tensor:  # w [..., K]
-        quadratic = 0.5 * ((w @ a) * w).sum(-1)
-        barrier = torch.log(w).sum(-1) if p == 1.0 else (w ** (1 - p) / (1 - p)).sum(-1)
-        return quadratic - barrier
-
-    def residual_norm(w: torch.Tensor) -> torch.Tensor:
-        return (a @ w - w.clamp_min(1e-300) ** (-p)).abs().max()
-
-    w = torch.ones(k, dtype=a.dtype, device=a.device)
-    for _ in range(iterations):
-        residual = a @ w - w ** (-p)
-        jacobian = a + eye * (p * w ** (-p - 1))
-        step = -torch.linalg.solve_ex(jacobian, residual)[0]  # _ex: no host-side error check
-        candidates = w[None, :] + lengths[:, None] * step[None, :]  # [T, K]
-        feasible = (candidates > 0).all(-1)
-        values = torch.where(feasible, phi(candidates.clamp_min(1e-300)), torch.full_like(lengths, float("inf")))
-        best = values.argmin()
-        damped = torch.where(values[best] < phi(w), candidates[best], w)
-        # Near the solution phi stalls at rounding level (its change is quadratic in the residual):
-        # there a full Newton step that shrinks the residual is taken instead.
-        full = candidates[0]
-        shrinks = feasible[0] & (residual_norm(full) < residual_norm(w))
-        w = torch.where(shrinks, full, damped)
-    return w * scale ** (-alpha / (1 + alpha))
+        return aligned_weights(gram)
 
 
 class FairGrad(GradientWeighting):
@@ -388,14 +304,20 @@ class FairGrad(GradientWeighting):
 
     name = "fairgrad"
 
-    def __init__(self, num_tasks: int, alpha: float = 1.0, iterations: int = 30) -> None:
+    def __init__(self, num_tasks: int, alpha: float = 1.0, iterations: int = 12) -> None:
         super().__init__(num_tasks)
         if alpha <= 0:
             raise ValueError(f"fairgrad alpha must be > 0, got {alpha}")
+        _check_iterations("fairgrad", iterations)
         self.alpha, self.iterations = alpha, iterations
 
     def weights_from_gram(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return fairgrad_weights(gram, self.alpha, self.iterations)
+
+
+def _check_iterations(strategy: str, iterations: int) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{strategy} iterations must be an integer >= 1, got {iterations!r}")
 
 
 STRATEGIES: dict[str, type[Weighting]] = {
