@@ -141,7 +141,7 @@ def test_perturb_apply(benchmark, bench_device, size_name, impl, raw_name):
 
 
 def naive_embedding_reg(table: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a direct transcription of SPEC 5 computes: one cosine per pair in a Python loop."""
+    """What a direct transcription of docs/method.md section 5 computes: one cosine per pair in a Python loop."""
     bounds = list(itertools.accumulate([0, *sizes]))
     rows = [table[r] for r in range(table.shape[0])]
     task = [k for k, c in enumerate(sizes) for _ in range(c)]

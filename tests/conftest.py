@@ -43,24 +43,23 @@ def gen() -> torch.Generator:
 
 
 SAMPLE_DATASETS = ("celeba", "chestxray14", "nyuv2", "utkface")
-SAMPLES_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared" / "samples"
 
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    """The folder of the real sample datasets (one subfolder per dataset, ``SAMPLE_DATASETS``).
+    """The folder of the real sample datasets (one subfolder per dataset, ``SAMPLE_DATASETS``),
+    named by ``$MTLUE_SAMPLES``: a few real files of each dataset in its distributed layout.
 
-    ``$MTLUE_SAMPLES`` when set (CI sets it): a missing folder or dataset fails, never skips.
-    Otherwise ``../shared/samples`` beside the repository, and the tests skip when that folder is
-    absent (a developer checkout without the samples); a folder present but incomplete fails.
+    When it is set (CI sets it), a missing folder or dataset fails, never skips; when it is not set,
+    the tests that read real files skip.
     """
     named = os.environ.get("MTLUE_SAMPLES")
-    root = Path(named).expanduser() if named else SAMPLES_BESIDE_REPO
-    where = f"MTLUE_SAMPLES={named}" if named else f"{root} (no MTLUE_SAMPLES set)"
+    if not named:
+        pytest.skip("no real sample files: set MTLUE_SAMPLES to a folder of sample datasets")
+    root = Path(named).expanduser()
+    where = f"MTLUE_SAMPLES={named}"
     if not root.is_dir():
-        if named:
-            pytest.fail(f"{where}: no such folder; it must hold the sample datasets {', '.join(SAMPLE_DATASETS)}", pytrace=False)
-        pytest.skip(f"no real sample files: set MTLUE_SAMPLES or put them in {root}")
+        pytest.fail(f"{where}: no such folder; it must hold the sample datasets {', '.join(SAMPLE_DATASETS)}", pytrace=False)
     missing = [name for name in SAMPLE_DATASETS if not (root / name).is_dir()]
     if missing:
         pytest.fail(f"{where}: the sample folder lacks the dataset folder(s) {', '.join(missing)}", pytrace=False)

@@ -11,8 +11,8 @@ import pytest
 from mtlue_fast.data import DatasetFormatError, load_records
 from mtlue_fast.data.formats import nyuv2, utkface
 
-# The real sample files come from the ``samples`` fixture (tests/conftest.py): $MTLUE_SAMPLES, or
-# ../shared/samples beside the repository (skipped when absent and MTLUE_SAMPLES is not set).
+# The real sample files come from the ``samples`` fixture (tests/conftest.py): the folder named by
+# $MTLUE_SAMPLES (skipped when it is not set).
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The one-time uint8 cache of a dataset split at its working resolution (SPEC 2.6).
+"""The one-time uint8 cache of a dataset split at its working resolution (docs/method.md section 2.6).
 
 Layout of one cache entry (a folder under the cache root):
 

@@ -1,4 +1,4 @@
-"""Task-weighting strategies (SPEC section 3): one small class each behind one interface.
+"""Task-weighting strategies (docs/method.md section 3): one small class each behind one interface.
 
 ``get(name, num_tasks, **options)`` builds one. Every strategy is an ``nn.Module`` (learnable
 weights and running statistics live in its ``state_dict``, so checkpoints carry them) with

@@ -82,7 +82,7 @@ def perturb_apply(
 def embedding_reg(
     table: torch.Tensor, task_offsets: torch.Tensor | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Within-task and cross-task cosine regularisers of the stacked class embeddings (SPEC 5).
+    """Within-task and cross-task cosine regularisers of the stacked class embeddings (docs/method.md section 5).
 
     Args:
         table: ``[R, D]`` floating; task k owns rows ``task_offsets[k]:task_offsets[k+1]``.
@@ -112,7 +112,7 @@ def embedding_reg(
 
 
 def quantize_export(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Protected uint8 image and int8 perturbation for publication (SPEC 6).
+    """Protected uint8 image and int8 perturbation for publication (docs/method.md section 6).
 
     Args:
         x: ``[N,C,H,W]`` uint8 clean image.
