@@ -1,8 +1,9 @@
 """The compiled ops' own argument checks (direct ``torch.ops.mtlue`` calls, past the Python wrappers)
 raise RuntimeErrors whose messages carry sizes, dtypes, devices, integers and floats.
 
-These messages are built by ``csrc/common/message.h`` without iostreams: on the first GPU machine,
-formatting an integer through c10's ostringstream inside the library crashed the process.
+These messages are built by ``csrc/common/message.h`` without iostreams: on an H200 machine (torch
+2.11, CUDA 13), formatting an integer through c10's ostringstream inside the library crashed the
+process instead of raising.
 """
 
 from __future__ import annotations
