@@ -69,3 +69,72 @@ def test_mtlue_protection_costs_independent_victims_and_random_noise_does_not(da
     assert min(drops["mtlue"]) >= MIN_MTLUE_DROP, drops
     assert np.mean(drops["mtlue"]) >= MIN_MTLUE_MEAN_DROP, drops
     assert max(drops["random"]) <= MAX_RANDOM_DROP, drops  # the control: noise alone is no protection
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench/efficacy.py's record of a run: every stage, per task (no training)
+
+
+def _efficacy_module():
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import efficacy
+    finally:
+        sys.path.remove(str(bench))
+    return efficacy
+
+
+def test_efficacy_records_every_stage_per_task(tmp_path):
+    import json
+
+    efficacy = _efficacy_module()
+    names = ["Rare", "Even"]
+    run, cache = tmp_path / "run", tmp_path / "cache" / "celeba-test-70x70-abc"
+    for folder in (run / "surrogate", run / "generator", cache):
+        folder.mkdir(parents=True)
+    labels = np.array([[0, 1], [0, 0], [0, 1], [1, -1]])  # a missing label (-1) is left out
+    np.save(cache / "labels.npy", labels)
+    (cache / "manifest.json").write_text(json.dumps({"task_names": names}))
+    (run / "surrogate" / "result.json").write_text(json.dumps(
+        {"metrics": {"accuracy": [0.75, 0.9], "mean_accuracy": 0.825}, "task_names": names}))
+    (run / "generator" / "history.jsonl").write_text(
+        "".join(json.dumps({"pass": i + 1, "stop_error": e, "loss": -1.0, "seconds": 2.0}) + "\n"
+                for i, e in enumerate((0.4, 0.7))))
+    (run / "generator" / "result.json").write_text(json.dumps({"stopped": "max_passes"}))
+    victims = [{"seed": 1, "drop": 0.35, "clean": {"mean": 0.85, "per_task": {"Rare": 0.8, "Even": 0.9}},
+                "protected": {"mean": 0.5, "per_task": {"Rare": 0.75, "Even": 0.25}}}]
+    report = {"tasks": names, "metric": "accuracy", "victims": victims, "surrogate": {"seed": 0},
+              "clean": {"mean": 0.85}, "protected": {"mean": 0.5}, "timings": {"victim": 1.0},
+              "perturbation_stats": {"mean_abs_delta": 4.0, "max_abs_delta": 8, "per_task": {}}}
+    (run / "report.json").write_text(json.dumps(report))
+
+    entry = efficacy.summarize_run(run, "celeba", tmp_path / "cache")
+    assert entry["drops"] == [0.35] and entry["drop_min"] == 0.35 and entry["drop_std"] is None
+    stages = entry["stages"]
+    assert stages["surrogate"]["per_task"] == {"Rare": 0.75, "Even": 0.9}
+    assert stages["generator"]["stop_error"] == [0.4, 0.7] and stages["generator"]["stopped"] == "max_passes"
+    assert stages["perturbation"]["mean_abs_delta"] == 4.0
+    table = stages["per_task"]
+    assert table["Rare"]["majority"] == 0.75 and table["Even"]["majority"] == pytest.approx(2 / 3)
+    assert table["Even"]["clean"] == [0.9] and table["Even"]["protected"] == [0.25]
+    (split,) = stages["decomposition"]
+    # Rare: 0.8 -> 0.75 is erased to its majority rate; Even: 0.9 -> 0.25 falls 0.417 below its 2/3
+    assert split["erased"] == pytest.approx(((0.8 - 0.75) + (0.9 - 2 / 3)) / 2)
+    assert split["inverted"] == pytest.approx((2 / 3 - 0.25) / 2)
+    assert split["erased"] + split["inverted"] == pytest.approx(0.35)
+    assert split["not_learned_by_clean"] == [] and split["inverted_tasks"] == ["Even"]
+
+
+def test_efficacy_record_of_a_run_stopped_after_its_surrogate(tmp_path):
+    import json
+
+    efficacy = _efficacy_module()
+    (tmp_path / "run" / "surrogate").mkdir(parents=True)
+    (tmp_path / "run" / "surrogate" / "result.json").write_text(json.dumps(
+        {"metrics": {"auc": [0.5, 0.9], "mean_auc": 0.7}, "task_names": ["a", "b"]}))
+    entry = efficacy.summarize_run(tmp_path / "run", "chestxray", tmp_path / "no-cache")
+    assert "drops" not in entry and entry["stages"]["generator"] is None
+    assert entry["stages"]["per_task"]["b"] == {"majority": None, "chance": 0.5, "surrogate": 0.9,
+                                                "clean": [], "protected": []}
+    assert entry["stages"]["decomposition"] == []

@@ -327,6 +327,25 @@ def test_celeba_learnable(tmp_path):
     assert sum(a > 0.8 and acc > maj + 0.05 for a, acc, maj in report.values()) >= 6, report
 
 
+def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
+    """Every attribute must be learnable above its majority rate, as on real CelebA: no victim crop
+    (64 of 70, shifted by up to 6 pixels, or flipped) cuts into the inner half of any mark, and a
+    rarer attribute (fewer positives to learn from) never paints fainter, nor has fainter faint cases."""
+    celeba = synthetic.celeba
+    lo, hi = 6 / 70, 64 / 70  # what every random crop of 64 of 70 keeps, as fractions of the cache image
+    for name, pattern in zip(synthetic.CELEBA_ATTRIBUTES, celeba._celeba_patterns()):
+        reach = 0.5 * pattern.r * pattern.scale[1] + pattern.jitter
+        for centre in (pattern.cy, pattern.cx, 1 - pattern.cx):
+            assert lo <= centre - reach and centre + reach <= hi, (name, centre, reach)
+    minority = {n: min(p, 1 - p) for n, p in synthetic.CELEBA_PREVALENCE.items()}
+    by_rarity = sorted(minority, key=minority.get)
+    for rarer, commoner in zip(by_rarity, by_rarity[1:]):
+        assert celeba._celeba_amp(rarer) >= celeba._celeba_amp(commoner)
+        assert celeba._celeba_floor(rarer) >= celeba._celeba_floor(commoner)
+    assert celeba._celeba_amp("Bald") == 0.95 and celeba._celeba_floor("Bald") == 0.5
+    assert celeba._celeba_amp("Attractive") == pytest.approx(celeba._CELEBA_AMP, abs=0.01)
+
+
 def test_chestxray_learnable(tmp_path):
     # findings are faint on purpose (a CNN should land near mean AUC 0.88, not 1.0) and most appear on a
     # random side: the linear probe sees 4x4 block means, symmetrised (left + right, |left - right|)

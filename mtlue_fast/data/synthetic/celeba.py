@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .drawing import _Pattern, _box_blur, _draw, _face_background, _face_pad, _finish, _save_jpeg, _strength
+from .drawing import _Pattern, _box_blur, _draw, _face_background, _face_pad, _finish, _save_jpeg
 from .streams import _LABELS, _latent_binary, _loadings, _rng, _write_chunks
 
 CELEBA_ATTRIBUTES = (
@@ -84,6 +84,8 @@ _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
 )  # fmt: skip
 _CELEBA_FACE = (0.55, 0.5, 0.3, 0.36)  # face ellipse: centre y, x and semi-axes as fractions of (H, W)
 _CELEBA_AMP = 0.30  # paint opacity of an attribute pattern for a 50% attribute (rarer ones: stronger)
+_CELEBA_RARE_POWER = 0.6  # how much stronger rarer attributes paint (see _celeba_amp)
+_CELEBA_SPAN = (0.16, 0.84)  # first and last grid row/column, as fractions of the 140-pixel crop
 _CELEBA_BLUR = 2  # box radius (pixels at 178x218) of the Blurry attribute, applied twice
 
 
@@ -92,8 +94,9 @@ def _celeba_patterns() -> list[_Pattern]:
     where: dict[str, tuple[float, float]] = {}
     for row, names in enumerate(_CELEBA_GRID):
         for col, name in enumerate(names):
-            # inside the 128x128 the victim's centre crop (64 of 70) keeps, away from its edges
-            where[name] = (0.12 + 0.76 * row / (len(_CELEBA_GRID) - 1), 0.12 + 0.76 * col / (len(names) - 1))
+            # inside what every victim crop keeps (64 of 70, shifted by up to 6 pixels), away from its edges
+            where[name] = (_CELEBA_SPAN[0] + (_CELEBA_SPAN[1] - _CELEBA_SPAN[0]) * row / (len(_CELEBA_GRID) - 1),
+                           _CELEBA_SPAN[0] + (_CELEBA_SPAN[1] - _CELEBA_SPAN[0]) * col / (len(names) - 1))
     patterns = []
     for k, name in enumerate(CELEBA_ATTRIBUTES):
         upper, m = divmod(k, 6)
@@ -108,10 +111,18 @@ def _celeba_patterns() -> list[_Pattern]:
 
 
 def _celeba_amp(name: str) -> float:
-    """Opacity of an attribute's paint: rare attributes (few examples to learn from) draw stronger,
-    ``_CELEBA_AMP * (0.5 / minority rate) ** 0.35`` (at most 0.95), so none is hopeless or trivial."""
+    """Largest opacity of an attribute's paint: rare attributes (few examples to learn from) draw
+    stronger, ``_CELEBA_AMP * (0.5 / minority rate) ** _CELEBA_RARE_POWER`` (at most 0.95)."""
     p = CELEBA_PREVALENCE[name]
-    return min(0.95, _CELEBA_AMP * (0.5 / min(p, 1.0 - p)) ** 0.35)
+    return min(0.95, _CELEBA_AMP * (0.5 / min(p, 1.0 - p)) ** _CELEBA_RARE_POWER)
+
+
+def _celeba_floor(name: str) -> float:
+    """Faintest case as a fraction of :func:`_celeba_amp`: ``0.15 * (0.5 / minority rate) ** 0.5``,
+    between 0.15 (a 50% attribute) and 0.5. A rare attribute has few positives, so it cannot afford
+    many near-invisible ones and still be learnable above its majority rate, as on real CelebA."""
+    p = CELEBA_PREVALENCE[name]
+    return min(0.5, 0.15 * (0.5 / min(p, 1.0 - p)) ** 0.5)
 
 
 def _celeba_region(h: int, w: int) -> tuple[float, float, float, float]:
@@ -138,7 +149,7 @@ def _celeba_images(rng: np.random.Generator, labels: np.ndarray, hw: tuple[int, 
     strengths = {}
     for k, pattern in enumerate(patterns):
         which = np.flatnonzero(labels[:, k])
-        strengths[k] = _strength(rng, which.size, pattern.amp)
+        strengths[k] = pattern.amp * rng.uniform(_celeba_floor(CELEBA_ATTRIBUTES[k]), 1.0, which.size)
         _draw(canvas, pad, region, pattern, which, strengths[k], rng)
     which = np.flatnonzero(labels[:, blurry])
     if which.size:  # Blurry also blurs the whole image, more for stronger cases
