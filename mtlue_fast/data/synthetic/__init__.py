@@ -10,7 +10,7 @@ threads; the chunks are rendered in parallel, each from its own stream).
 
 Labels are learnable from the pixels. Every (task, class) owns a visual pattern with a shape, a
 texture, a colour (grey level for X-rays) and a task-specific region; each case draws it with jittered
-position, size, orientation and phase and a per-case strength ``amp * U(0.15, 1)`` (some positives
+position, size, orientation and phase and a per-case strength ``amp * U(floor, 1)`` (floor 0.15, up to 0.5 for CelebA's rarest attributes; some positives
 are faint) on a textured random background (a face, a chest, a room) with smooth and per-pixel noise.
 Binary tasks draw the pattern for positives only; multi-class tasks draw one pattern per class.
 Binary labels come from a latent Gaussian factor model (correlated co-occurrence) thresholded to
