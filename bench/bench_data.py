@@ -3,7 +3,7 @@
 Run:  pytest bench/bench_data.py --benchmark-json bench/results/<name>.json
 
 Images/s are in ``extra_info["images"]`` / time. Test images are smooth random fields with noise
-(JPEG/PNG sizes close to real photographs and radiographs), written once per session; the CelebA
+(JPEG/PNG sizes close to real photographs and radiographs), written once per pytest run; the CelebA
 JPEGs are laid out as the dataset (``img_align_celeba/`` and its two annotation files), so
 ``test_cache_build`` times :func:`mtlue_fast.data.build_cache` itself (decode, crop, resize, the
 memory-mapped arrays, the manifest) from a fresh cache folder each round.

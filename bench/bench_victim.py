@@ -115,14 +115,14 @@ STRATEGIES = [
 ]
 
 
-_EW_MEDIAN: dict[str, float] = {}  # device type -> ew's median epoch time in this session
+_EW_MEDIAN: dict[str, float] = {}  # device type -> ew's median epoch time in this pytest run
 
 
 @pytest.mark.parametrize("name,space", STRATEGIES)
 def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
     """Step time of a weighting strategy on the device's default path without ``torch.compile``
     (the strategies run outside the compiled model either way), and its ratio to equal weighting's
-    (``ratio_to_ew`` in extra_info, when ew ran before it in the session)."""
+    (``ratio_to_ew`` in extra_info, when ew ran before it in the same pytest run)."""
     if space == "parameters" and bench_device.type == "cuda":
         pytest.skip("40 batched backward passes of the full network: memory-bound comparison, CPU only")
     once, images = run_epoch(celeba_like, bench_device, weighting=name, grad_space=space)

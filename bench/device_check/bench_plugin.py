@@ -43,6 +43,6 @@ def drop_unfinished(session) -> None:
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
-    """Before pytest-benchmark's own session finish, which writes the JSON."""
+    """Before pytest-benchmark's own end-of-run hook, which writes the JSON."""
     drop_unfinished(session)
     yield

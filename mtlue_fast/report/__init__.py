@@ -2,7 +2,7 @@
 
 Everything here takes plain Python data (numbers, dicts, numpy arrays or memory maps) so that the
 report can be rebuilt from a finished run's files. The report dict's field names are a contract with
-other tools (see :func:`build_report`); ``report.json`` is strict JSON (NaN and infinities are written
+other programs (see :func:`build_report`); ``report.json`` is strict JSON (NaN and infinities are written
 as ``null``). Scores come per victim seed (``victims``: one clean and one protected victim per seed);
 the top-level ``clean`` / ``protected`` / ``drop`` / ``drop_std`` are computed from them. Figures are
 drawn with matplotlib (its Agg renderer, without pyplot's global state), imported on first use.
