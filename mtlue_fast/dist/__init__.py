@@ -11,7 +11,10 @@ Replication scheme (what keeps results independent of the number of processes):
 - the data is sharded by :class:`~mtlue_fast.data.loader.DeviceBatches` (rank r takes every N-th
   sample of one global permutation), so the N per-rank batches of a step are one global batch;
 - batch normalisation is synchronised (statistics over the global batch): ``torch.nn.SyncBatchNorm``
-  on GPUs, :class:`CpuSyncBatchNorm` on the CPU, where torch's refuses to run;
+  on GPUs, :class:`CpuSyncBatchNorm` on the CPU, where torch's refuses to run. The generator's batch
+  norms always are; a victim's follow ``train.sync_bn``, whose default on the CPU is per-process
+  batch norms (faster over gloo, but the result then depends on the process count; see
+  :meth:`mtlue_fast.train.TrainConfig.resolved`);
 - gradients are averaged across ranks, which makes each rank's update that of the global-batch mean
   loss: by ``DistributedDataParallel`` (:func:`data_parallel`: bucketed all-reduces launched during
   the backward as the gradients become ready) wherever a step's gradients come from autograd, and by
@@ -21,9 +24,9 @@ Replication scheme (what keeps results independent of the number of processes):
 
 This package is the import surface (``from mtlue_fast import dist``). This module holds the process
 group and the data parallelism: setup and teardown, the process's place, barriers and broadcasts,
-per-rank batches, DDP wrapping and gradient averaging. The synchronised batch norm and its
-statistics transports are in :mod:`.sync_bn`, the row and column exchanges of sharded tensors in
-:mod:`.exchange`; both are re-exported here.
+per-rank batches, DDP wrapping and gradient averaging. The synchronised batch norm (its statistics
+summed over a gloo group of their own) is in :mod:`.sync_bn`, the row and column exchanges of
+sharded tensors in :mod:`.exchange`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def setup(device_type: str) -> DistInfo:
             f"rank {rank}/{world_size}: could not join the process group ({backend}) within {timeout}: {err}; "
             "check MASTER_ADDR/MASTER_PORT (or torchrun's --rdzv-endpoint) and that every rank was started"
         ) from err
+    liveness.start(rank, world_size)
     return info()
 
 
@@ -116,14 +120,18 @@ def teardown() -> None:
     take gloo's worker threads down with the interpreter, which aborts the process now and then
     ("terminate called without an active exception", seen in 1 of ~10 two-process test runs)."""
     sync_bn._STATS = exchange._SIDE = None  # the caches made for this group
+    liveness.stop()
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def barrier(what: str = "waiting for the other ranks") -> None:
+    """Wait for every rank, however long the slowest takes; a rank that dies meanwhile ends the wait
+    with :class:`RankDiedError` naming it (:mod:`.liveness`: the store, not a timed collective).
+    ``what`` says in that error what this rank was waiting for."""
     if info().distributed:
-        dist.barrier()
+        liveness.barrier(what)
 
 
 def per_rank_batch(global_batch: int, world_size: int) -> int:
@@ -144,13 +152,12 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
+def broadcast_object(obj, what: str = "waiting for rank 0"):
+    """Rank 0's small picklable ``obj`` on every rank, however late rank 0 arrives (through the
+    store, like :func:`barrier`)."""
     if not info().distributed:
         return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return liveness.broadcast_object(obj, what)
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -243,13 +250,14 @@ def broadcast_parameters(module: nn.Module) -> None:
 
 
 # The other modules look this one up at call time (``job.info()``...), so they are imported last;
-# ``_stats_reducer`` is re-exported for the tests that check which transport was chosen.
-from . import exchange, sync_bn  # noqa: E402
+# ``_stats_reducer`` is re-exported for the tests that call the statistics' sum directly.
+from . import exchange, liveness, sync_bn  # noqa: E402
 from .exchange import exchange_columns, gather_rows, row_counts, side_group  # noqa: E402
+from .liveness import RankDiedError  # noqa: E402
 from .sync_bn import CpuSyncBatchNorm, _stats_reducer, convert_sync_batchnorm  # noqa: E402
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "CpuSyncBatchNorm", "DistInfo", "all_reduce_sum", "average_gradients", "barrier",
+    "DEFAULT_TIMEOUT_S", "CpuSyncBatchNorm", "DistInfo", "RankDiedError", "all_reduce_sum", "average_gradients", "barrier",
     "broadcast_buffers", "broadcast_object", "broadcast_parameters", "convert_sync_batchnorm", "data_parallel",
     "exchange_columns", "gather_rows", "info", "per_rank_batch", "row_counts", "setup", "side_group", "teardown",
 ]  # fmt: skip
