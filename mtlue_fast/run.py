@@ -264,11 +264,9 @@ class Run:
         dist.barrier()  # the synthetic sample exists for every rank
         kwargs = {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
                   "progress": self.cfg.train.progress and main}
-        for turn in ("main", "others"):  # rank 0 builds the caches once; the others then open them
-            if (turn == "main") == main:
-                self.train_cache = build_cache(self.cfg.dataset, root, "train", None, **kwargs)
-                self.test_cache = build_cache(self.cfg.dataset, root, "test", None, **kwargs)
-            dist.barrier()
+        # Every rank decodes a share of each split; rank 0 assembles it (mtlue_fast.data.cache).
+        self.train_cache = build_cache(self.cfg.dataset, root, "train", None, **kwargs)
+        self.test_cache = build_cache(self.cfg.dataset, root, "test", None, **kwargs)
         self.data_path = root
 
     def synthetic_root(self) -> Path:
@@ -646,6 +644,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no space left on device while writing {err.filename or 'the run directory'}", file=sys.stderr)
             return 1
         raise
+    except dist.RankDiedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        explained = dist.liveness.explain(err) if dist.liveness.is_collective_error(err) else err
+        if explained is err:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last finished step", file=sys.stderr)
         return 130

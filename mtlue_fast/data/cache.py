@@ -8,7 +8,9 @@ Layout of one cache entry (a folder under the cache root):
     manifest.json   settings, task names, source files (path, size, mtime), skip counts; written last
 
 The build decodes in chunks into ``*.partial.npy`` files and records after every chunk which are
-done (``progress.json``), so an interrupted build resumes where it stopped; only when all chunks
+done (``progress.json``), so an interrupted build resumes where it stopped. Under torchrun every
+rank decodes a share of the chunks (``progress.rank<r>.json``) and rank 0 assembles the entry, so the
+build takes 1/N of the time, resumes with any number of processes, and no rank waits on a timer; only when all chunks
 are in are the arrays renamed into place and the manifest written, so an interrupted build never
 looks complete. A cache whose manifest no longer matches the source files or settings is rebuilt.
 Files that fail to decode are skipped, counted and reported; they never enter the cache.
@@ -16,6 +18,7 @@ Files that fail to decode are skipped, counted and reported; they never enter th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import dist
 from ..fileio import file_lock, read_json, save_npy, write_json
 from ..progress import Progress
 from . import load_records
@@ -101,18 +105,30 @@ def build_cache(
     entry = Path(cache_dir or default_cache_root()) / _entry_name(settings)
     sources = _source_listing(records)
     source_digest = _digest({"settings": settings, "sources": sources, "labels": _label_digest(records)})
-    with file_lock(entry.parent / f".{entry.name}.lock"):
-        manifest = read_json(entry / "manifest.json")
-        if manifest is not None and manifest.get("source_digest") == source_digest and _complete(entry, spec.dense):
+    place = dist.info()
+    # Rank 0 holds the lock (other runs sharing the cache root wait for it); every rank decodes a
+    # share of the chunks; the waits between them have no timer (dist.barrier: a dead rank ends
+    # them, a slow one does not).
+    with file_lock(entry.parent / f".{entry.name}.lock") if place.is_main else contextlib.nullcontext():
+        complete = None
+        if place.is_main:
+            manifest = read_json(entry / "manifest.json")
+            complete = manifest is not None and manifest.get("source_digest") == source_digest and _complete(entry, spec.dense)
+        if dist.broadcast_object(complete, f"waiting for rank 0 to check the cache {entry}"):
             return open_cache(entry)
         dec = resolve_decoder(decoder)
-        _build(entry, records, resize, dec, source_digest, chunk_size, strict, progress, spec.dense)
-        manifest = {**settings, "source_digest": source_digest, "decoder": dec.name, "count": None,
-                    "task_names": records.task_names, "num_classes": records.num_classes,
-                    "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        _finalize(entry, records, manifest, spec.dense)
-        if progress and manifest["skipped"]["counts"]:
-            print(manifest["summary"], file=sys.stderr, flush=True)
+        done = _start(entry, len(records), resize, source_digest, chunk_size, spec.dense) if place.is_main else None
+        done = dist.broadcast_object(done, f"waiting for rank 0 to set up the cache {entry}")
+        _decode_share(entry, records, resize, dec, source_digest, chunk_size, strict, progress, spec.dense, done, place)
+        dist.barrier(f"waiting for the other ranks' shares of the cache {entry}")
+        if place.is_main:
+            manifest = {**settings, "source_digest": source_digest, "decoder": dec.name, "count": None,
+                        "task_names": records.task_names, "num_classes": records.num_classes,
+                        "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            _finalize(entry, records, manifest, spec.dense)
+            if progress and manifest["skipped"]["counts"]:
+                print(manifest["summary"], file=sys.stderr, flush=True)
+        dist.barrier(f"waiting for rank 0 to finish the cache {entry}")
     return open_cache(entry)
 
 
@@ -242,30 +258,66 @@ def _partial_arrays(entry: Path, n: int, resize: ResizeSpec, dense: bool, resume
     }
 
 
-def _build(entry: Path, records: Records, resize: ResizeSpec, decoder: Decoder, source_digest: str,
-           chunk_size: int, strict: bool, show: bool, dense: bool) -> None:  # fmt: skip
+def _progress_files(entry: Path) -> list[Path]:
+    """``progress.json`` (rank 0's merged record) and ``progress.rank<r>.json`` (each rank's share)."""
+    return sorted(entry.glob("progress*.json"))
+
+
+def _start(entry: Path, n: int, resize: ResizeSpec, source_digest: str, chunk_size: int, dense: bool) -> list[int]:
+    """Set up (or keep, to resume) the partial arrays; returns the chunks already done. Rank 0 only.
+
+    The chunks done are read from every progress file of an interrupted build, whatever its number
+    of processes: chunk ``c`` holds rows ``[c * chunk_size, (c + 1) * chunk_size)``."""
     entry.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", "images.npy", "labels.npy", *[f"{n}.npy" for n in DENSE_ARRAYS]):
         (entry / stale).unlink(missing_ok=True)
-    state = read_json(entry / "progress.json")
+    states = [read_json(path) or {} for path in _progress_files(entry)]
     resume = (
-        state is not None
-        and state.get("source_digest") == source_digest
-        and state.get("chunk_size") == chunk_size
+        bool(states)
+        and all(s.get("source_digest") == source_digest and s.get("chunk_size") == chunk_size and "done" in s for s in states)
         and (entry / "images.partial.npy").is_file()
     )
+    done: set[int] = set()
+    failed: dict[str, str] = {}
+    if resume:
+        for state in states:
+            done.update(int(c) for c in state["done"])
+            failed.update(state.get("failed", {}))
+        try:
+            _partial_arrays(entry, n, resize, dense, resume=True)  # opens (checks) and closes them
+        except (OSError, ValueError):  # a damaged partial file: start over
+            resume = False
     if not resume:
-        state = {"source_digest": source_digest, "chunk_size": chunk_size, "chunks_done": 0, "failed": {}}
-    try:
-        arrays = _partial_arrays(entry, len(records), resize, dense, resume)
-    except (OSError, ValueError):  # a damaged partial file: start over
-        state = {"source_digest": source_digest, "chunk_size": chunk_size, "chunks_done": 0, "failed": {}}
-        arrays = _partial_arrays(entry, len(records), resize, dense, resume=False)
+        done, failed = set(), {}
+        _partial_arrays(entry, n, resize, dense, resume=False)
+    for path in _progress_files(entry):
+        path.unlink()
+    write_json(entry / "progress.json", {"source_digest": source_digest, "chunk_size": chunk_size,
+                                         "done": sorted(done), "failed": failed})  # fmt: skip
+    return sorted(done)
+
+
+def _decode_share(entry: Path, records: Records, resize: ResizeSpec, decoder: Decoder, source_digest: str,
+                  chunk_size: int, strict: bool, show: bool, dense: bool, done: list[int], place) -> None:  # fmt: skip
+    """Decode this rank's share of the chunks not yet done into the partial arrays.
+
+    The remaining chunks are dealt to the ranks in turn (rank r: the r-th, (r + N)-th, ...); each
+    rank records its finished chunks and undecodable rows after every chunk, in ``progress.json``
+    for one process and ``progress.rank<r>.json`` otherwise."""
     n = len(records)
-    bar = Progress(n, f"caching {records.dataset}/{records.split} ({decoder.name})", enabled=show)
-    bar.update(min(state["chunks_done"] * chunk_size, n))
-    for start in range(state["chunks_done"] * chunk_size, n, chunk_size):
-        stop = min(start + chunk_size, n)
+    remaining = [c for c in range(-(-n // chunk_size)) if c not in set(done)]
+    mine = remaining[place.rank :: place.world_size]
+    record = entry / ("progress.json" if place.world_size == 1 else f"progress.rank{place.rank}.json")
+    state = read_json(record) if place.world_size == 1 else None
+    state = state or {"source_digest": source_digest, "chunk_size": chunk_size, "done": [], "failed": {}}
+    arrays = _partial_arrays(entry, n, resize, dense, resume=True)
+    share = sum(min(chunk_size, n - c * chunk_size) for c in mine)
+    label = f"caching {records.dataset}/{records.split} ({decoder.name})"
+    if place.world_size > 1:
+        label += f", rank {place.rank}'s share of {place.world_size}"
+    bar = Progress(share, label, enabled=show)
+    for chunk in mine:
+        start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, n)
         images, errors = decoder.decode(records.paths[start:stop], resize)
         arrays["images"][start:stop] = images
         if dense:
@@ -277,8 +329,8 @@ def _build(entry: Path, records: Records, resize: ResizeSpec, decoder: Decoder, 
                 state["failed"][str(start + offset)] = error
         for array in arrays.values():
             array.flush()
-        state["chunks_done"] += 1
-        write_json(entry / "progress.json", state)
+        state["done"].append(chunk)
+        write_json(record, state)
         bar.update(stop - start)
     bar.close()
     del arrays
@@ -313,8 +365,10 @@ def _nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _finalize(entry: Path, records: Records, manifest: dict, dense: bool) -> None:
     """Drop failed rows, move the arrays into place, write the manifest last."""
-    state = read_json(entry / "progress.json") or {"failed": {}}
-    failed = sorted(int(i) for i in state["failed"])
+    every_failed: dict[str, str] = {}
+    for path in _progress_files(entry):
+        every_failed.update((read_json(path) or {}).get("failed", {}))
+    failed = sorted(int(i) for i in every_failed)
     keep = np.setdiff1d(np.arange(len(records)), np.array(failed, dtype=np.int64))
     names = ["images"] + (list(DENSE_ARRAYS) if dense else [])
     for name in names:
@@ -330,12 +384,13 @@ def _finalize(entry: Path, records: Records, manifest: dict, dense: bool) -> Non
     if failed:
         skipped["counts"]["undecodable_images"] = len(failed)
         skipped["examples"]["undecodable_images"] = [
-            f"{os.path.relpath(records.paths[i], records.root)} ({state['failed'][str(i)]})" for i in failed[:3]
+            f"{os.path.relpath(records.paths[i], records.root)} ({every_failed[str(i)]})" for i in failed[:3]
         ]
     row_files = [os.path.relpath(records.paths[i], records.root) for i in keep.tolist()]
     manifest.update(count=int(len(keep)), skipped=skipped, summary=_summary(records, failed), row_files=row_files)
     write_json(entry / "manifest.json", manifest)
-    (entry / "progress.json").unlink(missing_ok=True)
+    for path in _progress_files(entry):
+        path.unlink()
 
 
 def _compact(source: Path, target: Path, keep: np.ndarray, rows_per_copy: int = 4096) -> None:

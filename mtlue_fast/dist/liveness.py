@@ -234,6 +234,14 @@ def dead_ranks(grace_s: float | None = None) -> list[int]:
     return []
 
 
+def is_collective_error(err: BaseException) -> bool:
+    """Whether ``err`` came from a collective of the process group (gloo or NCCL)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(word in text for word in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
+
+
 def explain(err: BaseException, what: str = "in a collective") -> BaseException:
     """``err`` (a failed collective's error) as a :class:`RankDiedError` naming the ranks that died,
     when some did within the liveness timeout; ``err`` itself otherwise (and for one process)."""
