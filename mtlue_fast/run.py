@@ -340,8 +340,8 @@ class Run:
             protected = open_cache(path)
         if dist.info().is_main:
             link_contract_names(protected.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"})
-            if cfg.export_images:
-                write_image_files(protected, self.data_path, path / "images")
+        if cfg.export_images:  # every rank writes a share of the files
+            write_image_files(protected, self.data_path, path / "images", progress=progress)
         dist.barrier()
         self.protected = protected
         return protected

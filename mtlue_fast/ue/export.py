@@ -453,18 +453,29 @@ def write_image_files(
     if _existing_files(out, marker):
         return out
 
-    partial = _fresh_partial(out)
+    # Under torchrun every rank writes a share of the files (blocks of rows dealt in turn) into rank
+    # 0's temporary folder; rank 0 adds the annotations and moves the folder into place.
+    place = dist.info()
+    partial = _fresh_partial(out) if place.is_main else None
+    partial = Path(dist.broadcast_object(str(partial) if partial else None, f"waiting for rank 0 to start {out}"))
+    blocks = list(_chunks(len(row_files), FILE_BLOCK))[place.rank :: place.world_size]
+    show = progress and place.is_main
     try:
         if dataset == "nyuv2":
-            _write_nyuv2_files(cache, row_files, source, partial, progress)
+            _write_nyuv2_files(cache, row_files, source, partial, show, blocks)
         else:
-            renamed = _write_image_rows(cache, row_files, partial, fmt, jpeg_quality, progress, workers)
-            _copy_annotations(dataset, source, partial, renamed)
-        write_json(partial / MARKER_FILE, {**marker, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        _move_into_place(partial, out, lambda: _same_files(read_json(out / MARKER_FILE), marker))
+            renamed = _write_image_rows(cache, row_files, partial, fmt, jpeg_quality, show, workers, blocks)
+        dist.barrier(f"waiting for the other ranks' shares of {out}")
+        if place.is_main:
+            if dataset != "nyuv2":
+                _copy_annotations(dataset, source, partial, renamed)
+            write_json(partial / MARKER_FILE, {**marker, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            _move_into_place(partial, out, lambda: _same_files(read_json(out / MARKER_FILE), marker))
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if place.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
+    dist.barrier(f"waiting for rank 0 to move {out} into place")
     return out
 
 
@@ -529,9 +540,9 @@ def exported_name(rel: str, fmt: str) -> str:
 
 
 def _write_image_rows(cache: Cache, row_files: list[str], folder: Path, fmt: str, quality: int, show: bool,
-                      workers: int | None) -> dict[str, str]:  # fmt: skip
-    """Encode every row to ``folder / exported_name(row_files[i])``; return {old basename: new basename}
-    for the names that changed."""
+                      workers: int | None, blocks: list[range]) -> dict[str, str]:  # fmt: skip
+    """Encode the rows of ``blocks`` to ``folder / exported_name(row_files[i])``; return
+    {old basename: new basename} for every row whose name changed."""
     from PIL import Image
 
     targets = [exported_name(rel, fmt) for rel in row_files]
@@ -552,13 +563,16 @@ def _write_image_rows(cache: Cache, row_files: list[str], folder: Path, fmt: str
             Image.fromarray(np.ascontiguousarray(array), mode).save(folder / targets[i], **options)
         return len(rows)
 
-    bar = Progress(len(targets), f"writing {fmt} files", enabled=show)
+    bar = Progress(sum(len(b) for b in blocks), f"writing {fmt} files", enabled=show)
     threads = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for done in pool.map(encode, _chunks(len(targets), 256)):
+        for done in pool.map(encode, blocks):
             bar.update(done)
     bar.close()
     return {Path(old).name: Path(new).name for old, new in zip(row_files, targets) if old != new}
+
+
+FILE_BLOCK = 256  # rows per block of image files (one cache read, one rank under torchrun)
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -603,12 +617,15 @@ def _copy_annotations(dataset: str, source: Path, folder: Path, renamed: dict[st
         target.write_bytes(_TOKEN.sub(lambda m: table.get(m.group(0), m.group(0)), data))
 
 
-def _write_nyuv2_files(cache: Cache, row_files: list[str], source: Path, folder: Path, show: bool) -> None:
-    """NYUv2: ``<split>/image/<i>.npy`` as uint8 HxWx3 plus the row's label/depth/normal maps copied."""
+def _write_nyuv2_files(cache: Cache, row_files: list[str], source: Path, folder: Path, show: bool,
+                       blocks: list[range]) -> None:  # fmt: skip
+    """NYUv2: ``<split>/image/<i>.npy`` as uint8 HxWx3 plus the row's label/depth/normal maps copied,
+    for the rows of ``blocks``."""
     from ..data.formats.nyuv2 import MAP_FOLDERS
 
-    bar = Progress(len(row_files), "writing nyuv2 arrays", enabled=show)
-    for i, rel in enumerate(row_files):
+    bar = Progress(sum(len(b) for b in blocks), "writing nyuv2 arrays", enabled=show)
+    for i in (i for block in blocks for i in block):
+        rel = row_files[i]
         path = Path(rel)
         if path.parent.name != "image" or path.suffix != ".npy":
             raise ValueError(f"nyuv2: row file {rel!r} is not of the form <split>/image/<i>.npy")

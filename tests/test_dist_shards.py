@@ -1,6 +1,8 @@
-"""The cache build sharded over gloo ranks: every rank decodes a share of the chunks, rank 0
+"""Work sharded over gloo ranks. The cache build: every rank decodes a share of the chunks, rank 0
 assembles; the entry equals a single process's byte for byte (a corrupt file skipped and counted),
-and an interrupted build resumes with another number of processes, decoding only what is missing."""
+and an interrupted build resumes with another number of processes, decoding only what is missing.
+The image files of an export: every rank writes blocks of rows, rank 0 adds the annotations; the
+folder equals the one a single process writes, file for file."""
 
 from __future__ import annotations
 
@@ -93,3 +95,30 @@ def test_interrupted_sharded_build_resumes_with_another_process_count(tmp_path, 
     assert (entry / "images.npy").read_bytes() == (one.path / "images.npy").read_bytes()
     manifest = json.loads((entry / "manifest.json").read_text())
     assert manifest["skipped"]["counts"]["undecodable_images"] == 1 and manifest["count"] == N - 1
+
+
+def _files_job(rank: int, protected: str, root: str, out: str) -> None:
+    from mtlue_fast.ue import export
+
+    export.FILE_BLOCK = 4  # several blocks per rank with this small set
+    export.write_image_files(protected, root, out, progress=False)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_image_files_written_by_several_ranks_equal_one_process(tmp_path, world):
+    from test_export import export_random
+
+    from mtlue_fast.ue.export import MARKER_FILE, write_image_files
+
+    root = _dataset(tmp_path)
+    clean = build_cache("celeba", root, "train", tmp_path / "cache", decoder="pil", progress=False)
+    protected = export_random(clean, tmp_path / "protected")
+    one = write_image_files(protected, root, tmp_path / "one", progress=False)
+    spawn(_files_job, str(protected.path), str(root), str(tmp_path / "many"), world=world)
+    many = tmp_path / "many"
+    names = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(many)) for p in many.rglob("*") if p.is_file())
+    for name in names:
+        if name != MARKER_FILE:
+            assert (one / name).read_bytes() == (many / name).read_bytes(), name
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
