@@ -225,7 +225,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps per run (default: {STEPS})")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of 1 and N processes; the median is reported")
     parser.add_argument("--kinds", default="victim,victim_local_bn,generator",
-                        help="victim (synchronised batch norm, the default), victim_local_bn (train.sync_bn=false), generator")
+                        help="victim (train.sync_bn=true: synchronised batch norm, statistics over gloo), victim_local_bn "
+                             "(train.sync_bn=false, the CPU default), generator")
     parser.add_argument("--pin", action="store_true",
                         help="pin each process to its own cores (rank r: cores r*threads ...): the scheduler then "
                              "cannot put two ranks on one core while a third job holds the other")

@@ -9,16 +9,16 @@ side by side). Alternating inside the same processes lets the VM's minute-to-min
 phases alike, which separate runs of ``bench/scaling.py`` cannot. Per phase and process, per step:
 
 - ``wall_ms``: the step's wall time;
-- ``main_cpu_ms``: CPU time of the training thread (``time.thread_time``): the kernels, DDP's own
-  work and, with synchronised batch norms, the shared-memory transport's spin-waiting;
+- ``main_cpu_ms``: CPU time of the training thread (``time.thread_time``): the kernels and DDP's
+  own work;
 - ``process_cpu_ms``: CPU time of the whole process (``time.process_time``), so
   ``process_cpu_ms - main_cpu_ms`` is what gloo's threads used;
 - ``wall_ms - process_cpu_ms``: time the process was not running at all (waiting for the other
   process's all-reduce, or descheduled).
 
 ``of_control`` (per round: control wall / job wall) is what ``bench/scaling.py`` calls
-``of_independent``. ``--kind victim`` uses synchronised batch norms (the default), ``victim_local_bn``
-``train.sync_bn=false``.
+``of_independent``. ``--kind victim`` uses synchronised batch norms (``train.sync_bn=true``, their
+statistics over gloo), ``victim_local_bn`` ``train.sync_bn=false`` (the CPU default).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Where the data lives:
   fastest path on a CPU).
 
 Order: epoch e uses the permutation ``default_rng([seed, e])``; rank r of w takes every w-th index
-(the permutation is padded by wrapping so that all ranks see the same count, unless ``drop_last``).
+(the permutation is padded by wrapping so that all ranks see the same count, unless ``drop_last``
+or ``pad=False``: an evaluation shard, where each sample is on exactly one rank).
 Crop offsets and flips come from ``default_rng([seed, e, 1])`` over the whole permutation, so
 results do not depend on the device or on the world size's effect on batching.
 """
@@ -59,6 +60,12 @@ class DeviceBatches:
         seed: base seed of the permutation and augmentation.
         drop_last: drop a final incomplete batch (and the ranks' padding).
         rank, world_size: this process's shard.
+        pad: without ``drop_last``, wrap the permutation so that every rank delivers as many
+            samples (training: the ranks' steps stay in lockstep; up to ``world_size - 1`` samples
+            are then seen twice per epoch). False makes an evaluation shard: rank r takes
+            positions r, r + w, r + 2w, ... of the N samples, so each sample is on exactly one
+            rank and the ranks' counts differ by at most one (a rank may have none). No effect
+            with ``drop_last`` (which never pads) or one process.
         resident: ``"auto"``, True or False: keep the whole array on the GPU.
         with_indices: yield ``(images, labels, indices)`` with the dataset indices of the batch.
         scales: random-scale crop after the window (train only; NYUv2's augmentation): each sample
@@ -84,6 +91,7 @@ class DeviceBatches:
         resident: str | bool = "auto",
         with_indices: bool = False,
         scales: tuple[float, ...] | None = None,
+        pad: bool = True,
     ) -> None:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {images.shape}")
@@ -104,6 +112,7 @@ class DeviceBatches:
         self.train = train
         self.shuffle = train if shuffle is None else shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.pad = bool(pad)
         self.with_indices = with_indices
         if scales is not None and (not scales or min(scales) < 1.0):
             raise ValueError(f"scales must be a non-empty sequence of values >= 1, got {scales}")
@@ -124,11 +133,17 @@ class DeviceBatches:
     def num_samples(self) -> int:
         """Samples this rank delivers per epoch."""
         n = len(self.images)
+        if not (self.pad or self.drop_last):
+            return len(range(self.rank, n, self.world_size))
         per_rank = n // self.world_size if self.drop_last else -(-n // self.world_size)
         return per_rank - per_rank % self.batch_size if self.drop_last else per_rank
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size if self.drop_last else -(-self.num_samples // self.batch_size)
+
+    def _span(self) -> int:
+        """Positions of the (wrapped) permutation that the ranks share out, every w-th to each."""
+        return self.num_samples * self.world_size if self.pad or self.drop_last else len(self.images)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s order next (iteration otherwise advances the epoch by one each time)."""
@@ -138,7 +153,7 @@ class DeviceBatches:
         """This rank's (indices, tops, lefts, flips) for ``epoch``, each ``[num_samples]``."""
         n, _, height, width = self.images.shape
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        total = self.num_samples * self.world_size
+        total = self._span()
         if total > n:
             order = np.concatenate([order, order[: total - n]])  # wrap so every rank has as many
         h, w = self.crop
@@ -183,7 +198,7 @@ class DeviceBatches:
         """This rank's (scale, relative top, relative left) per sample for ``epoch``, or None."""
         if self.scales is None:
             return None
-        total = self.num_samples * self.world_size
+        total = self._span()
         rng = np.random.default_rng([self.seed, epoch, 2])
         scale = np.asarray(self.scales)[rng.integers(0, len(self.scales), total)]
         rel_top, rel_left = rng.random(total), rng.random(total)

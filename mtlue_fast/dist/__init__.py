@@ -20,7 +20,12 @@ Replication scheme (what keeps results independent of the number of processes):
   the backward as the gradients become ready) wherever a step's gradients come from autograd, and by
   :func:`average_gradients` (one flat all-reduce after the backward) where they are written by hand
   (parameter-space gradient surgery) or live outside the wrapped module (a weighting's parameters);
-- only rank 0 evaluates, writes checkpoints and reports, and shows progress.
+- the cache build, the evaluation, the export and its image files are split over the ranks; only
+  rank 0 assembles them, writes checkpoints and reports, and shows progress.
+
+Waits: collectives fail after ``MTLUE_DIST_TIMEOUT``; the waits between stages (:func:`barrier`,
+:func:`broadcast_object`) have no timer and end only when a rank dies (:mod:`.liveness`:
+heartbeats in the job's store), so rank 0 may work alone for as long as it takes.
 
 This package is the import surface (``from mtlue_fast import dist``). This module holds the process
 group and the data parallelism: setup and teardown, the process's place, barriers and broadcasts,

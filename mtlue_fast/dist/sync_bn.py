@@ -1,25 +1,19 @@
 """The synchronised batch norm on the CPU (:class:`CpuSyncBatchNorm`, :func:`convert_sync_batchnorm`)
-and the transports that sum its statistics over the ranks (:class:`_HostSum`: shared memory;
-:class:`_GlooSum`: a gloo group of its own).
+and the sum of its statistics over the ranks (:class:`_GlooSum`: a gloo group of its own).
 
-Where the time of a CPU step goes, and what this module does about it: every synchronised batch
-norm needs one all-reduce in its forward and one in its backward, and they cannot be merged (each
-layer's statistics depend on the previous layer's normalised output, each layer's input gradient on
-its global sums), so a ResNet-18 step has 40 collectives of a few hundred bytes, each on the critical
-path. Over gloo one costs 0.2-0.3 ms on a 2-core VM (its thread hand-offs and loopback TCP, measured),
-as much as a fifth of a victim step's compute in all. When every rank runs on one machine (checked
-by opening one shared-memory file) they go through shared memory instead (:class:`_HostSum`: a few
-microseconds), else over a gloo group of their own, where they never queue behind a gradient bucket's
-all-reduce. The arithmetic around them is ATen's batch-norm kernels.
+Every synchronised batch norm needs one all-reduce in its forward and one in its backward, and they
+cannot be merged (each layer's statistics depend on the previous layer's normalised output, each
+layer's input gradient on its global sums), so a ResNet-18 step has 40 collectives of a few hundred
+bytes, each on the critical path. They go over a gloo group of their own, where they never queue
+behind a gradient bucket's all-reduce; one costs 0.2-0.5 ms on a 2-core machine (gloo's thread
+hand-offs and loopback TCP, measured) and waits for the slower rank. Two such processes train a
+victim slower than one, which is why ``train.sync_bn`` defaults to per-process batch norms for CPU
+jobs (the numbers: :meth:`mtlue_fast.train.TrainConfig.resolved`); this module serves the runs that
+need the global-batch statistics (``train.sync_bn=true``) and the generator. The arithmetic around
+the all-reduces is ATen's batch-norm kernels.
 """
 
 from __future__ import annotations
-
-import mmap
-import os
-import platform
-import time
-import uuid
 
 import numpy as np
 import torch
@@ -40,150 +34,19 @@ class _GlooSum:
         return values
 
 
-class _HostSum:
-    """In-place sum over ranks of a small float64 NumPy vector through shared memory, for ranks that
-    all run on this machine: the batch-norm statistics' all-reduces, which are latency-bound.
-
-    A hand-written transport because torch offers none for this: gloo's small all-reduce crosses
-    threads and loopback TCP (0.2-0.3 ms on a 2-core VM), torch's SyncBatchNorm refuses the CPU, and
-    DistributedDataParallel only averages gradients. Here a call costs a few microseconds while the
-    other ranks arrive at the same time, as they do at a batch norm.
-
-    Layout of the segment: one sequence number per rank (a cache line each), the ranks' process ids,
-    then two buffers of ``world`` slots of ``capacity`` float64. Call ``k`` uses buffer ``k % 2``: a
-    rank writes its slot, then publishes ``k`` as its sequence number, waits until every rank has
-    published ``k``, and sums the slots in rank order (the same bytes in the same order on every
-    rank, so every rank gets the same result). A rank only writes buffer ``k % 2`` again at call
-    ``k + 2``, after every rank has published ``k + 1``, i.e. finished reading call ``k``. The order of
-    a rank's stores (data, then sequence number) and of its loads is kept by x86-64's memory model,
-    which is why this runs on x86-64 only (elsewhere: gloo).
-
-    Waiting polls for about 50 microseconds, then yields the core at every poll (so that a rank
-    sharing a core with the one it waits for lets it run), then sleeps 0.2 ms between polls after
-    10 ms. It gives up with an error when a rank's process has died, or after ``MTLUE_DIST_TIMEOUT``.
-    """
-
-    CAPACITY = 8192  # float64 per slot: 2C + 1 statistics, C <= 4095 channels
-    _LINE = 8  # int64 per cache line
-
-    def __init__(self, buffer: mmap.mmap, rank: int, world: int, timeout_s: float) -> None:
-        self.buffer, self.rank, self.world, self.timeout_s = buffer, rank, world, timeout_s
-        self.seq = 0
-        self.check_pids = False  # set by connect() once every rank's process is seen alive
-        self.flags = np.frombuffer(buffer, dtype=np.int64, count=world * self._LINE)
-        self.pids = np.frombuffer(buffer, dtype=np.int64, count=world, offset=self.flags.nbytes)
-        offset = -(-(self.flags.nbytes + self.pids.nbytes) // 64) * 64
-        self.data = np.frombuffer(buffer, dtype=np.float64, count=2 * world * self.CAPACITY, offset=offset)
-        self.data = self.data.reshape(2, world, self.CAPACITY)
-
-    @classmethod
-    def nbytes(cls, world: int) -> int:
-        return -(-(world * (cls._LINE + 1) * 8) // 64) * 64 + 2 * world * cls.CAPACITY * 8
-
-    @classmethod
-    def connect(cls) -> _HostSum | None:
-        """Collective: rank 0 creates a shared-memory file, every rank maps it; None on every rank
-        unless every rank could (other machines, another /dev/shm, no /dev/shm)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        path = None
-        if rank == 0:
-            try:
-                path = f"/dev/shm/mtlue-stats-{uuid.uuid4().hex}"
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-                os.ftruncate(fd, cls.nbytes(world))
-                os.close(fd)
-            except OSError:
-                path = None
-        holder = [path]
-        dist.broadcast_object_list(holder, src=0)
-        path, reducer = holder[0], None
-        if path is not None:
-            try:
-                fd = os.open(path, os.O_RDWR)
-                try:
-                    reducer = cls(mmap.mmap(fd, cls.nbytes(world)), rank, world, job._timeout().total_seconds())
-                finally:
-                    os.close(fd)
-                reducer.pids[rank] = os.getpid()
-            except (OSError, ValueError):
-                reducer = None
-        ready = torch.tensor([1 if reducer is not None else 0])
-        dist.all_reduce(ready, op=dist.ReduceOp.MIN)  # also: every rank has mapped it and written its pid
-        if rank == 0 and path is not None:
-            os.unlink(path)  # the mappings stay; nothing is left behind
-        if not int(ready):
-            return None
-        reducer.check_pids = all(_alive(int(pid)) for pid in reducer.pids)  # same process-id namespace
-        return reducer
-
-    def sum_(self, values: np.ndarray) -> np.ndarray:
-        n = values.size
-        if n > self.CAPACITY:  # the same decision on every rank: the sizes are the same
-            dist.all_reduce(torch.from_numpy(values), op=dist.ReduceOp.SUM)
-            return values
-        self.seq += 1
-        slots = self.data[self.seq & 1, :, :n]
-        slots[self.rank] = values
-        self.flags[self.rank * self._LINE] = self.seq
-        for q in range(self.world):
-            self._wait(q)
-        np.sum(slots, axis=0, out=values)
-        return values
-
-    def _wait(self, q: int) -> None:
-        flag, seq = q * self._LINE, self.seq
-        polls = 0
-        while self.flags[flag] < seq:
-            polls += 1
-            if polls < 500:
-                continue
-            if polls == 500:
-                since = time.monotonic()
-            waited = time.monotonic() - since
-            if waited < 0.01:
-                os.sched_yield()
-                continue
-            time.sleep(2e-4)
-            if polls % 256 == 0:
-                pid = int(self.pids[q])
-                if self.check_pids and not _alive(pid):
-                    raise RuntimeError(f"rank {self.rank}: rank {q} (process {pid}) died during a synchronised batch norm")
-                if waited > self.timeout_s:
-                    raise RuntimeError(
-                        f"rank {self.rank}: no batch-norm statistics from rank {q} within {self.timeout_s:.0f} s "
-                        "(MTLUE_DIST_TIMEOUT); the ranks may have left the same sequence of batch norms"
-                    )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _STATS = None  # (the default group it was made for, the reducer)
 _ONE = np.ones(1)
 
 
-def _stats_reducer() -> _HostSum | _GlooSum:
+def _stats_reducer() -> _GlooSum:
     """The sum of the batch-norm statistics, made on first use (every rank reaches its first
-    synchronised batch norm at the same point): :class:`_HostSum` where every rank runs on this
-    x86-64 machine (``MTLUE_SHM_STATS=0`` turns it off), else :class:`_GlooSum`."""
+    synchronised batch norm at the same point): over a gloo group of its own under a gloo job, over
+    the default group otherwise."""
     global _STATS
     world = dist.group.WORLD
     if _STATS is None or _STATS[0] is not world:  # none yet, or made for an earlier default group
-        reducer = None
-        use_shm = os.environ.get("MTLUE_SHM_STATS", "1") != "0" and platform.machine().lower() in ("x86_64", "amd64")
-        if use_shm and dist.get_backend() == "gloo":
-            reducer = _HostSum.connect()
-        if reducer is None:
-            group = dist.new_group(backend="gloo", timeout=job._timeout()) if dist.get_backend() == "gloo" else world
-            reducer = _GlooSum(group)
-        _STATS = (world, reducer)
+        group = dist.new_group(backend="gloo", timeout=job._timeout()) if dist.get_backend() == "gloo" else world
+        _STATS = (world, _GlooSum(group))
     return _STATS[1]
 
 

@@ -6,6 +6,11 @@ output; fixed-size ``scatter_add_`` histograms with a sink bin replace it). The 
 accumulators once, in ``compute``. Calling ``update`` on several batches gives the same result as one
 call on their concatenation.
 
+Data-parallel evaluation: each process updates its metrics with its own share of the samples (each
+sample on exactly one process), then calls ``merge_ranks()`` once (collective); ``compute()`` then
+gives, on every process, what one process computes over all the samples (integer counts and the AUC
+exactly, float64 sums up to the order of the additions).
+
 * :func:`roc_auc`: exact ROC-AUC of many tasks at once.
 * :class:`ClassificationMetrics`: per-task accuracy (CelebA, UTKFace, ChestX-ray14) and ROC-AUC of the
   binary tasks (ChestX-ray14).
@@ -21,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .. import dist
 from .losses import SEG_IGNORE, TaskLayout
 
 __all__ = ["roc_auc", "ClassificationMetrics", "DenseMetrics", "ANGLE_BIN_DEG", "NORMAL_THRESHOLDS_DEG"]
@@ -129,6 +135,27 @@ class ClassificationMetrics:
             parts.append((logits[:, start:stop].argmax(1) == labels[:, k]).sum().reshape(1))
         self._correct += torch.cat(parts).index_select(0, order)
         self._count += logits.shape[0]
+
+    @torch.no_grad()
+    def merge_ranks(self) -> None:
+        """Replace this process's accumulators by those of all processes together (collective: every
+        rank calls it once, after its last update; a no-op for one process). The correct counts and
+        the sample count are summed; with ``auc=True`` the binary tasks' scores and labels of every
+        rank are gathered (in rank order: the AUC depends only on the multiset of pairs)."""
+        if not dist.info().distributed:
+            return
+        sums = torch.cat([self._correct, torch.tensor([self._count], dtype=torch.int64, device=self.device)])
+        dist.all_reduce_sum(sums)
+        self._correct, self._count = sums[:-1].clone(), int(sums[-1])
+        binary = len(self.layout.binary_tasks)
+        if self.auc and binary:
+            if self._scores:
+                mine = torch.cat([torch.cat(self._scores), torch.cat(self._labels).float()], dim=1)
+            else:
+                mine = torch.zeros((0, 2 * binary), dtype=torch.float32, device=self.device)
+            # One gather of float32 [n_r, 2 * binary]: the scores, then the 0/1 labels (exact in float32).
+            every = dist.gather_rows(mine, dist.row_counts(mine.shape[0], device=self.device))
+            self._scores, self._labels = [every[:, :binary]], [every[:, binary:] > 0]
 
     def compute(self) -> dict:
         """Host values of the metrics so far (see the class docstring)."""
@@ -268,6 +295,21 @@ class DenseMetrics:
         bins = (angle / self.angle_bin_deg).long().clamp_(0, self.num_bins - 1)
         bins = torch.where(valid, bins, self.num_bins).reshape(-1)
         self._histogram.scatter_add_(0, bins, torch.ones_like(bins))
+
+    @torch.no_grad()
+    def merge_ranks(self) -> None:
+        """Replace this process's accumulators by their sums over all processes (collective: every
+        rank calls it once, after its last update; a no-op for one process): one all-reduce of the
+        int64 counts, one of the float64 sums."""
+        if not dist.info().distributed:
+            return
+        counts = [self._confusion, self._depth_count, self._within, self._histogram]
+        flat = dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in counts]))
+        self._confusion, self._depth_count, self._within, self._histogram = (
+            part.clone().reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in counts]), counts)
+        )
+        sums = dist.all_reduce_sum(torch.cat([self._depth, self._angle_sum.reshape(1)]))
+        self._depth, self._angle_sum = sums[:2].clone(), sums[2].clone()
 
     def compute(self) -> dict:
         """Host values of the metrics so far (see the class docstring)."""

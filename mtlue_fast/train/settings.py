@@ -54,7 +54,8 @@ class TrainConfig:
             or over each process's share (false: no communication inside the forward and the
             backward, ~40 synchronisation points fewer per ResNet-18 step; rank 0's running
             statistics are broadcast before each forward, as DistributedDataParallel does by
-            default). With one process both are the same.
+            default). With one process both are the same. Auto: true on CUDA, false on the CPU
+            (see :meth:`resolved`); true keeps a CPU job's result that of one process.
     Other:
         defense: a training-time victim defence applied to every batch (``"augment"``: strong
             augmentation; ``"adv"``: PGD adversarial training at ``defense_eps``); ``"none"``. The
@@ -92,7 +93,7 @@ class TrainConfig:
     host_augment: bool = False
     sync_every_step: bool = False
     deterministic: bool = False
-    sync_bn: bool = True
+    sync_bn: bool | str = AUTO
     defense: str = "none"
     defense_eps: float = 8 / 255
     seed: int = 0
@@ -112,7 +113,7 @@ class TrainConfig:
         _check(self.eval_every >= 1, "eval_every", ">= 1", self.eval_every)
         _check(self.keep_every >= 0, "keep_every", ">= 0", self.keep_every)
         _check(self.defense in ("none", "augment", "adv"), "defense", "'none', 'augment' or 'adv'", self.defense)
-        for name in ("amp", "channels_last", "fused_adam", "resident", "cuda_graph"):
+        for name in ("amp", "channels_last", "fused_adam", "resident", "cuda_graph", "sync_bn"):
             value = getattr(self, name)
             _check(isinstance(value, bool) or value == AUTO, name, "true, false or 'auto'", value)
 
@@ -135,11 +136,20 @@ class TrainConfig:
 
         Measured on the 2-core CI CPU (Xeon with AMX, ResNet-18 w0.25, batch 128): channels-last 1.2x,
         bf16 autocast 1.3x, both 1.75x the fp32 contiguous step.
+
+        ``sync_bn``: synchronised on CUDA (``SyncBatchNorm`` over NCCL costs microseconds a layer),
+        per process on the CPU. There a synchronised batch norm makes two gloo all-reduces (forward
+        and backward; 0.4-0.5 ms each alone, measured), each of which also waits for the slower rank,
+        40 per ResNet-18 step: two processes at
+        one thread each on a 2-vCPU AMD EPYC trained the victim at 1,095 images/s with synchronised
+        batch norms, slower than one process (0.53x), and at 2,838 (1.41x) with per-process ones
+        (medians of 4 alternating rounds, ``bench/results/cpu-2core-scaling-syncbn-gloo-amd-epyc-2026-12-04.json``).
+        ``sync_bn=True`` stays for runs whose result must not depend on the process count.
         """
         cuda = device.type == "cuda"
         graphable = cuda and self.defense == "none" and self.compile_mode != "reduce-overhead" and not _distributed()
         auto = {"amp": cuda or cpu_has_native_bf16(), "channels_last": True, "fused_adam": cuda, "resident": cuda,
-                "cuda_graph": graphable}  # fmt: skip
+                "cuda_graph": graphable, "sync_bn": cuda}  # fmt: skip
         switches = {name: auto[name] if getattr(self, name) == AUTO else bool(getattr(self, name)) for name in auto}
         switches["cuda_graph"] = switches["cuda_graph"] and cuda  # a CPU step is never graphed
         return switches

@@ -153,7 +153,7 @@ def build_training(view: TaskView, config: TrainConfig, device: torch.device | s
     torch.manual_seed(config.seed)
     args = model_args(view, config)
     model = build_model(**args)
-    if config.sync_bn:
+    if switches["sync_bn"]:
         model = dist.convert_sync_batchnorm(model, device.type)
     model = model.to(device)
     dist.broadcast_parameters(model)
@@ -172,13 +172,18 @@ def build_training(view: TaskView, config: TrainConfig, device: torch.device | s
 
 def make_batches(view: TaskView, config: TrainConfig, device: torch.device | str, *, train: bool, dataset: str | None = None) -> DeviceBatches:
     """Training (shuffled, random crop + flip, NYUv2 random scale) or test (centre crop) batches.
-    With ``host_augment`` they are made on the CPU and the loop copies each one to ``device``."""
+    With ``host_augment`` they are made on the CPU and the loop copies each one to ``device``.
+    With several processes, test batches are this rank's evaluation shard (every ``world_size``-th
+    sample, no padding: each sample on exactly one rank) of ``config.batch_size`` samples each."""
     device = torch.device(device)
     batch_device = torch.device("cpu") if config.host_augment else device
     resident = config.resident  # "auto" is DeviceBatches' own: resident on a GPU when it fits
-    if not train:  # evaluation runs on rank 0 over the whole test split
-        return DeviceBatches(view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=False, resident=resident)
     place = dist.info()
+    if not train:
+        return DeviceBatches(
+            view.images, view.labels, config.batch_size, batch_device, crop=view.crop, train=False, resident=resident,
+            rank=place.rank, world_size=place.world_size, pad=False,
+        )  # fmt: skip
     return DeviceBatches(
         view.images, view.labels, dist.per_rank_batch(config.batch_size, place.world_size), batch_device,
         crop=view.crop, train=True, seed=config.seed, drop_last=len(view.images) >= config.batch_size,
@@ -200,7 +205,13 @@ def evaluate(
     encode: Callable | None = None,
     decode: Callable | None = None,
 ) -> dict:
-    """Metrics of ``model`` over ``batches`` (one host read at the end). Leaves the model in eval mode."""
+    """Metrics of ``model`` over ``batches`` (one host read at the end). Leaves the model in eval mode.
+
+    Data parallel: every rank calls it with its evaluation shard (``DeviceBatches(..., pad=False)``,
+    each sample on exactly one rank) and the same model; the ranks' accumulators are merged
+    (``metrics.merge_ranks()``, collective) and every rank returns the metrics of the whole split.
+    The forward runs no collective (batch norms in eval mode), so the ranks' batch counts may differ.
+    """
     model.eval()
     encode, decode = encode or model.encode, decode or model.decode
     metrics.reset()
@@ -211,6 +222,7 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = decode(encode(x), x.shape[-2:])
         metrics.update(outputs, labels)
+    metrics.merge_ranks()
     return metrics.compute()
 
 
@@ -288,13 +300,13 @@ def train(
             strategy.epoch_end()
             scheduler.step()
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                test = None
-                if place.is_main:  # rank 0 evaluates the whole test split; the others wait for it
-                    test = evaluate(
-                        model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
-                        encode=encode, decode=decode,
-                    )  # fmt: skip
-                record["test"] = dist.broadcast_object(test)
+                # Every rank evaluates its shard of the test split with rank 0's model: per-process batch
+                # norms' running statistics differ between ranks after the last step until broadcast.
+                dist.broadcast_buffers(model)
+                record["test"] = evaluate(
+                    model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
+                    encode=encode, decode=decode,
+                )  # fmt: skip
             history.append(record)
             if place.is_main:
                 _save_epoch(out, history, model, strategy, optimizer, scheduler, parts.step, args, run_digest, epoch, config)
@@ -380,12 +392,14 @@ class TrainStep:
         self.task = list(model.task_parameters())
         self.clipped = [p for p in model.parameters() if p.requires_grad]
         by_hand = strategy.needs_task_grads and config.grad_space == "parameters"
+        # train.sync_bn as build_training resolved it: whether the model's batch norms are synchronised.
+        sync_bn = any(isinstance(m, (nn.SyncBatchNorm, dist.CpuSyncBatchNorm)) for m in model.modules())
         # Synchronised batch norms all-reduce inside the backward, which a batched backward cannot run.
-        self.batched_task_grads = not (dist.info().distributed and config.sync_bn)
+        self.batched_task_grads = not (dist.info().distributed and sync_bn)
         forward = _EncodeDecode(model, self.encode, self.decode, self.detach)
-        self.forward = forward if by_hand else dist.data_parallel(forward, sync_buffers=not config.sync_bn)
+        self.forward = forward if by_hand else dist.data_parallel(forward, sync_buffers=not sync_bn)
         # Per-process batch norms outside DDP: rank 0's running statistics by hand, as DDP would.
-        self.broadcast_buffers = by_hand and not config.sync_bn and dist.info().distributed
+        self.broadcast_buffers = by_hand and not sync_bn and dist.info().distributed
         self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:

@@ -229,15 +229,21 @@ def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objectiv
               subset: np.ndarray, config: GenerateConfig, crop: tuple[int, int], device: torch.device, amp: bool) -> float:
     """Mean error over the protected tasks of the surrogate(s) on the perturbed, centre-cropped subset
     (generator and surrogates in eval mode; SEP: the checkpoints' mean). One host read. NaN for
-    dense datasets (no error rate: those runs stop at the pass cap)."""
+    dense datasets (no error rate: those runs stop at the pass cap).
+
+    With several processes it is collective and data parallel: the subset is cut into the same
+    ``config.batch_size`` batches as by one process, rank r runs batches r, r + w, ..., and the
+    integer error counts are summed over the ranks, so every rank returns exactly the single-process
+    value (each batch is computed as one process computes it; the forward runs no collective)."""
     if view.dense:
         return math.nan
     was_training = generator.training
     generator.eval()
     for m in surrogates:
         m.eval()
-    errors, count = None, 0
-    for start in range(0, len(subset), config.batch_size):
+    place = dist.info()
+    errors = torch.zeros(len(objective.num_classes), dtype=torch.int64, device=device)
+    for start in range(0, len(subset), config.batch_size)[place.rank :: place.world_size]:
         rows = np.sort(subset[start : start + config.batch_size])
         images = torch.from_numpy(np.ascontiguousarray(view.images[rows])).to(device)
         labels = torch.from_numpy(np.asarray(view.labels)[rows]).to(device)
@@ -245,11 +251,10 @@ def stop_test(generator: MTLGenerator, surrogates: Sequence[nn.Module], objectiv
             raw = generator.raw(to_unit_float(images), labels)
         x_adv = ops.perturb_apply(images, raw, config.eps, mode=config.mode, out_size=crop)
         for outputs in _surrogate_outputs(surrogates, x_adv, amp):
-            batch_errors = objective.errors(outputs.float(), labels)
-            errors = batch_errors if errors is None else errors + batch_errors
-        count += len(rows) * len(surrogates)
+            errors += objective.errors(outputs.float(), labels)
+    dist.all_reduce_sum(errors)
     generator.train(was_training)
-    return objective.mean_error(errors, count)
+    return objective.mean_error(errors, len(subset) * len(surrogates))
 
 
 def _em_surrogate_epochs(surrogate: nn.Module, optimizer: torch.optim.Optimizer, step: GeneratorStep,
@@ -394,9 +399,8 @@ def generate(
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index, em_trained)
         if loss_sum is not None and place.distributed:
             loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size
-        # Rank 0 runs the stop test (eval mode: no collectives) and tells the others.
-        error = stop_test(generator, models, objective, view, subset, config, crop, device, amp) if place.is_main else None
-        error = dist.broadcast_object(error)
+        # Every rank runs its share of the stop test's batches; the error counts are summed.
+        error = stop_test(generator, models, objective, view, subset, config, crop, device, amp)
         intra = inter = math.nan
         if not view.dense:
             with torch.no_grad():
