@@ -1,7 +1,8 @@
 """The run configuration: YAML files + overlays + CLI overrides -> one frozen dataclass tree.
 
 Resolution order (later wins): ``configs/<dataset>.yaml`` (or ``--config``), its ``synthetic:``
-overlay when no ``--data-root`` is given, the ``presets.<name>:`` overlay (``--preset``), overlay
+overlay when no ``--data-root`` is given, the ``presets.<name>:`` overlay (``--preset``; its
+``with_data_root:`` part only when a ``--data-root`` is given), overlay
 files (``--overlay``: a path, or a name in ``configs/overlays/`` such as ``base-sep``), the
 dedicated CLI flags, then every ``--set key=value`` (dotted keys, e.g. ``train.epochs=5``).
 Unknown keys are errors that list the valid ones; values are checked by the dataclasses
@@ -27,6 +28,8 @@ from .ue.settings import GenerateConfig
 METHODS = ("mtlue", "pgd", "ar", "random")
 VICTIMS = ("mtl", "stl")
 DEFENSES = ("none", "jpeg", "bdr", "grayscale", "augment", "adv")
+VICTIM_DATA = ("cache", "files")
+EXPORT_RESOLUTIONS = ("original", "working")
 STAGES = ("prepare", "surrogate", "generate", "export", "victim", "report")
 
 
@@ -55,6 +58,10 @@ class DataSettings:
         synthetic_train, synthetic_test: images of the built-in synthetic sample (no --data-root).
         synthetic_size: ``[H, W]`` of the synthetic images (None: the dataset's default).
         synthetic_seed: its seed.
+        subset: use a seeded, stratified subset of this many training images (None: all of them;
+            ``--subset``); see :mod:`mtlue_fast.data.subset`. Part of the cache entry and the run's digest.
+        subset_test: the same for the test split (``--subset-test``).
+        subset_seed: the subsets' seed.
     """
 
     cache_size: tuple[int, int] | None = None
@@ -64,6 +71,9 @@ class DataSettings:
     synthetic_test: int = 3000
     synthetic_size: tuple[int, int] | None = None
     synthetic_seed: int = 0
+    subset: int | None = None
+    subset_test: int | None = None
+    subset_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.decoder not in ("auto", "dali", "torchvision", "pil"):
@@ -71,6 +81,12 @@ class DataSettings:
         for name in ("synthetic_train", "synthetic_test"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("subset", "subset_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be a positive number of images or null (all), got {value!r}")
+        if self.subset_seed < 0:
+            raise ConfigError(f"data.subset_seed must be >= 0, got {self.subset_seed!r}")
         for name in ("cache_size", "crop", "synthetic_size"):
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or min(value) < 1):
@@ -91,6 +107,10 @@ class VictimSettings:
             can be measured against other recipes (transfer) without redoing it.
         reuse_surrogate: report the clean surrogate's metrics as every pair's clean victim instead of
             training clean victims (cheaper, flattering: off by default).
+        data: what the protected victims train on (``--victim-data``): ``cache``, the protected
+            uint8 cache the export wrote; ``files``, a cache the ordinary reader builds from the
+            published image files (``OUT/protected/images``, needs ``export_images``), as an
+            unauthorised user of the published dataset would.
     """
 
     seeds: int = 1
@@ -98,12 +118,15 @@ class VictimSettings:
     backbone: str | None = None
     weighting: str | None = None
     reuse_surrogate: bool = False
+    data: str = "cache"
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise ConfigError(f"victims.seeds must be >= 1, got {self.seeds!r}")
         if self.first_seed is not None and self.first_seed < 0:
             raise ConfigError(f"victims.first_seed must be >= 0, got {self.first_seed!r}")
+        if self.data not in VICTIM_DATA:
+            raise ConfigError(f"victims.data must be one of {', '.join(VICTIM_DATA)}, got {self.data!r}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,11 @@ class RunConfig:
         defense: victim-side defence on the protected training data (``none``, ``jpeg``, ``bdr``,
             ``grayscale``, ``augment``, ``adv``).
         sep_every: SEP's checkpoint spacing in epochs of the clean surrogate run.
-        export_images: also write the protected images in the dataset's original layout.
+        export_images: also write the protected dataset as image files in its original layout
+            (``OUT/protected/images``).
+        export_resolution: ``original`` (every image of both splits at its original size, the
+            training images protected; :func:`mtlue_fast.ue.export.write_image_files`) or
+            ``working`` (the training images only, at the cache's working resolution).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -138,15 +165,20 @@ class RunConfig:
     defense: str = "none"
     sep_every: int = 4
     export_images: bool = False
+    export_resolution: str = "original"
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        checks = {"dataset": DATASETS, "method": METHODS, "victim": VICTIMS, "defense": DEFENSES, "device": ("auto", "cpu", "cuda")}
+        checks = {"dataset": DATASETS, "method": METHODS, "victim": VICTIMS, "defense": DEFENSES, "device": ("auto", "cpu", "cuda"),
+                  "export_resolution": EXPORT_RESOLUTIONS}  # fmt: skip
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.sep_every < 1:
             raise ConfigError(f"sep_every must be >= 1, got {self.sep_every!r}")
+        if self.victims.data == "files" and not self.export_images:
+            raise ConfigError("victims.data=files (--victim-data files) trains the victims on the published image "
+                              "files: set export_images too (--export-images)")
         if self.train.seed in self.victim_seeds():
             raise ConfigError(
                 f"victims.first_seed={self.victims.first_seed} with victims.seeds={self.victims.seeds} includes the "
@@ -393,7 +425,12 @@ def resolve(
         presets = sections["presets"]
         if preset not in presets:
             raise ConfigError(f"unknown preset {preset!r} in {path}; available: default, {', '.join(presets)}")
-        data = merge(data, presets[preset])
+        chosen = dict(presets[preset] or {})
+        # A preset's ``with_data_root:`` part applies to real data only (e.g. smoke's subset).
+        real = chosen.pop("with_data_root", None) or {}
+        data = merge(data, chosen)
+        if not synthetic:
+            data = merge(data, real)
     for overlay in overlays or []:
         data = merge(data, read_yaml(overlay_path(overlay)))
     data = merge(data, overrides or {})

@@ -9,10 +9,16 @@ Stages (``--stages``, default all), each writing into the run directory ``OUT``:
   trained with ``train`` (its seed, backbone and weighting are the surrogate's);
 - ``generate``: the MTL-UE generator (``OUT/generator``), or sample-wise EM state for ``--method pgd``;
 - ``export``: ``OUT/protected`` (``train_images.npy`` uint8, ``train_labels.npy``, ``delta.npy`` int8);
+  with ``--export-images`` also ``OUT/protected/images``, the protected dataset published as files in
+  its original layout (by default every image at its original size, the test split copied unchanged);
 - ``victim``: for each victim seed (never the surrogate's) a clean and a protected victim that share
-  that seed, so their difference isolates the data (``OUT/victim/seed-<s>/{clean,protected}``); the
-  victims' recipe (backbone, weighting, MTL/STL, defence) is separate from the surrogate's;
-- ``report``: ``OUT/report.json``, ``OUT/report.md``, ``OUT/figures/``.
+  that seed, so their difference isolates the data (``OUT/victim/<recipe>/seed-<s>/{clean,protected}``,
+  one folder per victim recipe: a victims-only change adds one, see :mod:`mtlue_fast.victim_cells`); the
+  victims' recipe (backbone, weighting, MTL/STL, defence) is separate from the surrogate's; with
+  ``--victim-data files`` the protected victims train on the published files read back by the
+  ordinary reader (the round trip an unauthorised user of the published dataset makes);
+- ``report``: ``OUT/report.json`` (its ``cells``: every victim recipe trained on this export),
+  ``OUT/report.md``, ``OUT/figures/``.
 
 Every stage records a digest of its inputs in ``OUT/stages.json``; rerunning the same command skips
 finished stages (and says so), an interrupted one resumes where it stopped, and a changed setting
@@ -31,12 +37,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from . import config as config_module
 from . import dist
 from . import report as report_module
+from . import victim_cells
 from .config import DEFENSES, METHODS, STAGES, ConfigError, RunConfig
 from .data import build_cache, default_cache_root, open_cache
 from .data import synthetic as synthetic_data
@@ -50,7 +58,7 @@ from .train import checkpoint, load_model, train, train_stl
 from .train.tasks import select_tasks
 from .train.victim import model_args
 from .ue import baselines
-from .ue.export import export_generator, write_image_files, write_protected
+from .ue.export import export_generator, generator_perturb, write_image_files, write_protected
 from .ue.generate import generate, load_generator
 from .ue.objectives import Objective
 from .ue.pgd import em_pgd, pgd_perturb
@@ -67,6 +75,8 @@ EXAMPLES = """examples:
       the paper's CelebA setting on a GPU, with three independent victim pairs
   python -m mtlue_fast.run --dataset chestxray --weighting pcgrad --resume
       new victims only (another weighting); the surrogate, generator and export are reused
+  python -m mtlue_fast.run --dataset chestxray --victim-data files --export-images --resume
+      publish the protected dataset (OUT/protected/images, original sizes) and train the victims on the files read back
   python -m mtlue_fast.run --dataset utkface --defense jpeg
       victims trained on JPEG-compressed copies: what the protection still costs a defended victim
   python -m mtlue_fast.run --dataset chestxray --preset smoke --stages prepare,surrogate
@@ -118,7 +128,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default all)")
     parser.add_argument("--protect-tasks", help="comma-separated task names or indices to protect (default all)")
     parser.add_argument("--defense", choices=DEFENSES, help="victim-side defence; both victims (clean and protected) train with it")
-    parser.add_argument("--export-images", action="store_true", help="also write protected image files in the original layout")
+    parser.add_argument("--export-images", action="store_true",
+                        help="also publish the protected dataset as image files in its original layout (OUT/protected/images)")
+    parser.add_argument("--export-resolution", choices=("original", "working"),
+                        help="original (default): every image of both splits at its original size, the training images "
+                             "protected, the test images copied; working: the training images at the cache's resolution")
+    parser.add_argument("--victim-data", choices=("cache", "files"),
+                        help="what the protected victims train on: the protected cache (default), or a cache the ordinary "
+                             "reader builds from the published image files (needs --export-images)")
+    parser.add_argument("--subset", type=int, metavar="N", help="a seeded, stratified subset of N training images (data.subset)")
+    parser.add_argument("--subset-test", type=int, metavar="M", help="a seeded, stratified subset of M test images (data.subset_test)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. train.lr=0.002")
     parser.add_argument("--resume", action="store_true", help="continue in an OUT holding a run with other settings, keeping what still matches")
     parser.add_argument("--force", action="store_true", help="redo every stage in an OUT holding another run")
@@ -163,6 +182,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     put("defense", args.defense)
     if args.export_images:
         put("export_images", True)
+    put("export_resolution", args.export_resolution)
+    put("victims.data", args.victim_data)
+    put("data.subset", args.subset)
+    put("data.subset_test", args.subset_test)
     if args.quiet:
         put("train.progress", False)
         put("generate.progress", False)
@@ -213,13 +236,23 @@ class Run:
         parts = {"data": [cfg["dataset"], cfg["data"], self.data_root, caches]}
         parts["surrogate"] = parts["data"] + [cfg["train"], cfg["sep_every"], cfg["generate"]["base"]]
         parts["generate"] = parts["surrogate"] + [cfg["generate"], cfg["method"]]
-        parts["export"] = parts["generate"] + [cfg["export_images"]]
+        parts["export"] = parts["generate"] + [cfg["export_images"]] + ([cfg["export_resolution"]] if cfg["export_images"] else [])
         parts["victim"] = parts["export"] + [cfg["victim"], cfg["defense"], cfg["victims"]]
         parts["report"] = parts["victim"]
         return checkpoint.digest(parts.get(stage, parts["data"]))
 
     def victim_recipe(self) -> str:
-        """What every victim pair depends on: the export and the victims' settings except their count."""
+        """What every victim pair depends on: the export and the victims' recipe
+        (:func:`mtlue_fast.victim_cells.recipe_digest`; not which seeds are trained)."""
+        return victim_cells.recipe_digest(self.digest("export"), self.cfg)
+
+    def victim_cell(self) -> Path:
+        """``OUT/victim/<recipe name>``: the folder of this recipe's victim pairs."""
+        name = victim_cells.cell_name(victim_cells.victim_recipe_fields(self.cfg), self.victim_recipe())
+        return self.out / "victim" / name
+
+    def _legacy_victim_recipe(self) -> str:
+        """The victim recipe digest as runs recorded it before cells (stages.json's victim ``recipe``)."""
         victims = {k: v for k, v in self.cfg.identity()["victims"].items() if k != "seeds"}
         return checkpoint.digest([self.digest("export"), self.cfg.victim, self.cfg.defense, victims])
 
@@ -262,12 +295,24 @@ class Run:
                 if not Path(root).exists():
                     write_synthetic_sample(self.cfg, Path(root))
         dist.barrier()  # the synthetic sample exists for every rank
-        kwargs = {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
-                  "progress": self.cfg.train.progress and main}
+        kwargs = self._cache_kwargs()
         # Every rank decodes a share of each split; rank 0 assembles it (mtlue_fast.data.cache).
-        self.train_cache = build_cache(self.cfg.dataset, root, "train", None, **kwargs)
-        self.test_cache = build_cache(self.cfg.dataset, root, "test", None, **kwargs)
+        self.train_cache = build_cache(self.cfg.dataset, root, "train", None, subset=data.subset,
+                                       subset_seed=data.subset_seed, **kwargs)
+        self.test_cache = build_cache(self.cfg.dataset, root, "test", None, subset=data.subset_test,
+                                      subset_seed=data.subset_seed, **kwargs)
         self.data_path = root
+        for split, cache in (("training", self.train_cache), ("test", self.test_cache)):
+            chosen = cache.manifest.get("subset")
+            if chosen and main:
+                self.log(f"subset: {chosen['selected']} of {chosen['of']} {split} images (seed {chosen['seed']}, "
+                         f"stratified by {chosen['stratified_by'] or 'nothing: a uniform draw'})")
+
+    def _cache_kwargs(self) -> dict:
+        """build_cache's settings of this run (resolution, decoder, progress), subsets aside."""
+        data = self.cfg.data
+        return {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
+                "progress": self.cfg.train.progress and dist.info().is_main}
 
     def synthetic_root(self) -> Path:
         """Where the built-in synthetic sample of these settings lives (one folder per settings)."""
@@ -323,7 +368,7 @@ class Run:
 
     def export(self):
         cfg = self.cfg
-        path = self.stage_dir("export", "protected")
+        path = self._export_dir()
         eps = cfg.generate.eps
         settings = {"digest": self.digest("generate")}
         progress = cfg.generate.progress
@@ -341,10 +386,40 @@ class Run:
         if dist.info().is_main:
             link_contract_names(protected.path, {"images.npy": "train_images.npy", "labels.npy": "train_labels.npy"})
         if cfg.export_images:  # every rank writes a share of the files
-            write_image_files(protected, self.data_path, path / "images", progress=progress)
+            self._export_images(protected, path / "images")
         dist.barrier()
         self.protected = protected
         return protected
+
+    def _export_dir(self) -> Path:
+        """``OUT/protected``; the protected cache is kept when only the image files' settings changed
+        (its own digest, recorded as ``cache_digest``, is the generate stage's), else redone."""
+        path = self.out / "protected"
+        previous = self.records.get("export", {})
+        if previous.get("digest") == self.digest("export") or previous.get("cache_digest") != self.digest("generate"):
+            return self.stage_dir("export", "protected")
+        if (path / "images").exists():
+            self.log("export: the image files' settings changed, rewriting them (the protected cache is kept)")
+            if dist.info().is_main:
+                shutil.rmtree(path / "images")
+            dist.barrier()
+        return path
+
+    def _export_images(self, protected, folder: Path) -> None:
+        """The published dataset (``OUT/protected/images``, :func:`mtlue_fast.ue.export.write_image_files`).
+        At the original resolution an ``mtlue`` generator recomputes the float perturbation that is
+        carried back to the original size; the baselines carry the stored int8 one."""
+        cfg = self.cfg
+        progress = cfg.generate.progress
+        if cfg.export_resolution == "working":
+            write_image_files(protected, self.data_path, folder, progress=progress)
+            return
+        perturb = None
+        if cfg.method == "mtlue":
+            perturb = generator_perturb(load_generator(self.out / "generator" / "generator.pt", self.device))
+        write_image_files(protected, self.data_path, folder, progress=progress, resolution="original", perturb=perturb,
+                          test_files=self.test_cache.manifest["row_files"], device=self.device,
+                          batch_size=min(cfg.generate.batch_size, 256))  # fmt: skip
 
     def _baseline_perturb(self):
         cfg = self.cfg
@@ -360,6 +435,25 @@ class Run:
         objective = Objective(cfg.generate.base, view.num_classes, targeted=cfg.generate.targeted)
         return pgd_perturb(self._surrogates(), objective, eps=cfg.generate.eps, crop=view.crop)
 
+    def _published_cache(self, protected):
+        """``--victim-data files``: the training cache the ordinary reader (build_cache) builds from
+        the published image files, as an unauthorised user of the published dataset would; the
+        victims are still measured on the run's clean test split. Records how far its images are
+        from the protected cache's (``self.results["published"]``)."""
+        folder = self.out / "protected" / "images"
+        if self.cfg.dataset == "utkface" and self.cfg.data.subset is not None:
+            raise UserError("--victim-data files with a UTKFace subset: UTKFace has no split files, so its reader "
+                            "re-splits the published folder differently from the run's subset; use the full dataset")
+        if not folder.is_dir():
+            raise UserError(f"--victim-data files needs the published image files {folder}: run the export stage "
+                            "with --export-images")
+        cache = build_cache(self.cfg.dataset, folder, "train", None, **self._cache_kwargs())
+        self.results["published"] = published_check(cache, protected, self.train_cache)
+        self.log(f"victim: the protected victims train on {len(cache)} images read back from {folder} "
+                 f"(cache {cache.path}; mean |published - protected cache| "
+                 f"{self.results['published']['mean_abs_diff_vs_protected_cache']:.3f} levels)")
+        return cache
+
     def _defended(self, cache, folder: Path):
         """``cache`` under the run's data defence (rank 0 writes it, then every rank opens it)."""
         if dist.info().is_main:
@@ -369,18 +463,23 @@ class Run:
 
     def victim(self):
         """Clean/protected victim pairs, one per victim seed; both of a pair share its seed (initial
-        weights, data order, augmentation draws) and the defence, so their difference is the data's."""
+        weights, data order, augmentation draws) and the defence, so their difference is the data's.
+        The pairs live in the recipe's cell (:meth:`victim_cell`, :mod:`mtlue_fast.victim_cells`):
+        another recipe adds a cell and keeps this one; cells of an earlier export are removed."""
         cfg = self.cfg
         protected = self.protected or open_cache(self.out / "protected")
         clean = self.train_cache
+        if cfg.victims.data == "files":
+            protected = self._published_cache(protected)
         base = self.out / "victim"
-        # Pairs live in per-seed folders: a change of the seed count alone keeps the finished pairs.
-        previous = self.records.get("victim", {}).get("recipe")
-        if previous is not None and previous != self.victim_recipe() and base.exists():
-            self.log("victim: the victims' settings or their data changed since the last run, retraining them")
-            if dist.info().is_main:
-                shutil.rmtree(base)
-            dist.barrier()
+        cell, export, recipe = self.victim_cell(), self.digest("export"), self.victim_recipe()
+        if dist.info().is_main:
+            victim_cells.remove_stale(base, export, self.log)
+            previous = self.records.get("victim", {}).get("recipe")  # None: the first victim stage never finished
+            matches = previous is None or previous == self._legacy_victim_recipe()
+            victim_cells.migrate_legacy(base, cell, matches, self.log)
+            victim_cells.start_cell(cell, cell.name, recipe, export, victim_cells.victim_recipe_fields(cfg))
+        dist.barrier()
         if cfg.defense in DATA_DEFENSES:
             shared = default_cache_root() / "defended" / f"{cfg.defense}-{clean.manifest['source_digest'][:16]}"
             clean = self._defended(clean, shared)
@@ -391,7 +490,7 @@ class Run:
             train_cfg = cfg.victim_train(seed)
             if cfg.defense in ("augment", "adv"):
                 train_cfg = train_cfg.replace(defense=cfg.defense, defense_eps=cfg.generate.eps)
-            folder = base / f"seed-{seed}"
+            folder = cell / f"seed-{seed}"
             label = f"victim {number}/{len(seeds)} (seed {seed}"
             pair = {"seed": seed}
             for kind, data in (("clean", clean), ("protected", protected)):
@@ -406,6 +505,9 @@ class Run:
                     pair[kind] = {"metrics": result.metrics, "images_per_second": result.images_per_second}
             victims.append(pair)
         self.results["victims"] = victims
+        if dist.info().is_main:
+            victim_cells.finish_cell(cell, victims)
+        dist.barrier()
 
     def _surrogate_as_clean(self, victim_cfg) -> dict:
         """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only
@@ -435,18 +537,34 @@ class Run:
         victim_cfg = cfg.victim_train(victims[0]["seed"])
         report = report_module.build_report(
             dataset=cfg.dataset, synthetic=self.synthetic, data_root=self.data_root, tasks=names, metric=metric,
-            victims=[{"seed": v["seed"], "clean": _summary(v["clean"]["metrics"], names, dense),
-                      "protected": _summary(v["protected"]["metrics"], names, dense)} for v in victims],
+            victims=victim_scores(victims, names, dense),
             surrogate={"seed": cfg.train.seed, "backbone": cfg.train.backbone, "weighting": cfg.train.weighting},
             clean_cache=str(clean_dir), eps=cfg.generate.eps, base=cfg.generate.base, method=cfg.method,
             backbone=victim_cfg.backbone, weighting=victim_cfg.weighting, victim=cfg.victim, timings=timings,
             throughput=throughput, versions=report_module.versions(), git=report_module.git_revision(),
             perturbation_stats=stats, defense=cfg.defense if cfg.defense != "none" else None,
+            cells=self.report_cells(victims, names, dense),
         )  # fmt: skip
         if cfg.victims.reuse_surrogate:
             report["clean_victim"] = "the clean surrogate (--reuse-surrogate-as-clean)"
+        report["victim_data"] = cfg.victims.data
+        if cfg.victims.data == "files":
+            report["published"] = self.results.get("published") or self.records.get("victim", {}).get("published")
+        report["subset"] = {split: cache.manifest.get("subset") for split, cache in
+                            (("train", self.train_cache), ("test", self.test_cache))}  # fmt: skip
         report_module.write_report(self.out, report, clean_images=self.train_cache.images, protected_images=protected.images)
         return report
+
+    def report_cells(self, victims: list[dict], names: list[str], dense: bool) -> list[dict]:
+        """The report's ``cells``: every finished victim recipe of the current export, the run's own
+        marked ``current`` (from ``victims`` when its cell holds no finished pair yet)."""
+        current = self.victim_cell()
+        cells = victim_cells.list_cells(self.out / "victim", self.digest("export"))
+        if not any(c["name"] == current.name for c in cells):
+            cells.append({"name": current.name, "digest": self.victim_recipe(),
+                          "fields": victim_cells.victim_recipe_fields(self.cfg), "victims": victims})
+        return [{"name": c["name"], "digest": c["digest"], "fields": c["fields"], "current": c["name"] == current.name,
+                 "victims": victim_scores(c["victims"], names, dense)} for c in cells]  # fmt: skip
 
     def _stored_victims(self) -> list[dict]:
         stored = read_json(self.out / "victims.json")
@@ -472,6 +590,13 @@ def _metric_name(metrics: dict, dense: bool):
     return "auc" if "mean_auc" in metrics else "accuracy"
 
 
+def victim_scores(pairs: list[dict], names: list[str], dense: bool) -> list[dict]:
+    """The victim stage's pairs (``{"seed", "clean": {"metrics", ...}, "protected": ...}``) as the
+    report's ``victims`` entries ``{"seed", "clean": scores, "protected": scores}``."""
+    return [{"seed": p["seed"], "clean": _summary(p["clean"]["metrics"], names, dense),
+             "protected": _summary(p["protected"]["metrics"], names, dense)} for p in pairs]  # fmt: skip
+
+
 def _summary(metrics: dict, names: list[str], dense: bool) -> dict:
     """``{"mean": float, "per_task": {name: float}}`` from a victim's metrics (STL summaries too)."""
     if dense:
@@ -480,6 +605,40 @@ def _summary(metrics: dict, names: list[str], dense: bool) -> dict:
     key = "auc" if "mean_auc" in metrics else "accuracy"
     values = metrics.get(key) or []
     return {"mean": metrics.get(f"mean_{key}"), "per_task": {n: v for n, v in zip(names, values)}}
+
+
+def published_check(published, protected, clean, rows_per_chunk: int = 1024) -> dict:
+    """How the training cache read back from the published files compares with the protected cache
+    the export wrote (same rows, same order) and the clean cache: ``mean``/``max_abs_diff_vs_protected_cache``
+    in levels, the perturbation each carries (``mean_abs_delta_*``: mean |images - clean|) and their
+    correlation (``delta_correlation``: 1 when the files give back the cache's perturbation)."""
+    stems = lambda cache: [str(Path(rel).with_suffix("")) for rel in cache.manifest.get("row_files", [])]  # noqa: E731
+    out = {"train_cache": str(published.path), "count": len(published), "protected_count": len(protected)}
+    if len(published) != len(protected) or stems(published) != stems(protected):
+        out["note"] = "the published training split does not hold the protected cache's rows in order; not compared"
+        return out
+    total = diff_sum = files_sum = cache_sum = dot = files_sq = cache_sq = 0.0
+    most = 0
+    for start in range(0, len(published), rows_per_chunk):
+        stop = start + rows_per_chunk
+        x = np.asarray(clean.images[start:stop], dtype=np.float64)
+        files = np.asarray(published.images[start:stop], dtype=np.float64)
+        cache = np.asarray(protected.images[start:stop], dtype=np.float64)
+        d_files, d_cache = files - x, cache - x
+        total += files.size
+        diff_sum += np.abs(files - cache).sum()
+        most = max(most, int(np.abs(files - cache).max()))
+        files_sum += np.abs(d_files).sum()
+        cache_sum += np.abs(d_cache).sum()
+        dot += (d_files * d_cache).sum()
+        files_sq += (d_files**2).sum()
+        cache_sq += (d_cache**2).sum()
+    out.update(
+        mean_abs_diff_vs_protected_cache=diff_sum / max(total, 1), max_abs_diff_vs_protected_cache=most,
+        mean_abs_delta_files=files_sum / max(total, 1), mean_abs_delta_cache=cache_sum / max(total, 1),
+        delta_correlation=dot / np.sqrt(files_sq * cache_sq) if files_sq and cache_sq else None,
+    )  # fmt: skip
+    return out
 
 
 def link_contract_names(folder: Path, names: dict[str, str], target: Path | None = None) -> None:
@@ -503,9 +662,10 @@ def link_contract_names(folder: Path, names: dict[str, str], target: Path | None
 def default_out(cfg: RunConfig, data_root: str | None) -> Path:
     """``runs/<dataset>-<method>-<base>-<digest>``, the digest over what decides the protected data
     (data, surrogate, generator, method): the same command finds its own run again, and a command that
-    changes only the victims finds the run whose export it can reuse (with ``--resume``)."""
+    changes only the victims or the published files (``--export-images``, ``--victim-data``) finds the
+    run whose surrogate, generator and protected cache it can reuse (with ``--resume``)."""
     settings = cfg.identity()
-    protection = [settings[k] for k in ("dataset", "data", "train", "generate", "method", "sep_every", "export_images")]
+    protection = [settings[k] for k in ("dataset", "data", "train", "generate", "method", "sep_every")]
     return Path("runs") / f"{cfg.dataset}-{cfg.method}-{cfg.generate.base}-{checkpoint.digest([protection, data_root])[:10]}"
 
 
@@ -548,6 +708,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise UserError(f"--data-root {args.data_root} does not exist or is not a directory")
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
+    if args.preset == "smoke" and data_root and args.subset is None and cfg.data.subset is not None:
+        log(f"smoke preset: a seeded, stratified subset of the real data ({cfg.data.subset} training / "
+            f"{cfg.data.subset_test or 'all'} test images; --subset N / --subset-test M to change)")
     device = resolve_device(cfg.device)
     place = dist.setup(device.type)
     if device.type == "cuda" and place.distributed:
@@ -600,10 +763,15 @@ def _run_stages(cfg: RunConfig, out: Path, data_root: str | None, device: torch.
         extra = {}
         if name == "surrogate" and result is not None:
             extra["images_per_second"] = result.images_per_second
+        if name == "export":
+            extra["cache_digest"] = runner.digest("generate")  # what the protected cache itself depends on
+        if name == "victim" and runner.results.get("published"):
+            extra["published"] = runner.results["published"]
         if name == "victim":
             if place.is_main:
                 write_json(out / "victims.json", {"victims": runner.results["victims"]})
             extra["recipe"] = runner.victim_recipe()
+            extra["cell"] = runner.victim_cell().name
             ips = runner.results["victims"][0]["protected"].get("images_per_second")
             if ips:
                 extra["images_per_second"] = ips

@@ -36,6 +36,11 @@ def smoke(out, dataset="chestxray", *extra):
     return main(["--dataset", dataset, "--preset", "smoke", "--device", "cpu", "--out", str(out), "--quiet", *extra])
 
 
+def victim_dir(out):
+    """The run's current victim cell, ``OUT/victim/<recipe name>`` (mtlue_fast.victim_cells)."""
+    return out / "victim" / json.loads((out / "stages.json").read_text())["victim"]["cell"]
+
+
 def check_outputs(out, dense: bool = False) -> dict:
     assert (out / "config.yaml").exists()
     images = np.load(out / "protected" / "train_images.npy", mmap_mode="r")
@@ -86,14 +91,14 @@ def test_independent_victims_several_seeds(tmp_path):
     assert report["drop"] == pytest.approx(np.mean(drops)) and report["drop_std"] == pytest.approx(np.std(drops, ddof=1))
     for seed in (1, 2):
         for side in ("clean", "protected"):
-            assert (out / "victim" / f"seed-{seed}" / side / "final.pt").exists()
-    first_pair = (out / "victim" / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns
+            assert (victim_dir(out) / f"seed-{seed}" / side / "final.pt").exists()
+    first_pair = (victim_dir(out) / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns
     assert smoke(out, "chestxray", "--victim-seeds", "3", "--resume") == 0  # one more pair, the others kept
-    assert (out / "victim" / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns == first_pair
+    assert (victim_dir(out) / "seed-1" / "protected" / "final.pt").stat().st_mtime_ns == first_pair
     assert [v["seed"] for v in json.loads((out / "report.json").read_text())["victims"]] == [1, 2, 3]
     # the clean victim is not the surrogate: another seed gives other initial weights
     surrogate = torch.load(out / "surrogate" / "final.pt", weights_only=False)
-    victim = torch.load(out / "victim" / "seed-1" / "clean" / "final.pt", weights_only=False)
+    victim = torch.load(victim_dir(out) / "seed-1" / "clean" / "final.pt", weights_only=False)
     first = next(iter(surrogate["model"]))
     assert not torch.equal(surrogate["model"][first], victim["model"][first])
 
@@ -233,7 +238,7 @@ def test_stl_victims_sep_partial_protection_and_image_export(tmp_path):
     assert report["victim"] == "stl" and report["base"] == "sep"
     assert len(list((out / "surrogate").glob("epoch_*.pt"))) == 2
     assert any((out / "protected" / "images").rglob("*.png"))
-    tasks = sorted(p.name for p in (out / "victim" / "seed-1" / "protected").iterdir() if p.is_dir())
+    tasks = sorted(p.name for p in (victim_dir(out) / "seed-1" / "protected").iterdir() if p.is_dir())
     assert tasks == ["task_age", "task_gender", "task_race"]
 
 
@@ -245,7 +250,7 @@ def test_defended_runs_train_both_victims_under_the_defence(tmp_path, cache_root
     report = check_outputs(out)
     assert report["defense"] == defense
     for side in ("clean", "protected"):
-        stored = json.loads((out / "victim" / "seed-1" / side / "result.json").read_text())
+        stored = json.loads((victim_dir(out) / "seed-1" / side / "result.json").read_text())
         if defense == "augment":
             assert stored["config"]["defense"] == "augment"
     if defense == "grayscale":

@@ -37,6 +37,7 @@ from . import load_records
 from .decode import Decoder, PilDecoder
 from .records import Records
 from .specs import ResizeSpec, get_spec
+from .subset import subset_records
 
 CACHE_VERSION = 2  # 2: the manifest lists each row's source file (row_files)
 DENSE_ARRAYS = {"seg": (np.int8, 0), "depth": (np.float16, 1), "normal": (np.float16, 3)}  # dtype, channels
@@ -82,6 +83,8 @@ def build_cache(
     chunk_size: int = 1024,
     strict: bool = False,
     progress: bool = True,
+    subset: int | None = None,
+    subset_seed: int = 0,
 ) -> Cache:
     """Build (or reuse) the uint8 cache of one split and open it.
 
@@ -95,6 +98,11 @@ def build_cache(
         chunk_size: images decoded between two progress records.
         strict: a skipped row, missing image or undecodable file raises instead of being counted.
         progress: print a progress line with images/s.
+        subset: keep a seeded, stratified subset of this many images of the split
+            (:func:`mtlue_fast.data.subset.subset_records`; None: all). The subset is part of the
+            entry's settings, so it never shares an entry with the full split; the manifest's
+            ``subset`` records it.
+        subset_seed: the subset's seed.
     """
     spec = get_spec(dataset)
     resize = spec.resize if size is None else replace(spec.resize, size=tuple(size))
@@ -102,6 +110,10 @@ def build_cache(
     settings = {"version": CACHE_VERSION, "dataset": dataset, "split": split, "root": records.root,
                 "channels": resize.channels, "size": list(resize.size),
                 "center_crop": list(resize.center_crop) if resize.center_crop else None}  # fmt: skip
+    subset_info = None
+    if subset is not None:
+        records, subset_info = subset_records(records, int(subset), int(subset_seed))
+        settings["subset"] = {"size": int(subset), "seed": int(subset_seed)}  # only then: full entries keep their names
     entry = Path(cache_dir or default_cache_root()) / _entry_name(settings)
     sources = _source_listing(records)
     source_digest = _digest({"settings": settings, "sources": sources, "labels": _label_digest(records)})
@@ -125,6 +137,8 @@ def build_cache(
             manifest = {**settings, "source_digest": source_digest, "decoder": dec.name, "count": None,
                         "task_names": records.task_names, "num_classes": records.num_classes,
                         "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            if subset_info is not None:
+                manifest["subset"] = subset_info
             _finalize(entry, records, manifest, spec.dense)
             if progress and manifest["skipped"]["counts"]:
                 print(manifest["summary"], file=sys.stderr, flush=True)

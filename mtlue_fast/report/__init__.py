@@ -29,7 +29,7 @@ from __future__ import annotations
 from ..machine import cpu_model, git_revision, versions
 from .figures import COLORS, DPI, INCHES_PER_TASK, METRIC_LABELS, MIN_FIGURE_INCHES, TILE_INCHES, metrics_figure, samples_figure
 from .files import write_report
-from .schema import CLASSIFICATION_METRICS, STATS_KEYS, STRING_FIELDS, build_report, to_json_safe
+from .schema import CLASSIFICATION_METRICS, STATS_KEYS, STRING_FIELDS, build_report, summarize_cell, to_json_safe
 from .stats import CHUNK_BYTES, SIDES, aggregate_victims, perturbation_stats, sample_rows
 from .text import render_markdown, summary_table
 
@@ -37,5 +37,5 @@ __all__ = [
     "CHUNK_BYTES", "CLASSIFICATION_METRICS", "COLORS", "DPI", "INCHES_PER_TASK", "METRIC_LABELS", "MIN_FIGURE_INCHES",
     "SIDES", "STATS_KEYS", "STRING_FIELDS", "TILE_INCHES", "aggregate_victims", "build_report", "cpu_model",
     "git_revision", "metrics_figure", "perturbation_stats", "render_markdown", "sample_rows", "samples_figure",
-    "summary_table", "to_json_safe", "versions", "write_report",
+    "summarize_cell", "summary_table", "to_json_safe", "versions", "write_report",
 ]  # fmt: skip

@@ -33,7 +33,8 @@ def build_report(**fields: Any) -> dict:
     recipe), ``timings`` ({stage: seconds}), ``throughput`` ({stage: images/s}), ``versions`` (dict),
     ``git`` (str | None), ``perturbation_stats`` (from :func:`perturbation_stats`). Optional:
     ``stl`` (dict), ``defense`` (str or dict: the victim-side defence both victims of a seed trained
-    under). Any other extra field is kept unchanged. Paths are turned into strings and numbers into
+    under), ``cells`` (list: every finished victim recipe of the run, each checked and summarised by
+    :func:`summarize_cell`). Any other extra field is kept unchanged. Paths are turned into strings and numbers into
     Python floats.
 
     Computed: each victim's ``drop = clean.mean - protected.mean``; top-level ``clean`` and
@@ -62,8 +63,34 @@ def build_report(**fields: Any) -> dict:
         report["stl"] = _check_mapping("stl", fields["stl"])
     if fields.get("defense") is not None:
         report["defense"] = _check_defense("defense", fields["defense"])
+    if fields.get("cells") is not None:
+        cells = fields["cells"]
+        if isinstance(cells, (str, bytes, Mapping)) or not isinstance(cells, Sequence):
+            raise ValueError("report field 'cells' must be a list")
+        report["cells"] = [summarize_cell(c, report["tasks"], f"cells[{i}]") for i, c in enumerate(cells)]
     report.update(aggregate_victims(report["victims"], report["tasks"]))
     return report
+
+
+def summarize_cell(cell: Mapping, tasks: Sequence[str], name: str = "cell") -> dict:
+    """One victim recipe's entry (of ``report.json``'s ``cells`` or ``sweep.json``): ``cell`` has
+    ``name`` (str), ``digest`` (str), ``fields`` (``{"backbone", "weighting", "victim", "defense", ...}``)
+    and ``victims`` (as the report's top-level ``victims``); other keys are kept. Adds ``seeds`` and,
+    as :func:`build_report` does for the run, each victim's ``drop`` and the cell's ``clean`` /
+    ``protected`` (means over seeds, per task too), ``drop`` and ``drop_std``.
+
+    Raises:
+        ValueError: naming the first missing or ill-typed field (prefixed with ``name``).
+    """
+    entry = _check_mapping(name, cell)
+    _require(name, entry, ("name", "digest", "fields", "victims"))
+    for key in ("name", "digest"):
+        entry[key] = _check_str(f"{name}.{key}", entry[key])
+    entry["fields"] = _check_mapping(f"{name}.fields", entry["fields"])
+    entry["victims"] = _check_victims(f"{name}.victims", entry["victims"], list(tasks))
+    entry["seeds"] = [v["seed"] for v in entry["victims"]]
+    entry.update(aggregate_victims(entry["victims"], list(tasks)))
+    return entry
 
 
 def _check_str(name: str, value: Any) -> str:

@@ -199,6 +199,42 @@ def _md_results(report: Mapping) -> list[str]:
     return lines + [""]
 
 
+RECIPE_ORDER = ("backbone", "weighting", "victim", "defense")  # recipe columns first, in this order
+
+
+def cell_rows(cells: Sequence[Mapping], digits: int = 4) -> tuple[list[str], list[list[str]]]:
+    """A table of victim recipes (entries of ``cells``): the header (the recipe fields, then seeds,
+    clean, protected, drop ± std) and one row per cell; missing values print as ``n/a``."""
+    fields = [f for f in RECIPE_ORDER if any(f in (c.get("fields") or {}) for c in cells)]
+    for cell in cells:
+        fields += [str(k) for k in (cell.get("fields") or {}) if str(k) not in fields]
+    rows = []
+    for cell in cells:
+        values = cell.get("fields") or {}
+        drop, std = _value(cell.get("drop")), _value(cell.get("drop_std"))
+        spread = f"{_fmt(drop, digits)} ± {_fmt(std, digits)}" if not math.isnan(std) else _fmt(drop, digits)
+        seeds = cell.get("seeds") or [v.get("seed") for v in cell.get("victims") or [] if isinstance(v, Mapping)]
+        rows.append([str(values.get(f, "n/a")) for f in fields] + [
+            ", ".join(str(s) for s in seeds) or "n/a", _fmt((cell.get("clean") or {}).get("mean"), digits),
+            _fmt((cell.get("protected") or {}).get("mean"), digits), spread,
+        ])  # fmt: skip
+    return fields + ["seeds", "clean", "protected", "drop ± std"], rows
+
+
+def _md_cells(report: Mapping) -> list[str]:
+    """The run's finished victim recipes side by side (only when there is more than one)."""
+    cells = [c for c in report.get("cells") or [] if isinstance(c, Mapping)]
+    if len(cells) < 2:
+        return []
+    header, rows = cell_rows(cells)
+    for cell, row in zip(cells, rows):
+        if cell.get("current"):
+            row[0] = f"**{row[0]}** (this run)"
+    lines = ["## Victim recipes", "", f"Every victim recipe trained on this protected export ({len(cells)}); "
+             "drop = clean mean - protected mean, ± its std over the cell's victim seeds.", ""]
+    return lines + _md_table(header, rows, [False] * (len(header) - 4) + [True] * 4) + [""]
+
+
 def _md_timings(report: Mapping) -> list[str]:
     """Seconds and images/s per stage."""
     timings = report.get("timings") or {}
@@ -270,7 +306,7 @@ def _md_versions(report: Mapping) -> list[str]:
 
 def render_markdown(report: Mapping) -> str:
     """The readable ``report.md`` text of a report dict."""
-    lines = _md_header(report) + _md_recipes(report) + _md_results(report)
+    lines = _md_header(report) + _md_recipes(report) + _md_results(report) + _md_cells(report)
     lines += _md_extra("Single-task victims (stl)", report.get("stl"))
     if isinstance(report.get("defense"), Mapping):
         lines += _md_extra("Defense", report.get("defense"))

@@ -3,7 +3,8 @@
 
 The attribute file's first line is a count that is never trusted; the second the 40 names; then
 ``name v1..v40`` with -1/1 separated by one or two spaces, often with CRLF endings. Partition 0 is
-train, 2 test (1, validation, is unused).
+train, 2 test (1, validation, is unused). Images are matched to the lists by name, so a published
+protected copy (PNG names in its lists) reads like the release.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def read(root: str | Path, split: str, strict: bool = False) -> Records:
     paths, labels = match_listed(sorted(in_split), attributes, on_disk, len(names), log)
     listed = set(attributes) | set(in_split)
     for name in sorted(on_disk.keys() - listed):
-        if name.endswith(".jpg"):
+        if name.endswith((".jpg", ".png")):  # .png: a published protected copy
             log.skip("unlisted_images", name)
     return Records(
         dataset="celeba",

@@ -1,5 +1,6 @@
 """ChestX-ray14 as distributed: ``images*/**.png`` (searched recursively), ``Data_Entry_2017.csv``
 or ``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt`` (docs/method.md section 2.5).
+Images are matched to the lists by name; ``.jpg`` files are found too (a protected copy published as JPEG).
 
 ``Finding Labels`` is pipe-separated, ``No Finding`` meaning all 14 are 0. The 2017 CSV header ends
 with an empty column; the 2020 revision has 11 columns; both are read by column name.
@@ -19,6 +20,8 @@ from ._io import find_files, match_listed, read_lines, require_file, require_roo
 LIST_OF_SPLIT = {"train": "train_val_list.txt", "test": "test_list.txt"}
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 FINDING_INDEX = {name: k for k, name in enumerate(CHESTXRAY_FINDINGS)}
+#: The release's PNGs; ``.jpg``: a protected copy published as JPEG (its lists name them so).
+IMAGE_SUFFIXES = (".png", ".jpg")
 
 
 def _read_entries(csv_path: Path, log: SkipLog) -> dict[str, np.ndarray]:
@@ -54,7 +57,7 @@ def read(root: str | Path, split: str, strict: bool = False) -> Records:
     list_path = require_file("chestxray", base, LIST_OF_SPLIT[split])
     log = SkipLog("chestxray", strict)
     entries = _read_entries(csv_path, log)
-    images = find_files(base, (".png",))
+    images = find_files(base, IMAGE_SUFFIXES)
     names = [line.strip() for line in read_lines(list_path)]
     paths, labels = match_listed(names, entries, images, len(CHESTXRAY_FINDINGS), log)
     return Records(

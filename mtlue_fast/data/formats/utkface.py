@@ -1,10 +1,13 @@
 """UTKFace as distributed: a folder (searched recursively) of
-``age_gender_race_datetime.jpg[.chip.jpg]`` files (docs/method.md section 2.5).
+``age_gender_race_datetime.jpg[.chip.jpg]`` files (docs/method.md section 2.5); a published
+protected copy's ``.png`` names (``...jpg.chip.png``, ``....png``) are read too.
 
 Tasks, in order: age bin (<=2, 3-9, 10-19, ..., 60-69, >=70), race (0..4), gender (0..1). Names
 whose age, gender or race field is missing or out of range are skipped and counted (the release has
 a few). A malformed time stamp alone does not hide the labels, so such files are kept. The split is
-a seeded 80/20 permutation of the parseable files in name order.
+a seeded 80/20 permutation of the parseable files in name order, where a name is ordered as if
+its last extension were ``.jpg``: a published copy whose files changed extension (the training
+images written as PNG, the test images copied) splits exactly as the original did.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ..records import Records, SkipLog
 from ..specs import UTKFACE_AGE_EDGES, UTKFACE_CLASSES, UTKFACE_TASKS
 from ._io import find_files, require_root
 
-NAME = re.compile(r"^(\d{1,3})_(\d)_(\d)_(\d+)\.jpg(\.chip\.jpg)?$")
+NAME = re.compile(r"^(\d{1,3})_(\d)_(\d)_(\d+)(?:\.jpg\.chip)?\.(?:jpg|png)$")
+SUFFIXES = (".jpg", ".png")
 TRAIN_FRACTION = 0.8
 
 
@@ -39,15 +43,24 @@ def parse_name(name: str) -> tuple[int, int, int] | None:
     return age_bin(age), race, gender
 
 
+def _split_key(name: str) -> str:
+    """The name with a last ``.png`` read as ``.jpg``: the order of the split's permutation."""
+    return name[: -len(".png")] + ".jpg" if name.endswith(".png") else name
+
+
 def read(root: str | Path, split: str, strict: bool = False, split_seed: int = 0) -> Records:
     base = require_root("utkface", root)
     log = SkipLog("utkface", strict)
     parsed: list[tuple[str, tuple[int, int, int]]] = []
-    for name, path in sorted(find_files(base, (".jpg",)).items()):
+    seen: set[str] = set()
+    for name, path in sorted(find_files(base, SUFFIXES).items(), key=lambda item: (_split_key(item[0]), item[0])):
         labels = parse_name(name)
         if labels is None:
             log.skip("unparseable_names", name)
+        elif _split_key(name) in seen:  # x.jpg.chip.jpg and x.jpg.chip.png: one image twice
+            log.skip("duplicate_images", name)
         else:
+            seen.add(_split_key(name))
             parsed.append((str(path), labels))
     order = np.random.default_rng(split_seed).permutation(len(parsed))
     cut = int(round(TRAIN_FRACTION * len(parsed)))
