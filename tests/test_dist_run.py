@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 SAMPLE = "chestxray14"
-N_TRAIN, N_TEST = 192, 48
+N_TRAIN, N_TEST = 512, 128  # the smoke preset keeps at most 512 / 128 of a real dataset
 
 
 def _free_port() -> int:
@@ -30,17 +30,22 @@ def _free_port() -> int:
 
 
 def make_chestxray_copies(sample: Path, root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
-    """A ChestX-ray14 folder of ``n_train + n_test`` real PNGs: the sample's images copied under new
-    names (one patient each), their findings cycled, with the release's CSV and split lists."""
+    """A ChestX-ray14 folder of ``n_train + n_test`` real PNGs: the sample's images under new names
+    (one patient each; hard links to one copy of each sample image), their findings cycled, with the
+    release's CSV and split lists."""
     header, *rows = (sample / "Data_Entry_2017_v2020.csv").read_text().strip().splitlines()
     rows = [r.split(",") for r in rows]
     (root / "images").mkdir(parents=True)
     findings = [r[1] for r in rows] + ["Effusion|Infiltration", "No Finding", "Atelectasis", "Mass|Nodule"]
     lines, train, test = [header], [], []
+    originals = root / "originals"
+    originals.mkdir()
+    for row in rows:
+        shutil.copyfile(sample / "images" / row[0], originals / row[0])
     for i in range(n_train + n_test):
         source = rows[i % len(rows)]
         name = f"{i + 1:08d}_000.png"
-        shutil.copyfile(sample / "images" / source[0], root / "images" / name)
+        os.link(originals / source[0], root / "images" / name)
         lines.append(",".join([name, findings[i % len(findings)], "0", str(i + 1), *source[4:]]))
         (train if i < n_train else test).append(name)
     (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(lines) + "\n")
