@@ -38,6 +38,7 @@ from . import config as config_module
 from .config import ConfigError, RunConfig
 from .data import build_cache, default_cache_root, load_records
 from .data.records import DatasetFormatError
+from .cli import UserError, run_command
 from .fileio import read_json, write_json
 from .ue.export import MARKER_FILE, export_generator, generator_perturb, write_image_files
 from .ue.generate import load_generator
@@ -50,10 +51,6 @@ EXAMPLES = """examples:
   python -m mtlue_fast.protect RUN --data-root NEW --out OUT --resolution working
       the training images only, at the cache's working resolution
 """
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; printed as one line, exit status 2."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,15 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    try:
+
+    def body() -> int:
         protect(args, log)
-    except (UserError, ConfigError, DatasetFormatError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was published; rerun the same command", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_command(body, interrupted="nothing was published; rerun the same command")
 
 
 if __name__ == "__main__":

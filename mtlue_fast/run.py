@@ -29,7 +29,6 @@ protected data, so the same command always finds its own run. See ``--help`` for
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
@@ -37,7 +36,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -45,10 +43,11 @@ from . import config as config_module
 from . import dist
 from . import report as report_module
 from . import victim_cells
-from .config import DEFENSES, METHODS, STAGES, ConfigError, RunConfig
+from .report.stats import published_check
+from .cli import USER_ERRORS, UserError, run_command
+from .config import DEFENSES, METHODS, STAGES, RunConfig
 from .data import build_cache, default_cache_root, open_cache
 from .data import synthetic as synthetic_data
-from .data.records import DatasetFormatError
 from .data.specs import DATASETS
 from .defenses import defend_cache
 from .fileio import atomic_path, read_json, write_json
@@ -87,10 +86,6 @@ EXAMPLES = """examples:
 Every stage's output is kept in --out; rerunning a command skips what is finished.
 Settings: configs/<dataset>.yaml, --overlay, --set key=value (see docs/method.md for each default).
 """
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -607,40 +602,6 @@ def _summary(metrics: dict, names: list[str], dense: bool) -> dict:
     return {"mean": metrics.get(f"mean_{key}"), "per_task": {n: v for n, v in zip(names, values)}}
 
 
-def published_check(published, protected, clean, rows_per_chunk: int = 1024) -> dict:
-    """How the training cache read back from the published files compares with the protected cache
-    the export wrote (same rows, same order) and the clean cache: ``mean``/``max_abs_diff_vs_protected_cache``
-    in levels, the perturbation each carries (``mean_abs_delta_*``: mean |images - clean|) and their
-    correlation (``delta_correlation``: 1 when the files give back the cache's perturbation)."""
-    stems = lambda cache: [str(Path(rel).with_suffix("")) for rel in cache.manifest.get("row_files", [])]  # noqa: E731
-    out = {"train_cache": str(published.path), "count": len(published), "protected_count": len(protected)}
-    if len(published) != len(protected) or stems(published) != stems(protected):
-        out["note"] = "the published training split does not hold the protected cache's rows in order; not compared"
-        return out
-    total = diff_sum = files_sum = cache_sum = dot = files_sq = cache_sq = 0.0
-    most = 0
-    for start in range(0, len(published), rows_per_chunk):
-        stop = start + rows_per_chunk
-        x = np.asarray(clean.images[start:stop], dtype=np.float64)
-        files = np.asarray(published.images[start:stop], dtype=np.float64)
-        cache = np.asarray(protected.images[start:stop], dtype=np.float64)
-        d_files, d_cache = files - x, cache - x
-        total += files.size
-        diff_sum += np.abs(files - cache).sum()
-        most = max(most, int(np.abs(files - cache).max()))
-        files_sum += np.abs(d_files).sum()
-        cache_sum += np.abs(d_cache).sum()
-        dot += (d_files * d_cache).sum()
-        files_sq += (d_files**2).sum()
-        cache_sq += (d_cache**2).sum()
-    out.update(
-        mean_abs_diff_vs_protected_cache=diff_sum / max(total, 1), max_abs_diff_vs_protected_cache=most,
-        mean_abs_delta_files=files_sum / max(total, 1), mean_abs_delta_cache=cache_sum / max(total, 1),
-        delta_correlation=dot / np.sqrt(files_sq * cache_sq) if files_sq and cache_sq else None,
-    )  # fmt: skip
-    return out
-
-
 def link_contract_names(folder: Path, names: dict[str, str], target: Path | None = None) -> None:
     """Expose ``folder/<a>`` as ``target/<b>`` (the report contract's file names) by hard link, or a
     symbolic link across file systems; never copies the data."""
@@ -724,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(out, resolved, args.resume, args.force, log)
     try:
         return _run_stages(cfg, out, data_root, device, stages, resolved, log, defaulted=not args.out)
-    except (UserError, ConfigError, DatasetFormatError, ValueError, FileNotFoundError):
+    except USER_ERRORS:
         if created and place.is_main and out.exists() and not (out / "stages.json").exists():
             shutil.rmtree(out)  # a refused run leaves nothing behind
         raise
@@ -796,36 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse printed its message
         return int(exit_.code or 0)
-    try:
-        return run(args)
-    except (UserError, ConfigError, DatasetFormatError, ValueError) as err:
-        if dist.info().distributed:
-            print(f"rank {dist.info().rank}: ", end="", file=sys.stderr)
-        # The package's ValueErrors name the argument, file or field and what was expected.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            print(f"error: no space left on device while writing {err.filename or 'the run directory'}", file=sys.stderr)
-            return 1
-        raise
-    except dist.RankDiedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        explained = dist.liveness.explain(err) if dist.liveness.is_collective_error(err) else err
-        if explained is err:
-            raise
-        print(f"error: {explained}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the last finished step", file=sys.stderr)
-        return 130
-    finally:
-        dist.teardown()
+    return run_command(lambda: run(args), interrupted="rerun the same command to resume from the last finished step")
 
 
 if __name__ == "__main__":

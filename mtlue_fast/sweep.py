@@ -33,12 +33,11 @@ from . import dist
 from . import run as run_module
 from . import sweep_plan
 from . import victim_cells
-from .config import ConfigError
 from .data import open_cache
-from .data.records import DatasetFormatError
 from .models import build_model
 from .report import summarize_cell, sweep as sweep_report
-from .run import Run, UserError
+from .cli import UserError, run_command
+from .run import Run
 from .train.tasks import select_tasks
 from .train.victim import model_args
 
@@ -258,16 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         args, run_args = parse_args(argv)
     except SystemExit as exit_:  # argparse printed its message
         return int(exit_.code or 0)
-    try:
-        return sweep(args, run_args)
-    except (UserError, ConfigError, DatasetFormatError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to continue the sweep (finished cells are kept)", file=sys.stderr)
-        return 130
-    finally:
-        dist.teardown()
+    return run_command(lambda: sweep(args, run_args),
+                       interrupted="rerun the same command to continue the sweep (finished cells are kept)")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from mtlue_fast import dist
@@ -35,6 +33,8 @@ from mtlue_fast.data.loader import DeviceBatches
 from mtlue_fast.mtl.metrics import ClassificationMetrics, DenseMetrics
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from test_dist import spawn  # noqa: E402
 
 N = 37  # samples: divisible by neither world size
 CHUNK = 5  # samples per metric update (the last chunk of 2)
@@ -45,33 +45,6 @@ CLASSIFICATION_CASES = [  # (num_classes, auc, samples): the last leaves ranks w
     ((3, 4), False, N),
     ((2, 3), True, 2),
 ]
-
-
-# ---------------------------------------------------------------------------- spawning
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(index: int, world: int, port: int, job, args, reference) -> None:
-    # Processes 0 .. world - 1 are the job's ranks; process `world` runs the job alone (world size 1).
-    rank, size = (index, world) if index < world else (0, 1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK=str(rank), MTLUE_DIST_TIMEOUT="120")  # fmt: skip
-    torch.set_num_threads(1)
-    dist.setup("cpu")
-    try:
-        job(rank, *(args if index < world else reference))
-    finally:
-        dist.teardown()
-
-
-def spawn(job, *args, world: int, reference: tuple) -> None:
-    """``job(rank, *args)`` on ``world`` gloo ranks and ``job(0, *reference)`` alone, one thread each."""
-    mp.spawn(_entry, args=(world, _free_port(), job, args, reference), nprocs=world + 1, join=True)
 
 
 # ---------------------------------------------------------------------------- inputs

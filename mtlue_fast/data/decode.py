@@ -80,6 +80,19 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def open_converted(path: str, channels: int):
+    """The image file (or NYUv2 ``.npy`` array) at ``path`` as a PIL image at its own size, converted
+    as every decoder converts it: L for 1 channel, RGB for 3. Raises on truncated or corrupt data."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    if path.endswith(".npy"):
+        return Image.fromarray(npy_image_to_uint8(np.load(path))).convert(mode)
+    with Image.open(path) as opened:
+        opened.load()
+        return opened.convert(mode)
+
+
 def npy_image_to_uint8(array: np.ndarray) -> np.ndarray:
     """HxWx3 float in [0, 1] (or uint8) -> uint8 HxWx3."""
     if array.dtype == np.uint8:
@@ -123,13 +136,7 @@ class PilDecoder:
     def decode_one(path: str, resize: ResizeSpec) -> np.ndarray:
         from PIL import Image
 
-        mode = "L" if resize.channels == 1 else "RGB"
-        if path.endswith(".npy"):
-            image = Image.fromarray(npy_image_to_uint8(np.load(path))).convert(mode)
-        else:
-            with Image.open(path) as opened:
-                opened.load()  # raises on truncated or corrupt data
-                image = opened.convert(mode)
+        image = open_converted(str(path), resize.channels)
         if resize.center_crop is not None:
             image = image.crop(center_box(image.width, image.height, resize.center_crop))
         height, width = resize.size

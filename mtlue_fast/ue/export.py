@@ -43,7 +43,7 @@ import torch
 
 from .. import dist
 from ..data.cache import DENSE_ARRAYS, Cache, open_cache
-from ..data.decode import center_box, npy_image_to_uint8
+from ..data.decode import center_box, open_converted
 from ..data.loader import to_unit_float
 from ..fileio import read_json, write_json
 from ..models.generator import DenseGenerator, MTLGenerator
@@ -878,17 +878,11 @@ def protect_original(original: np.ndarray, delta: np.ndarray, center_crop: Seque
 def decode_original(path: Path, channels: int) -> np.ndarray:
     """An original file as uint8 ``[C, H, W]`` at its own size, converted as the cache decoder
     converts it (L for 1 channel, RGB for 3; NYUv2's float ``.npy`` scaled by 255 and rounded)."""
-    from PIL import Image
-
-    mode = "L" if channels == 1 else "RGB"
-    if path.suffix == ".npy":
-        array = npy_image_to_uint8(np.load(path))
-        if array.ndim != 3 or array.shape[2] != channels:
-            raise ValueError(f"{path}: expected an H x W x {channels} image array, got shape {array.shape}")
-    else:
-        with Image.open(path) as opened:
-            opened.load()
-            array = np.asarray(opened.convert(mode), dtype=np.uint8)
+    if str(path).endswith(".npy"):
+        shape = np.load(path, mmap_mode="r").shape
+        if len(shape) != 3 or shape[2] != channels:
+            raise ValueError(f"{path}: expected an H x W x {channels} image array, got shape {shape}")
+    array = np.asarray(open_converted(str(path), channels), dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
