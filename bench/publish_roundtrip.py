@@ -2,20 +2,23 @@
 
     python bench/publish_roundtrip.py --dataset chestxray
     python bench/publish_roundtrip.py --dataset chestxray --set data.synthetic_size=[128,128] --tag 2x
+    python bench/publish_roundtrip.py --dataset celeba --victim-seeds 6 --upsample nearest,inverse
 
-Runs ``python -m mtlue_fast.run --dataset D`` (the victims train on the protected cache), then the
-same with ``--victim-data files --export-images --resume``: the surrogate, generator and protected
-cache are reused, the protected dataset is published as image files at the original resolution
+Runs ``python -m mtlue_fast.run --dataset D`` (the victims train on the protected cache), then, on
+a copy of that run folder per carry-back mode (``--export-upsample``), the same with
+``--victim-data files --export-images --resume``: the surrogate, generator and protected cache are
+reused, the protected dataset is published as image files at the original resolution
 (``OUT/protected/images``) and the protected victims train on a cache that the ordinary reader
-builds from those files, as an unauthorised user of the published dataset would. Both runs share
-the victim seed, so the difference of the two drops is what publication costs the protection.
+builds from those files, as an unauthorised user of the published dataset would. All runs share
+the victim seeds, so the clean victims are the same and the per-seed difference of the drops is
+what publication costs the protection (reported with its standard error over the seeds).
 
 Also measured, without training, on ``--fidelity-rows`` training images of the finished run:
 how much of the working-resolution perturbation the cache's decoder (Pillow's geometry) gives back
-from an image composed at the original resolution, with the perturbation carried back by the
-export's default (``inverse``: nearest neighbour corrected to invert the cache's resize), by
-nearest neighbour alone, or bilinearly: ``delta_correlation`` and ``amplitude_ratio``
-(mean |recovered| / mean |delta|) per mode.
+from an image composed at the original resolution, with the perturbation carried back by nearest
+neighbour (the export's default), by the inverse of the cache's resize (``--export-upsample
+inverse``), or bilinearly: ``delta_correlation`` and ``amplitude_ratio`` (mean |recovered| / mean
+|delta|) per mode.
 
 Writes ``bench/results/publish-roundtrip-<dataset>[-<tag>]-<cpu-slug>-<date>.json`` (or ``--out``)
 with the commands, wall times, both reports' drops and means, the published files' check, the
@@ -69,8 +72,21 @@ def summary(report: dict) -> dict:
     out = {key: report.get(key) for key in keys}
     out["clean_mean"] = (report.get("clean") or {}).get("mean")
     out["protected_mean"] = (report.get("protected") or {}).get("mean")
-    out["victims"] = [{"seed": v.get("seed"), "drop": v.get("drop")} for v in report.get("victims", [])]
+    out["victims"] = [{k: v.get(k) for k in ("seed", "drop", "clean", "protected")} for v in report.get("victims", [])]
     return out
+
+
+def paired(files: dict, cache: dict) -> dict:
+    """Per victim seed, the files' drop minus the cache's: mean, standard deviation and the
+    standard error of the mean over the seeds both runs have."""
+    by_seed = {v["seed"]: v["drop"] for v in cache["victims"] if v.get("drop") is not None}
+    diffs = [v["drop"] - by_seed[v["seed"]] for v in files["victims"] if v.get("drop") is not None and v["seed"] in by_seed]
+    if not diffs:
+        return {"seeds": 0}
+    values = np.asarray(diffs, dtype=np.float64)
+    std = float(values.std(ddof=1)) if len(values) > 1 else None
+    return {"seeds": len(values), "per_seed": [round(float(d), 6) for d in values], "mean": float(values.mean()),
+            "std": std, "standard_error": std / len(values) ** 0.5 if std is not None else None}
 
 
 def _fidelity(run_dir: Path, rows: int) -> dict:
@@ -159,40 +175,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="name part for a variant (e.g. 2x)")
     parser.add_argument("--work", default="runs/publish-roundtrip", help="folder of the run directory")
     parser.add_argument("--out", help="result file (default bench/results/publish-roundtrip-...json)")
+    parser.add_argument("--victim-seeds", type=int, default=1, help="victim pairs per run (seeds 1..N)")
+    parser.add_argument("--upsample", default="nearest", help="comma-separated carry-back modes to publish with (nearest, inverse)")
     parser.add_argument("--fidelity-rows", type=int, default=256)
     parser.add_argument("--reuse", action="store_true", help="keep a finished run in --work (pass --resume to the first run)")
     args = parser.parse_args(argv)
 
+    modes = [m.strip() for m in args.upsample.split(",") if m.strip()]
     work = Path(args.work) / (args.dataset + (f"-{args.tag}" if args.tag else ""))
     if work.exists() and not args.reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     sets = [item for assignment in args.set for item in ("--set", assignment)]
-    base = [sys.executable, "-m", "mtlue_fast.run", "--dataset", args.dataset, "--out", str(work / "run"), *sets]
-    first = base + (["--resume"] if args.reuse else [])
-    second = base + ["--victim-data", "files", "--export-images", "--resume"]
-    seconds_cache = run(first)
+    base = [sys.executable, "-m", "mtlue_fast.run", "--dataset", args.dataset, "--victim-seeds", str(args.victim_seeds), *sets]
+    first = base + ["--out", str(work / "run")] + (["--resume"] if args.reuse else [])
+    seconds = {"cache": run(first)}
     cache_report = json.loads((work / "run" / "report.json").read_text())
-    shutil.copy(work / "run" / "report.json", work / "report-cache.json")
-    seconds_files = run(second)
-    files_report = json.loads((work / "run" / "report.json").read_text())
-    marker = json.loads((work / "run" / "protected" / "images" / "mtlue_protected.json").read_text())
-    stages = json.loads((work / "run" / "stages.json").read_text())
+    cache = summary(cache_report)
+    files, markers, commands = {}, {}, {"cache": "python " + " ".join(first[1:])}
+    for mode in modes:  # each mode on its own copy: a new export replaces the victims of the previous one
+        folder = work / f"run-files-{mode}"
+        if not (args.reuse and folder.exists()):
+            if folder.exists():
+                shutil.rmtree(folder)
+            shutil.copytree(work / "run", folder, symlinks=True)
+        second = base + ["--out", str(folder), "--victim-data", "files", "--export-images", "--export-upsample", mode, "--resume"]
+        commands[f"files_{mode}"] = "python " + " ".join(second[1:]).replace(str(folder), "OUT")
+        seconds[f"files_{mode}"] = run(second)
+        files[mode] = summary(json.loads((folder / "report.json").read_text()))
+        marker = json.loads((folder / "protected" / "images" / "mtlue_protected.json").read_text())
+        markers[mode] = {k: marker.get(k) for k in ("resolution", "upsample", "geometry", "eps_levels", "max_abs_diff_levels",
+                                                    "splits", "omitted", "delta_source", "image_format")}  # fmt: skip
     model = cpu_model()
-    cache, files = summary(cache_report), summary(files_report)
     record = {
         "benchmark": "drop of the protected victims trained on the protected cache vs on the published files "
-                     "read back by the ordinary reader (same surrogate, generator and victim seed)",
+                     "read back by the ordinary reader (same surrogate, generator and victim seeds), per carry-back mode",
         "dataset": args.dataset, "synthetic": cache_report.get("synthetic"),
         "cpu": model, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-        "commands": {"cache": "python " + " ".join(first[1:]), "files": "python " + " ".join(second[1:])},
+        "commands": commands,
         "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "MTLUE_CACHE": os.environ.get("MTLUE_CACHE")},
-        "wall_seconds": {"cache": round(seconds_cache, 1), "files": round(seconds_files, 1)},
-        "stage_seconds_files_run": {k: v.get("seconds") for k, v in stages.items()},
+        "wall_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "cache": cache, "files": files,
-        "drop_difference_files_minus_cache": (files["drop"] - cache["drop"]) if None not in (files["drop"], cache["drop"]) else None,
-        "marker": {k: marker.get(k) for k in ("resolution", "upsample", "geometry", "eps_levels", "max_abs_diff_levels",
-                                             "splits", "omitted", "delta_source", "image_format")},
+        "drop_difference_files_minus_cache": {mode: paired(files[mode], cache) for mode in modes},
+        "marker": markers,
         "fidelity": _fidelity(work / "run", args.fidelity_rows),
         "versions": cache_report.get("versions"), "git": cache_report.get("git"),
     }  # fmt: skip
@@ -201,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"{name}-{slug(model)}-{record['date']}.json"
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(json.dumps({k: record[k] for k in ("drop_difference_files_minus_cache", "fidelity")}, indent=1))
-    print(f"cache drop {cache['drop']:.4f}, files drop {files['drop']:.4f}; written {out}")
+    print(f"cache drop {cache['drop']:.4f}; files drop " + ", ".join(f"{m} {files[m]['drop']:.4f}" for m in modes) + f"; written {out}")
     return 0
 
 

@@ -30,6 +30,7 @@ VICTIMS = ("mtl", "stl")
 DEFENSES = ("none", "jpeg", "bdr", "grayscale", "augment", "adv")
 VICTIM_DATA = ("cache", "files")
 EXPORT_RESOLUTIONS = ("original", "working")
+EXPORT_UPSAMPLES = ("nearest", "inverse")
 STAGES = ("prepare", "surrogate", "generate", "export", "victim", "report")
 
 
@@ -152,6 +153,9 @@ class RunConfig:
         export_resolution: ``original`` (every image of both splits at its original size, the
             training images protected; :func:`mtlue_fast.ue.export.write_image_files`) or
             ``working`` (the training images only, at the cache's working resolution).
+        export_upsample: how the working-resolution perturbation is carried back to the original
+            size: ``nearest`` (nearest neighbour) or ``inverse`` (nearest corrected so that the
+            cache's own resize gives the perturbation back, within the budget; slower).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -166,11 +170,12 @@ class RunConfig:
     sep_every: int = 4
     export_images: bool = False
     export_resolution: str = "original"
+    export_upsample: str = "nearest"
     device: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {"dataset": DATASETS, "method": METHODS, "victim": VICTIMS, "defense": DEFENSES, "device": ("auto", "cpu", "cuda"),
-                  "export_resolution": EXPORT_RESOLUTIONS}  # fmt: skip
+                  "export_resolution": EXPORT_RESOLUTIONS, "export_upsample": EXPORT_UPSAMPLES}  # fmt: skip
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

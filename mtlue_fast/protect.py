@@ -157,7 +157,8 @@ def protect(args: argparse.Namespace, log) -> Path:
     existed = (out / MARKER_FILE).is_file()
     write_image_files(protected, root, out, image_format=args.image_format, jpeg_quality=args.jpeg_quality, progress=show,
                       resolution=args.resolution, perturb=generator_perturb(generator) if original else None,
-                      test_files=test if original else None, device=device, batch_size=batch)  # fmt: skip
+                      test_files=test if original else None, device=device, batch_size=batch,
+                      upsample=cfg.export_upsample)  # fmt: skip
     if not (existed and read_json(out / RECORD_FILE)):
         write_json(out / RECORD_FILE, _record(cfg, run_dir, generator_file, digest, root, protected, train, test, args))
     log(f"protected {len(train)} training images" + (f", copied {len(test)} test images" if test else "")
@@ -183,7 +184,8 @@ def _record(cfg, run_dir, generator_file, digest, root, protected, train, test, 
         "kind": "mtlue_protect", "dataset": cfg.dataset, "run": str(run_dir),
         "generator": {"path": str(generator_file), "sha256": digest},
         "method": cfg.method, "eps": cfg.generate.eps, "data_root": str(root),
-        "resolution": args.resolution, "image_format": args.image_format,
+        "resolution": args.resolution, "upsample": cfg.export_upsample if args.resolution == "original" else None,
+        "image_format": args.image_format,
         "jpeg_quality": args.jpeg_quality if args.image_format == "jpeg" else None,
         "splits": {"train": {"count": len(train), "protected": True},
                    "test": {"count": len(test), "protected": False,

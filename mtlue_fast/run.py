@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export-resolution", choices=("original", "working"),
                         help="original (default): every image of both splits at its original size, the training images "
                              "protected, the test images copied; working: the training images at the cache's resolution")
+    parser.add_argument("--export-upsample", choices=("nearest", "inverse"),
+                        help="how the perturbation is carried back to the original size: nearest (default) or inverse "
+                             "(corrected so that the cache's resize gives it back; slower)")
     parser.add_argument("--victim-data", choices=("cache", "files"),
                         help="what the protected victims train on: the protected cache (default), or a cache the ordinary "
                              "reader builds from the published image files (needs --export-images)")
@@ -178,6 +181,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     if args.export_images:
         put("export_images", True)
     put("export_resolution", args.export_resolution)
+    put("export_upsample", args.export_upsample)
     put("victims.data", args.victim_data)
     put("data.subset", args.subset)
     put("data.subset_test", args.subset_test)
@@ -231,10 +235,19 @@ class Run:
         parts = {"data": [cfg["dataset"], cfg["data"], self.data_root, caches]}
         parts["surrogate"] = parts["data"] + [cfg["train"], cfg["sep_every"], cfg["generate"]["base"]]
         parts["generate"] = parts["surrogate"] + [cfg["generate"], cfg["method"]]
-        parts["export"] = parts["generate"] + [cfg["export_images"]] + ([cfg["export_resolution"]] if cfg["export_images"] else [])
+        parts["export"] = parts["generate"] + [cfg["export_images"]] + (self._image_settings(cfg) if cfg["export_images"] else [])
         parts["victim"] = parts["export"] + [cfg["victim"], cfg["defense"], cfg["victims"]]
         parts["report"] = parts["victim"]
         return checkpoint.digest(parts.get(stage, parts["data"]))
+
+    @staticmethod
+    def _image_settings(cfg: dict) -> list:
+        """What the image files depend on besides the generator (the default upsampling is left
+        out, so that runs made before it could be chosen keep their digests)."""
+        settings = [cfg["export_resolution"]]
+        if cfg["export_resolution"] == "original" and cfg.get("export_upsample", "nearest") != "nearest":
+            settings.append(cfg["export_upsample"])
+        return settings
 
     def victim_recipe(self) -> str:
         """What every victim pair depends on: the export and the victims' recipe
@@ -413,7 +426,7 @@ class Run:
         if cfg.method == "mtlue":
             perturb = generator_perturb(load_generator(self.out / "generator" / "generator.pt", self.device))
         write_image_files(protected, self.data_path, folder, progress=progress, resolution="original", perturb=perturb,
-                          test_files=self.test_cache.manifest["row_files"], device=self.device,
+                          test_files=self.test_cache.manifest["row_files"], device=self.device, upsample=cfg.export_upsample,
                           batch_size=min(cfg.generate.batch_size, 256))  # fmt: skip
 
     def _baseline_perturb(self):

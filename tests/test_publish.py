@@ -360,4 +360,15 @@ def test_victims_on_the_published_files(cache_root, tmp_path, capsys):
     marker = json.loads((out / "protected" / "images" / MARKER_FILE).read_text())
     assert "resolution" not in marker and marker["count"] == len(open_cache(out / "protected"))
     assert stamps[out / "protected" / "images.npy"] == (out / "protected" / "images.npy").stat().st_mtime_ns
+    assert smoke(out, "--export-images", "--export-upsample", "inverse", "--resume") == 0
+    marker = json.loads((out / "protected" / "images" / MARKER_FILE).read_text())
+    assert marker["resolution"] == "original" and marker["upsample"] == "inverse"
+    assert stamps[out / "protected" / "images.npy"] == (out / "protected" / "images.npy").stat().st_mtime_ns
     shutil.rmtree(out)
+
+
+def test_export_upsample_is_checked():
+    from mtlue_fast.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="export_upsample must be one of nearest, inverse"):
+        RunConfig(dataset="chestxray", export_upsample="bicubic")
