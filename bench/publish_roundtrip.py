@@ -97,8 +97,9 @@ def _fidelity(run_dir: Path, rows: int) -> dict:
 
     from mtlue_fast.data import open_cache
     from mtlue_fast.data.decode import center_box
-    from mtlue_fast.ue.export import carry_back, decode_original, generator_perturb, upsample_nearest
+    from mtlue_fast.ue.export import generator_perturb
     from mtlue_fast.ue.generate import load_generator
+    from mtlue_fast.ue.publish import carry_back, decode_original, upsample_nearest
 
     protected = open_cache(run_dir / "protected")
     clean_path = Path(protected.manifest["clean_path"])

@@ -151,7 +151,7 @@ class RunConfig:
         export_images: also write the protected dataset as image files in its original layout
             (``OUT/protected/images``).
         export_resolution: ``original`` (every image of both splits at its original size, the
-            training images protected; :func:`mtlue_fast.ue.export.write_image_files`) or
+            training images protected; :func:`mtlue_fast.ue.publish.write_image_files`) or
             ``working`` (the training images only, at the cache's working resolution).
         export_upsample: how the working-resolution perturbation is carried back to the original
             size: ``nearest`` (nearest neighbour) or ``inverse`` (nearest corrected so that the

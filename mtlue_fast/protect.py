@@ -4,7 +4,7 @@ A finished ``python -m mtlue_fast.run`` (method ``mtlue``) leaves a trained gene
 ``RUN/generator/generator.pt``. This command applies it, without training anything, to a dataset
 given in the same dataset's original layout with its labels (e.g. images added after the run), and
 writes ``OUT`` exactly as the run's ``--export-images`` does
-(:func:`mtlue_fast.ue.export.write_image_files`): by default every image at its original size, the
+(:func:`mtlue_fast.ue.publish.write_image_files`): by default every image at its original size, the
 training split protected (``|protected - original| <= ceil(255 * eps)`` on every pixel, checked for
 every file), the test split copied unchanged, the annotation files copied with the names of the
 written images; ``--resolution working`` writes the training images at the cache's resolution only.
@@ -40,8 +40,9 @@ from .data import build_cache, default_cache_root, load_records
 from .data.records import DatasetFormatError
 from .cli import UserError, run_command
 from .fileio import read_json, write_json
-from .ue.export import MARKER_FILE, export_generator, generator_perturb, write_image_files
+from .ue.export import export_generator, generator_perturb
 from .ue.generate import load_generator
+from .ue.publish import MARKER_FILE, write_image_files
 
 RECORD_FILE = "protect.json"
 
@@ -158,7 +159,7 @@ def protect(args: argparse.Namespace, log) -> Path:
     write_image_files(protected, root, out, image_format=args.image_format, jpeg_quality=args.jpeg_quality, progress=show,
                       resolution=args.resolution, perturb=generator_perturb(generator) if original else None,
                       test_files=test if original else None, device=device, batch_size=batch,
-                      upsample=cfg.export_upsample)  # fmt: skip
+                      upsample=cfg.export_upsample if original else None)  # fmt: skip
     if not (existed and read_json(out / RECORD_FILE)):
         write_json(out / RECORD_FILE, _record(cfg, run_dir, generator_file, digest, root, protected, train, test, args))
     log(f"protected {len(train)} training images" + (f", copied {len(test)} test images" if test else "")

@@ -57,10 +57,11 @@ from .train import checkpoint, load_model, train, train_stl
 from .train.tasks import select_tasks
 from .train.victim import model_args
 from .ue import baselines
-from .ue.export import export_generator, generator_perturb, write_image_files, write_protected
+from .ue.export import export_generator, generator_perturb, write_protected
 from .ue.generate import generate, load_generator
 from .ue.objectives import Objective
 from .ue.pgd import em_pgd, pgd_perturb
+from .ue.publish import write_image_files
 
 BANNER = "=" * 78
 #: Defences that transform the training images before training (both victims get the defended data).
@@ -414,7 +415,7 @@ class Run:
         return path
 
     def _export_images(self, protected, folder: Path) -> None:
-        """The published dataset (``OUT/protected/images``, :func:`mtlue_fast.ue.export.write_image_files`).
+        """The published dataset (``OUT/protected/images``, :func:`mtlue_fast.ue.publish.write_image_files`).
         At the original resolution an ``mtlue`` generator recomputes the float perturbation that is
         carried back to the original size; the baselines carry the stored int8 one."""
         cfg = self.cfg

@@ -98,17 +98,17 @@ def test_interrupted_sharded_build_resumes_with_another_process_count(tmp_path, 
 
 
 def _files_job(rank: int, protected: str, root: str, out: str) -> None:
-    from mtlue_fast.ue import export
+    from mtlue_fast.ue import publish
 
-    export.FILE_BLOCK = 4  # several blocks per rank with this small set
-    export.write_image_files(protected, root, out, progress=False)
+    publish.FILE_BLOCK = 4  # several blocks per rank with this small set
+    publish.write_image_files(protected, root, out, progress=False)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_image_files_written_by_several_ranks_equal_one_process(tmp_path, world):
     from test_export import export_random
 
-    from mtlue_fast.ue.export import MARKER_FILE, write_image_files
+    from mtlue_fast.ue.publish import MARKER_FILE, write_image_files
 
     root = _dataset(tmp_path)
     clean = build_cache("celeba", root, "train", tmp_path / "cache", decoder="pil", progress=False)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from mtlue_fast.data import DatasetFormatError, build_cache, load_records, open_cache, synthetic
-from mtlue_fast.ue.export import MARKER_FILE, write_image_files, write_protected
+from mtlue_fast.ue.export import write_protected
+from mtlue_fast.ue.publish import MARKER_FILE, write_image_files
 
 EPS = 8 / 255
 

@@ -15,7 +15,8 @@ import pytest
 from mtlue_fast.data import load_records, synthetic
 from mtlue_fast.protect import RECORD_FILE, main
 from mtlue_fast.run import main as run_main
-from mtlue_fast.ue.export import MARKER_FILE, decode_original, exported_name
+from mtlue_fast.ue.export import exported_name
+from mtlue_fast.ue.publish import MARKER_FILE, decode_original
 
 
 @pytest.fixture(scope="module")

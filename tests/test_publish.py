@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from mtlue_fast.data import build_cache, load_records, open_cache, synthetic
-from mtlue_fast.ue import export
-from mtlue_fast.ue.export import (
-    MARKER_FILE, carry_back, decode_original, exported_name, protect_original, resize_matrix, upsample_nearest,
-    write_image_files, write_protected,
+from mtlue_fast.ue import publish
+from mtlue_fast.ue.export import exported_name, write_protected
+from mtlue_fast.ue.publish import (
+    MARKER_FILE, carry_back, decode_original, protect_original, resize_matrix, upsample_nearest, write_image_files,
 )  # fmt: skip
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -269,7 +269,7 @@ def test_jpeg_release_warns_and_records_its_effect(kinds, tmp_path, name):
 
 
 def _release_job(rank: int, protected: str, root: str, out: str, test: list[str]) -> None:
-    export.FILE_BLOCK = 3  # several blocks per rank with this small set
+    publish.FILE_BLOCK = 3  # several blocks per rank with this small set
     write_image_files(protected, root, out, resolution="original", perturb=sign_perturb(), test_files=test,
                       progress=False)  # fmt: skip
 

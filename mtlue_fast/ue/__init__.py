@@ -1,1 +1,1 @@
-"""Unlearnable examples: the MTL-UE generator loop, objectives, baselines and export (docs/method.md section 4-6)."""
+"""Unlearnable examples: the MTL-UE generator loop, objectives, baselines, export and publishing (docs/method.md section 4-6)."""
