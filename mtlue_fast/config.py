@@ -155,7 +155,7 @@ class RunConfig:
             ``working`` (the training images only, at the cache's working resolution).
         export_upsample: how the working-resolution perturbation is carried back to the original
             size: ``nearest`` (nearest neighbour) or ``inverse`` (nearest corrected so that the
-            cache's own resize gives the perturbation back, within the budget; slower).
+            cache's own resize gives the perturbation back, within the budget; slower; CelebA's default).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 

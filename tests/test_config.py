@@ -29,6 +29,8 @@ def test_spec_defaults_and_the_synthetic_overlay():
     assert (nyu.backbone, nyu.epochs, nyu.lr, nyu.schedule, nyu.step_size) == ("resnet50", 200, 1e-4, "step", 100)
     small = resolve("chestxray", synthetic=True)
     assert small.data.cache_size == (64, 64) and small.train.width == 0.25
+    # the published release: CelebA's perturbation goes back to its crop by the inverse of the resize
+    assert (real.export_upsample, small.export_upsample) == ("inverse", "nearest")
 
 
 def test_overrides_overlays_and_set_apply_in_order():

@@ -96,8 +96,9 @@ def write_image_files(
       cache reads back 88 % of the perturbation's amplitude after nearest, 82 % after bilinear.
       ``"inverse"``: nearest corrected so that the cache's own resize gives the perturbation back
       as far as the budget allows (:func:`carry_back`; 95 % on CelebA, but only 71 % against
-      67 % on a 2x ChestX-ray sample whose perturbation is near the budget everywhere). Over three
-      victim seeds neither kept the protection clearly better (docs/results.md); the inverse costs
+      67 % on a 2x ChestX-ray sample whose perturbation is near the budget everywhere). Over six
+      victim seeds of the synthetic CelebA it kept the drop through the files within 0.015 of the
+      cache's, nearest within 0.051 (docs/results.md), so CelebA's config uses it; it costs
       about 35 ms per CelebA image and 1 s per 1024x1024 X-ray on one CPU core.
       The test split's images (``test_files``, paths relative to ``clean_root``) are copied byte
       for byte and NOT perturbed: the protection covers the training data only, and the test
