@@ -1,5 +1,5 @@
 """What the package's commands (``run``, ``sweep``, ``protect``) share at their top level: the
-one-line errors and exit statuses a user sees instead of a traceback.
+one-line errors and exit statuses a user sees instead of a traceback, and the ``--device`` choice.
 
 - a problem with what the user asked for (:class:`UserError`, a config or dataset-format error, a
   ``ValueError`` naming the argument, file or field, a missing file): ``error: ...``, status 2;
@@ -15,6 +15,8 @@ import errno
 import sys
 from collections.abc import Callable
 
+import torch
+
 from . import dist
 from .config import ConfigError
 from .data.records import DatasetFormatError
@@ -25,6 +27,16 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, ConfigError, DatasetFormatError, ValueError, FileNotFoundError)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``--device`` (``auto``: CUDA when this torch sees a GPU, else the CPU); asking
+    for ``cuda`` without one is the user's error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available to this torch")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def run_command(body: Callable[[], int], *, interrupted: str) -> int:

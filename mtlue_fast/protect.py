@@ -31,14 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from . import config as config_module
 from .config import ConfigError, RunConfig
 from .data import build_cache, default_cache_root, load_records
 from .data.records import DatasetFormatError
-from .cli import UserError, run_command
+from .cli import UserError, resolve_device, run_command
 from .fileio import read_json, write_json
 from .ue.export import export_generator, generator_perturb
 from .ue.generate import load_generator
@@ -102,14 +101,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available to this torch")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def _test_files(dataset: str, root: str, log) -> list[str]:

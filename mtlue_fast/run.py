@@ -44,7 +44,7 @@ from . import dist
 from . import report as report_module
 from . import victim_cells
 from .report.stats import published_check
-from .cli import USER_ERRORS, UserError, run_command
+from .cli import USER_ERRORS, UserError, resolve_device, run_command
 from .config import DEFENSES, METHODS, STAGES, RunConfig
 from .data import build_cache, default_cache_root, open_cache
 from .data import synthetic as synthetic_data
@@ -200,14 +200,6 @@ def parse_stages(text: str | None) -> list[str]:
     if unknown or not stages:
         raise UserError(f"unknown stage {unknown[0] if unknown else text!r}; expected any of {', '.join(STAGES)}")
     return [s for s in STAGES if s in stages]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available to this torch")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------- the run

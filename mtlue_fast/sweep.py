@@ -36,7 +36,7 @@ from . import victim_cells
 from .data import open_cache
 from .models import build_model
 from .report import summarize_cell, sweep as sweep_report
-from .cli import UserError, run_command
+from .cli import UserError, resolve_device, run_command
 from .run import Run
 from .train.tasks import select_tasks
 from .train.victim import model_args
@@ -107,7 +107,7 @@ def sweep(args: argparse.Namespace, run_args: argparse.Namespace) -> int:
         overlays=run_args.overlay, overrides=run_module.overrides_from_args(run_args), assignments=run_args.set,
     )  # fmt: skip
     data_root = str(Path(run_args.data_root).resolve()) if run_args.data_root else None
-    device = run_module.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.info().distributed:
         device = torch.device("cuda", dist.info().local_rank)
     out = Path(run_args.out) if run_args.out else run_module.default_out(cfg, data_root)
