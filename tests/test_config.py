@@ -31,6 +31,8 @@ def test_spec_defaults_and_the_synthetic_overlay():
     assert small.data.cache_size == (64, 64) and small.train.width == 0.25
     # the published release: CelebA's perturbation goes back to its crop by the inverse of the resize
     assert (real.export_upsample, small.export_upsample) == ("inverse", "nearest")
+    # the synthetic CelebA sample is protected with targeted TAP; the real dataset with the paper's untargeted TAP
+    assert (real.generate.targeted, resolve("celeba", synthetic=True).generate.targeted) == (False, True)
 
 
 def test_overrides_overlays_and_set_apply_in_order():

@@ -297,7 +297,7 @@ def _split_rows(root: Path, rows: list[str]):
 
 
 def test_celeba_learnable(tmp_path):
-    root = synthetic.write("celeba", tmp_path / "celeba", 500, 250, 11, size=(109, 89))
+    root = synthetic.write("celeba", tmp_path / "celeba", 1500, 250, 11, size=(109, 89))
     lines = (root / "list_attr_celeba.txt").read_text().splitlines()[2:]
     labels = {r.split()[0]: (np.array(r.split()[1:], int) > 0).astype(int) for r in lines}
     train, test = _split_rows(root, (root / "list_eval_partition.txt").read_text().splitlines())
@@ -344,6 +344,9 @@ def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
         assert celeba._celeba_floor(rarer) >= celeba._celeba_floor(commoner)
     assert celeba._celeba_amp("Bald") == 0.95 and celeba._celeba_floor("Bald") == 0.5
     assert celeba._celeba_amp("Attractive") == pytest.approx(celeba._CELEBA_AMP, abs=0.01)
+    for name, pattern in zip(synthetic.CELEBA_ATTRIBUTES, celeba._celeba_patterns()):  # rare: the large marks
+        if minority[name] < celeba._CELEBA_LARGE_BELOW:
+            assert pattern.r == max(celeba._CELEBA_RADII), name
 
 
 def test_chestxray_learnable(tmp_path):
