@@ -51,6 +51,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def missing_or_empty(folder: Path, option: str) -> bool:
+    """True when ``folder`` does not exist or is an empty folder; a file there is an error that
+    names ``option`` (the argument the caller should change)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; choose another {option}")
+    return not any(folder.iterdir())
+
+
 def read_json(path: str | Path) -> dict | None:
     """The parsed file, or None when it is missing or unreadable."""
     try:

@@ -40,7 +40,7 @@ import torch
 from .. import dist
 from ..data.cache import DENSE_ARRAYS, Cache, open_cache
 from ..data.loader import to_unit_float
-from ..fileio import read_json, write_json
+from ..fileio import missing_or_empty, read_json, write_json
 from ..models.generator import DenseGenerator, MTLGenerator
 from ..ops import quantize_export, raise_pending_errors
 from ..progress import Progress
@@ -171,11 +171,7 @@ def _check_export_args(method: str, eps: float, batch_size: int, settings: dict 
 
 def _existing_export(out: Path, digest: str) -> Cache | None:
     """The complete export at ``out`` with ``digest``; None when ``out`` is missing or empty."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder; choose another out_dir")
-    if not any(out.iterdir()):
+    if missing_or_empty(out, "out_dir"):
         return None
     manifest = read_json(out / "manifest.json")
     if manifest is None or "method" not in manifest:

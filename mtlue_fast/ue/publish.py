@@ -33,7 +33,7 @@ import torch
 from .. import dist
 from ..data.cache import Cache, open_cache
 from ..data.decode import center_box, open_converted
-from ..fileio import read_json, write_json
+from ..fileio import missing_or_empty, read_json, write_json
 from ..progress import Progress
 from .export import (
     Perturb, _batch_labels, _check_delta, _fresh_partial, _move_into_place, _to_device, _write_image_rows,
@@ -306,11 +306,7 @@ def _row_files(cache: Cache) -> list[str]:
 
 def _existing_files(out: Path, marker: dict) -> bool:
     """True when ``out`` already holds this very export; False when it is missing or empty."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder; choose another out_root")
-    if not any(out.iterdir()):
+    if missing_or_empty(out, "out_root"):
         return False
     found = read_json(out / MARKER_FILE)
     if _same_files(found, marker):
