@@ -133,6 +133,12 @@ def _celeba_floor(name: str) -> float:
     return min(0.5, 0.15 * (0.5 / min(p, 1.0 - p)) ** 0.5)
 
 
+def _celeba_paint_order() -> list[int]:
+    """Attribute indices in the order their marks are painted: file order (a later mark covers an
+    earlier one where they overlap)."""
+    return list(range(len(CELEBA_ATTRIBUTES)))
+
+
 def _celeba_region(h: int, w: int) -> tuple[float, float, float, float]:
     """The central crop the cache keeps (140x140 of 218x178), scaled to ``(h, w)``."""
     ch, cw = h * 140 / 218, w * 140 / 178
@@ -155,7 +161,8 @@ def _celeba_images(rng: np.random.Generator, labels: np.ndarray, hw: tuple[int, 
     canvas = np.zeros((len(labels), h + 2 * pad, w + 2 * pad, 3), np.float32)
     _face_background(rng, canvas, pad, _CELEBA_FACE)
     strengths = {}
-    for k, pattern in enumerate(patterns):
+    for k in _celeba_paint_order():
+        pattern = patterns[k]
         which = np.flatnonzero(labels[:, k])
         strengths[k] = pattern.amp * rng.uniform(_celeba_floor(CELEBA_ATTRIBUTES[k]), 1.0, which.size)
         _draw(canvas, pad, region, pattern, which, strengths[k], rng)

@@ -1,0 +1,206 @@
+"""Which attributes of the synthetic CelebA sample a clean model learns, on variants of the sample.
+
+    python bench/celeba_sample_variants.py                                   # every variant, seeds 1-4
+    python bench/celeba_sample_variants.py --variants shipped,rare_last --seeds 1,2 --jobs 2
+
+Each variant changes how the sample paints its attribute marks (constants and functions of
+``mtlue_fast.data.synthetic.celeba``, patched in a worker process only), writes the sample once
+(8,000 training / 2,000 test images, sample seed 0) and trains, for every seed, the clean model of
+the synthetic CelebA default (``python -m mtlue_fast.run --stages surrogate --seed S``: ResNet-18
+x0.25, batch 128, 20 epochs unless the variant says otherwise): the same training as a clean victim
+of that seed. It records per attribute the test accuracy and the test split's majority rate, and
+counts an attribute as learned when its accuracy is above the majority rate by more than
+``LEARNED_MARGIN`` (as ``bench/efficacy.py`` does). No protection is trained: this measures the
+sample, not the method.
+
+``--jobs 2`` runs two trainings side by side, each with one thread (``OMP_NUM_THREADS=1``); results
+then match a one-thread run, not the default thread count. Writes
+``bench/results/celeba-sample-variants-<cpu>-<date>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEARNED_MARGIN = 0.01
+N_TRAIN, N_TEST = 8000, 2000
+
+#: name -> (what it changes, settings read by _apply). Sizes multiply a mark's radius; "rare" means a
+#: minority rate below 0.25 (the sample's own rule for large marks).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "shipped": ("the sample as shipped (version 3)", {}),
+    "bald_large": ("Bald's mark 1.4x larger", {"bald_scale": 1.4}),
+    "bald_floor": ("Bald's faintest case at 0.8 of its opacity instead of 0.5", {"bald_floor": 0.8}),
+    "rare_large": ("rare marks larger, (0.25 / minority) ** 0.25 up to 1.5x; their faintest case "
+                   "0.15 * (0.5 / minority) ** 0.75 up to 0.6", {"rare_radius_power": 0.25, "floor_power": 0.75}),
+    "rare_large_bald_white": ("rare_large, and Bald painted white over black, a pair no other mark uses",
+                              {"rare_radius_power": 0.25, "floor_power": 0.75, "bald_paint": (6, 5)}),
+    "rare_last": ("marks painted from the most common to the rarest, so that no common mark covers a rare one",
+                  {"rare_last": True}),
+    "rare_last_bald_white_2x": ("rare_last, and Bald 2x larger, white over black",
+                                {"rare_last": True, "bald_scale": 2.0, "bald_paint": (6, 5)}),
+    "shipped_30_epochs": ("the sample as shipped, trained for 30 epochs instead of 20", {"epochs": 30}),
+}
+
+
+def _minority(celeba, name: str) -> float:
+    p = celeba.CELEBA_PREVALENCE[name]
+    return min(p, 1.0 - p)
+
+
+def _apply(settings: dict) -> None:
+    """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say."""
+    from mtlue_fast.data.synthetic import celeba
+
+    patterns, floor = celeba._celeba_patterns, celeba._celeba_floor
+
+    def patched_patterns():
+        out = patterns()
+        for k, name in enumerate(celeba.CELEBA_ATTRIBUTES):
+            scale, minority = 1.0, _minority(celeba, name)
+            if "rare_radius_power" in settings and minority < 0.25:
+                scale *= min(1.5, (0.25 / minority) ** settings["rare_radius_power"])
+            if name == "Bald":
+                scale *= settings.get("bald_scale", 1.0)
+                if "bald_paint" in settings:
+                    upper, lower = settings["bald_paint"]
+                    out[k] = dataclasses.replace(out[k], color=celeba._CELEBA_PAINTS[upper],
+                                                 color2=celeba._CELEBA_PAINTS[lower])
+            out[k] = dataclasses.replace(out[k], r=out[k].r * scale)
+        return out
+
+    def patched_floor(name: str) -> float:
+        if name == "Bald" and "bald_floor" in settings:
+            return settings["bald_floor"]
+        if "floor_power" in settings:
+            return min(0.6, 0.15 * (0.5 / _minority(celeba, name)) ** settings["floor_power"])
+        return floor(name)
+
+    celeba._celeba_patterns, celeba._celeba_floor = patched_patterns, patched_floor
+    if settings.get("rare_last"):
+        order = sorted(range(len(celeba.CELEBA_ATTRIBUTES)), key=lambda k: -_minority(celeba, celeba.CELEBA_ATTRIBUTES[k]))
+        celeba._celeba_paint_order = lambda: list(order)
+
+
+def write_sample(variant: str, work: Path) -> Path:
+    """The variant's sample under ``work/VARIANT/data``, written once."""
+    _apply(VARIANTS[variant][1])
+    from mtlue_fast.data import synthetic
+
+    root = work / variant / "data"
+    if not root.exists():
+        synthetic.write("celeba", root, N_TRAIN, N_TEST, 0)
+    return root
+
+
+def _majority_rates(root: Path) -> dict[str, float]:
+    """Per attribute, the test split's majority rate (the share of its more frequent value)."""
+    lines = (root / "list_attr_celeba.txt").read_text().splitlines()
+    names = lines[1].split()
+    test = {line.split()[0] for line in (root / "list_eval_partition.txt").read_text().splitlines() if line.split()[1] == "2"}
+    rows = [line.split()[1:] for line in lines[2:] if line.split() and line.split()[0] in test]
+    rates = {}
+    for k, name in enumerate(names):
+        positive = sum(row[k] == "1" for row in rows) / len(rows)
+        rates[name] = max(positive, 1.0 - positive)
+    return rates
+
+
+def worker(variant: str, seed: int, work: Path) -> dict:
+    """Train the clean model of ``seed`` on the variant's sample; its per-attribute record."""
+    from mtlue_fast import run
+
+    _, settings = VARIANTS[variant]
+    root = write_sample(variant, work)
+    out = work / variant / f"seed-{seed}"
+    epochs = settings.get("epochs", 20)
+    started = time.perf_counter()
+    run.main(["--dataset", "celeba", "--data-root", str(root), "--out", str(out), "--stages", "surrogate",
+              "--seed", str(seed), "--quiet", "--force", "--set", "train.width=0.25", "--set", f"train.epochs={epochs}",
+              "--set", "train.batch_size=128"])  # fmt: skip
+    metrics = json.loads((out / "surrogate" / "result.json").read_text())["metrics"]
+    accuracy = dict(zip(metrics["task_names"], metrics["accuracy"]))
+    majority = _majority_rates(root)
+    return {
+        "variant": variant, "seed": seed, "epochs": epochs, "seconds": round(time.perf_counter() - started, 1),
+        "mean": metrics["mean_accuracy"], "accuracy": accuracy, "majority": majority,
+        "not_learned": [n for n in accuracy if accuracy[n] <= majority[n] + LEARNED_MARGIN],
+    }  # fmt: skip
+
+
+def _run_worker(variant: str, seed: int, work: Path, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, __file__, "--worker", variant, str(seed), "--work", str(work)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"variant": variant, "seed": seed, "failed": done.stderr[-2000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="all", help=f"comma-separated of {', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--seeds", default="1,2,3,4", help="training seeds (default 1,2,3,4)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings side by side, one thread each when > 1")
+    parser.add_argument("--work", help="samples and runs (default a folder under /tmp, kept)")
+    parser.add_argument("--out", help="JSON path")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--write-sample", metavar="VARIANT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.work or f"/tmp/celeba-sample-variants-{os.getpid()}")
+    if args.write_sample:
+        write_sample(args.write_sample, work)
+        return 0
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), work)), flush=True)
+        return 0
+    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for variant in names:  # the samples first, so that parallel trainings find them written
+        subprocess.run([sys.executable, __file__, "--write-sample", variant, "--work", str(work)], check=True)
+    jobs = [(v, s) for v in names for s in seeds]
+    threads = 1 if args.jobs > 1 else None
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        records = list(pool.map(lambda job: _run_worker(job[0], job[1], work, threads), jobs))
+    for r in records:
+        if "failed" in r:
+            print(f"{r['variant']} seed {r['seed']}: failed\n{r['failed']}", file=sys.stderr)
+        else:
+            print(f"{r['variant']} seed {r['seed']}: mean {r['mean']:.4f}, Bald {r['accuracy']['Bald']:.4f} "
+                  f"(majority {r['majority']['Bald']:.4f}); not learned: {', '.join(r['not_learned']) or 'none'}",
+                  file=sys.stderr)  # fmt: skip
+    from mtlue_fast.machine import cpu_bf16_flags, cpu_model, versions
+
+    model = cpu_model()
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    out = Path(args.out) if args.out else RESULTS / f"celeba-sample-variants-{slug}-{time.strftime('%Y-%m-%d')}.json"
+    record = {
+        "benchmark": "clean models on variants of the synthetic CelebA sample (bench/celeba_sample_variants.py)",
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": model, "cpu_bf16_flags": cpu_bf16_flags(),
+        "threads": threads or "default", "learned_margin": LEARNED_MARGIN,
+        "variants": {v: VARIANTS[v][0] for v in names}, "versions": versions(), "results": records,
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 1 if any("failed" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""bench/celeba_sample_variants.py: each variant changes only what it says, and the shipped one nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtlue_fast.data.synthetic import celeba
+
+PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order")
+
+
+@pytest.fixture()
+def variants():
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import celeba_sample_variants
+    finally:
+        sys.path.remove(str(bench))
+    saved = {name: getattr(celeba, name) for name in PATCHED}
+    yield celeba_sample_variants
+    for name, value in saved.items():
+        setattr(celeba, name, value)
+
+
+def _looks():
+    return celeba._celeba_patterns(), [celeba._celeba_floor(n) for n in celeba.CELEBA_ATTRIBUTES], celeba._celeba_paint_order()
+
+
+def test_shipped_variant_changes_nothing(variants):
+    before = _looks()
+    variants._apply(variants.VARIANTS["shipped"][1])
+    assert _looks() == before
+    assert before[2] == list(range(40))  # the shipped sample paints in file order
+
+
+def test_bald_variants_touch_bald_only(variants):
+    patterns, floors, order = _looks()
+    variants._apply(variants.VARIANTS["rare_last_bald_white_2x"][1])
+    new_patterns, new_floors, new_order = _looks()
+    bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
+    assert new_patterns[bald].r == pytest.approx(2 * patterns[bald].r)
+    assert new_patterns[bald].color == celeba._CELEBA_PAINTS[6] and new_patterns[bald].color2 == celeba._CELEBA_PAINTS[5]
+    assert [p for k, p in enumerate(new_patterns) if k != bald] == [p for k, p in enumerate(patterns) if k != bald]
+    assert new_floors == floors
+    # the rarest mark is painted last, the most even first, each once
+    assert sorted(new_order) == order and new_order[-1] == bald
+    assert new_order[0] == celeba.CELEBA_ATTRIBUTES.index("Attractive")
+
+
+def test_rare_large_scales_rare_marks_within_bounds(variants):
+    patterns, floors, _ = _looks()
+    variants._apply(variants.VARIANTS["rare_large"][1])
+    new_patterns, new_floors, _ = _looks()
+    for k, name in enumerate(celeba.CELEBA_ATTRIBUTES):
+        ratio = new_patterns[k].r / patterns[k].r
+        if variants._minority(celeba, name) < 0.25:
+            assert 1.0 <= ratio <= 1.5 and 0.0 < new_floors[k] <= 0.6
+        else:
+            assert ratio == 1.0
+    assert new_floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] > floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] - 1e-12
+
+
+def test_majority_rates_read_the_test_partition(variants, tmp_path):
+    (tmp_path / "list_attr_celeba.txt").write_text("3\r\nA B \r\n1.jpg  1 -1\r\n2.jpg -1 -1\r\n3.jpg  1  1\r\n")
+    (tmp_path / "list_eval_partition.txt").write_text("1.jpg 0\n2.jpg 2\n3.jpg 2\n")
+    assert variants._majority_rates(tmp_path) == {"A": 0.5, "B": 0.5}
