@@ -97,7 +97,7 @@ def _fidelity(run_dir: Path, rows: int) -> dict:
 
     from mtlue_fast.data import open_cache
     from mtlue_fast.data.decode import center_box
-    from mtlue_fast.ue.export import _batch_labels, generator_perturb
+    from mtlue_fast.ue.export import generator_perturb, label_rows
     from mtlue_fast.ue.generate import load_generator
     from mtlue_fast.ue.publish import carry_back, decode_original, upsample_nearest
 
@@ -111,7 +111,7 @@ def _fidelity(run_dir: Path, rows: int) -> dict:
     perturb = generator_perturb(load_generator(run_dir / "generator" / "generator.pt"))
     n = min(rows, len(clean))
     images = torch.from_numpy(np.array(clean.images[:n]))
-    labels = _batch_labels(clean.labels, 0, n, torch.device("cpu"))  # NYUv2: a dict of dense maps
+    labels = label_rows(clean.labels, 0, n, torch.device("cpu"))  # NYUv2: a dict of dense maps
     delta = perturb(images, labels, torch.arange(n)).numpy()
     results = {}
     eps = float(protected.manifest["eps"])

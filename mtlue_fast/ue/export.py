@@ -210,7 +210,9 @@ def _move_into_place(partial: Path, out: Path, same: Callable[[], bool]) -> None
         shutil.rmtree(partial)
 
 
-def _batch_labels(labels: np.ndarray | dict[str, np.ndarray], start: int, stop: int, device: torch.device):
+def label_rows(labels: np.ndarray | dict[str, np.ndarray], start: int, stop: int, device: torch.device):
+    """Rows ``start:stop`` of a cache's labels on ``device``: int64 ``[n, K]`` for classification
+    labels, or for dense ones (NYUv2) a dict of the tasks' maps ``{name: [n, ...]}``."""
     if isinstance(labels, dict):
         return {name: _to_device(np.array(array[start:stop]), device) for name, array in labels.items()}
     return _to_device(np.asarray(labels[start:stop], dtype=np.int64), device)
@@ -282,7 +284,7 @@ def _write_arrays(clean: Cache, folder: Path, perturb: Perturb, method: str, eps
     flags, spans = [], [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     for start, stop in spans:
         images = _to_device(clean.images[start:stop], device)
-        labels = _batch_labels(clean.labels, start, stop, device)
+        labels = label_rows(clean.labels, start, stop, device)
         indices = torch.arange(start, stop, dtype=torch.int64, device=device)
         delta = _check_delta(perturb(images, labels, indices), images, method, start, stop)
         nonfinite = (~torch.isfinite(delta)).any()
@@ -507,7 +509,7 @@ def _export_shard(perturb, clean_cache, path: Path, device: torch.device, batch_
     for start in starts:
         stop = min(start + batch_size, n)
         images = _to_device(clean_cache.images[start:stop], device)
-        batch_labels = _batch_labels(clean_cache.labels, start, stop, device)
+        batch_labels = label_rows(clean_cache.labels, start, stop, device)
         indices = torch.arange(start, stop, device=device)
         delta = perturb(images, batch_labels, indices)
         _, delta_q = quantize_export(images, delta)

@@ -36,7 +36,7 @@ from ..data.decode import center_box, open_converted
 from ..fileio import missing_or_empty, read_json, write_json
 from ..progress import Progress
 from .export import (
-    Perturb, _batch_labels, _check_delta, _fresh_partial, _move_into_place, _to_device, _write_image_rows,
+    Perturb, label_rows, _check_delta, _fresh_partial, _move_into_place, _to_device, _write_image_rows,
     _write_nyuv2_files, exported_name, level_limit,
 )  # fmt: skip
 
@@ -564,7 +564,7 @@ class _OriginalJob:
         for start in range(rows.start, rows.stop, self.batch_size):
             stop = min(start + self.batch_size, rows.stop)
             images = _to_device(clean[start - rows.start : stop - rows.start], self.device)
-            labels = _batch_labels(self.cache.labels, start, stop, self.device)
+            labels = label_rows(self.cache.labels, start, stop, self.device)
             indices = torch.arange(start, stop, dtype=torch.int64, device=self.device)
             delta = _check_delta(self.perturb(images, labels, indices), images, "perturb", start, stop)
             deltas.append(delta.float().cpu().numpy())
