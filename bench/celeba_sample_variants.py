@@ -35,10 +35,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEARNED_MARGIN = 0.01
 N_TRAIN, N_TEST = 8000, 2000
 
-#: name -> (what it changes, settings read by _apply). Sizes multiply a mark's radius; "rare" means a
-#: minority rate below 0.25 (the sample's own rule for large marks).
+#: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
+#: version 3 (Bald a spot of the large size; ``_CELEBA_SIZE`` empty), on which they were first measured.
+#: Sizes multiply a mark's radius; "rare" means a minority rate below 0.25 (the sample's own rule for
+#: large marks).
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "shipped": ("the sample as shipped (version 3)", {}),
+    "shipped": ("the sample as shipped (version 4: Bald a band 3x the large radius)", {"as_shipped": True}),
+    "v3": ("sample version 3: Bald a spot of the large radius", {}),
     "bald_large": ("Bald's mark 1.4x larger", {"bald_scale": 1.4}),
     "bald_floor": ("Bald's faintest case at 0.8 of its opacity instead of 0.5", {"bald_floor": 0.8}),
     "rare_large": ("rare marks larger, (0.25 / minority) ** 0.25 up to 1.5x; their faintest case "
@@ -49,7 +52,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   {"rare_last": True}),
     "rare_last_bald_white_2x": ("rare_last, and Bald 2x larger, white over black",
                                 {"rare_last": True, "bald_scale": 2.0, "bald_paint": (6, 5)}),
-    "shipped_30_epochs": ("the sample as shipped, trained for 30 epochs instead of 20", {"epochs": 30}),
+    "v3_30_epochs": ("sample version 3, trained for 30 epochs instead of 20", {"epochs": 30}),
+    "bald_3x": ("Bald's mark 3x larger: a band over the top of the face (version 4)", {"bald_scale": 3.0}),
+    "bald_3x_last": ("Bald's mark 3x larger and painted last, over every other mark",
+                     {"bald_scale": 3.0, "bald_last": True}),
+    "rare_large_bald_3x": ("rare_large, and Bald's mark 3x its version-3 size (rare_large's 1.5x, then 2x)",
+                           {"rare_radius_power": 0.25, "floor_power": 0.75, "bald_scale": 2.0}),
+    "bald_3x_bangs_2x": ("Bald's mark 3x larger, Bangs' 2x", {"bald_scale": 3.0, "scales": {"Bangs": 2.0}}),
+    "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
+                   "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
+                   {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
+                                                  "Blond_Hair": 1.5, "Brown_Hair": 1.5, "Gray_Hair": 1.5}}),
 }
 
 
@@ -62,6 +75,8 @@ def _apply(settings: dict) -> None:
     """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say."""
     from mtlue_fast.data.synthetic import celeba
 
+    if not settings.get("as_shipped"):
+        celeba._CELEBA_SIZE = {}  # version 3
     patterns, floor = celeba._celeba_patterns, celeba._celeba_floor
 
     def patched_patterns():
@@ -70,6 +85,7 @@ def _apply(settings: dict) -> None:
             scale, minority = 1.0, _minority(celeba, name)
             if "rare_radius_power" in settings and minority < 0.25:
                 scale *= min(1.5, (0.25 / minority) ** settings["rare_radius_power"])
+            scale *= settings.get("scales", {}).get(name, 1.0)
             if name == "Bald":
                 scale *= settings.get("bald_scale", 1.0)
                 if "bald_paint" in settings:
@@ -90,6 +106,10 @@ def _apply(settings: dict) -> None:
     if settings.get("rare_last"):
         order = sorted(range(len(celeba.CELEBA_ATTRIBUTES)), key=lambda k: -_minority(celeba, celeba.CELEBA_ATTRIBUTES[k]))
         celeba._celeba_paint_order = lambda: list(order)
+    if settings.get("bald_last"):
+        bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
+        order = [k for k in celeba._celeba_paint_order() if k != bald] + [bald]
+        celeba._celeba_paint_order = lambda: list(order)
 
 
 def write_sample(variant: str, work: Path) -> Path:
@@ -97,7 +117,7 @@ def write_sample(variant: str, work: Path) -> Path:
     _apply(VARIANTS[variant][1])
     from mtlue_fast.data import synthetic
 
-    root = work / variant / "data"
+    root = work / variant / f"data-v{synthetic.VERSION}"
     if not root.exists():
         synthetic.write("celeba", root, N_TRAIN, N_TEST, 0)
     return root

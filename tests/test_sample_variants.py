@@ -9,7 +9,7 @@ import pytest
 
 from mtlue_fast.data.synthetic import celeba
 
-PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order")
+PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_SIZE")
 
 
 @pytest.fixture()
@@ -37,7 +37,20 @@ def test_shipped_variant_changes_nothing(variants):
     assert before[2] == list(range(40))  # the shipped sample paints in file order
 
 
+def test_variants_start_from_version_3(variants):
+    patterns, floors, order = _looks()
+    bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
+    variants._apply(variants.VARIANTS["v3"][1])
+    old_patterns, old_floors, old_order = _looks()
+    assert old_patterns[bald].r == max(celeba._CELEBA_RADII) and patterns[bald].r == pytest.approx(3 * old_patterns[bald].r)
+    assert [p for k, p in enumerate(old_patterns) if k != bald] == [p for k, p in enumerate(patterns) if k != bald]
+    assert (old_floors, old_order) == (floors, order)
+    variants._apply(variants.VARIANTS["bald_3x"][1])  # on version 3: the shipped sample
+    assert _looks() == (patterns, floors, order)
+
+
 def test_bald_variants_touch_bald_only(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
     patterns, floors, order = _looks()
     variants._apply(variants.VARIANTS["rare_last_bald_white_2x"][1])
     new_patterns, new_floors, new_order = _looks()
@@ -52,6 +65,7 @@ def test_bald_variants_touch_bald_only(variants):
 
 
 def test_rare_large_scales_rare_marks_within_bounds(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
     patterns, floors, _ = _looks()
     variants._apply(variants.VARIANTS["rare_large"][1])
     new_patterns, new_floors, _ = _looks()
