@@ -80,11 +80,11 @@ _CELEBA_GRID = (
 _CELEBA_SHAPES = (("disc", 1.0, 0.0), ("rect", 1.6, 0.0), ("rect", 1.6, 90.0))  # shape, aspect, angle in degrees
 _CELEBA_RADII = (0.07, 0.05)  # large, small, as fractions of the 140-pixel crop
 _CELEBA_LARGE_BELOW = 0.25  # attributes with a minority rate below this paint large marks (few examples to learn from)
-# A bald crown changes much of a real head, not a spot: Bald (2.2% positive, about 180 training images)
-# paints a band 3x the large mark's radius over the top of the face (its centre inside every victim
-# crop). As a spot of the large size no clean model of the default recipe learned it above its majority
-# rate on most seeds; as the band, every one measured did (docs/celeba-protection.md).
-_CELEBA_SIZE = {"Bald": 3.0}
+# Radius multipliers by attribute (none by default). Sample version 4 painted Bald as a band 3x the
+# large radius: clean models then learned Bald, but the protection's drop came to depend on rounding
+# (one thread instead of two: 0.288 bf16, 0.207 fp32, against 0.354 / 0.327), while version 3's marks,
+# restored in version 5, held 0.336-0.380 in all four settings (docs/celeba-protection.md).
+_CELEBA_SIZE: dict[str, float] = {}
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
     (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
     (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
