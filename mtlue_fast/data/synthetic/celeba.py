@@ -83,7 +83,7 @@ _CELEBA_LARGE_BELOW = 0.25  # attributes with a minority rate below this paint l
 # Radius multipliers by attribute (none by default). Sample version 4 painted Bald as a band 3x the
 # large radius: clean models then learned Bald, but the protection's drop came to depend on rounding
 # (one thread instead of two: 0.288 bf16, 0.207 fp32, against 0.354 / 0.327), while version 3's marks,
-# restored in version 5, held 0.336-0.380 in all four settings (docs/celeba-protection.md).
+# restored in version 5, held 0.315-0.380 in all seven settings measured (docs/celeba-protection.md).
 _CELEBA_SIZE: dict[str, float] = {}
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
     (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
