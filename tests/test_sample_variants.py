@@ -9,7 +9,7 @@ import pytest
 
 from mtlue_fast.data.synthetic import celeba
 
-PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_SIZE")
+PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order")
 
 
 @pytest.fixture()

@@ -80,11 +80,10 @@ _CELEBA_GRID = (
 _CELEBA_SHAPES = (("disc", 1.0, 0.0), ("rect", 1.6, 0.0), ("rect", 1.6, 90.0))  # shape, aspect, angle in degrees
 _CELEBA_RADII = (0.07, 0.05)  # large, small, as fractions of the 140-pixel crop
 _CELEBA_LARGE_BELOW = 0.25  # attributes with a minority rate below this paint large marks (few examples to learn from)
-# Radius multipliers by attribute (none by default). Sample version 4 painted Bald as a band 3x the
-# large radius: clean models then learned Bald, but the protection's drop came to depend on rounding
-# (one thread instead of two: 0.288 bf16, 0.207 fp32, against 0.354 / 0.327), while version 3's marks,
-# restored in version 5, held 0.315-0.380 in all seven settings measured (docs/celeba-protection.md).
-_CELEBA_SIZE: dict[str, float] = {}
+# Bald (2.2% positive) stays a mark of the large size, which the 2-core recipe rarely learns. Sample
+# version 4 painted it as a band 3x that radius: clean models learned Bald, but the protection's drop
+# then moved far more with rounding (0.207-0.387 over seven settings, against 0.315-0.380 for these
+# marks, which version 5 restores; docs/celeba-protection.md).
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
     (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
     (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
@@ -116,7 +115,7 @@ def _celeba_patterns() -> list[_Pattern]:
         minority = min(CELEBA_PREVALENCE[name], 1.0 - CELEBA_PREVALENCE[name])
         size = 0 if minority < _CELEBA_LARGE_BELOW else m // 3
         patterns.append(
-            _Pattern(cy, cx, r=_CELEBA_RADII[size] * _CELEBA_SIZE.get(name, 1.0), shape=shape, aspect=aspect, angle=math.radians(angle),
+            _Pattern(cy, cx, r=_CELEBA_RADII[size], shape=shape, aspect=aspect, angle=math.radians(angle),
                      color=_CELEBA_PAINTS[upper], color2=_CELEBA_PAINTS[(upper + 1 + m) % 7], amp=_celeba_amp(name),
                      jitter=0.015, spin=0.1, scale=(0.9, 1.1), blend=True)
         )  # fmt: skip
