@@ -7,7 +7,7 @@ Each variant changes how the sample paints its attribute marks (constants and fu
 ``mtlue_fast.data.synthetic.celeba``, patched in a worker process only), writes the sample once
 (8,000 training / 2,000 test images, sample seed 0) and trains, for every seed, the clean model of
 the synthetic CelebA default (``python -m mtlue_fast.run --stages surrogate --seed S``: ResNet-18
-x0.25, batch 128, 20 epochs unless the variant says otherwise): the same training as a clean victim
+x0.25, batch 128, 20 epochs unless the variant says otherwise: some change the epochs or the width): the same training as a clean victim
 of that seed. It records per attribute the test accuracy and the test split's majority rate, and
 counts an attribute as learned when its accuracy is above the majority rate by more than
 ``LEARNED_MARGIN`` (as ``bench/efficacy.py`` does). No protection is trained: this measures the
@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "rare_last_bald_white_2x": ("rare_last, and Bald 2x larger, white over black",
                                 {"rare_last": True, "bald_scale": 2.0, "bald_paint": (6, 5)}),
     "v3_30_epochs": ("sample version 3, trained for 30 epochs instead of 20", {"epochs": 30}),
+    "width_half": ("the sample as shipped, a clean model of width 0.5 (about 4x the default's compute)", {"width": 0.5}),
+    "width_full": ("the sample as shipped, a clean model of width 1.0 (the real-data default's backbone)",
+                   {"width": 1.0}),
     "bald_3x": ("Bald's mark 3x larger: a band over the top of the face (version 4)", {"bald_scale": 3.0}),
     "bald_3x_last": ("Bald's mark 3x larger and painted last, over every other mark",
                      {"bald_scale": 3.0, "bald_last": True}),
@@ -141,16 +144,16 @@ def worker(variant: str, seed: int, work: Path) -> dict:
     _, settings = VARIANTS[variant]
     root = write_sample(variant, work)
     out = work / variant / f"seed-{seed}"
-    epochs = settings.get("epochs", 20)
+    epochs, width = settings.get("epochs", 20), settings.get("width", 0.25)
     started = time.perf_counter()
     run.main(["--dataset", "celeba", "--data-root", str(root), "--out", str(out), "--stages", "surrogate",
-              "--seed", str(seed), "--quiet", "--force", "--set", "train.width=0.25", "--set", f"train.epochs={epochs}",
+              "--seed", str(seed), "--quiet", "--force", "--set", f"train.width={width}", "--set", f"train.epochs={epochs}",
               "--set", "train.batch_size=128"])  # fmt: skip
     metrics = json.loads((out / "surrogate" / "result.json").read_text())["metrics"]
     accuracy = dict(zip(metrics["task_names"], metrics["accuracy"]))
     majority = _majority_rates(root)
     return {
-        "variant": variant, "seed": seed, "epochs": epochs, "seconds": round(time.perf_counter() - started, 1),
+        "variant": variant, "seed": seed, "epochs": epochs, "width": width, "seconds": round(time.perf_counter() - started, 1),
         "mean": metrics["mean_accuracy"], "accuracy": accuracy, "majority": majority,
         "not_learned": [n for n in accuracy if accuracy[n] <= majority[n] + LEARNED_MARGIN],
     }  # fmt: skip

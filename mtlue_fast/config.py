@@ -106,6 +106,8 @@ class VictimSettings:
         backbone, weighting: the victims' recipe (None: the surrogate's ``train.backbone`` /
             ``train.weighting``); ``--backbone`` / ``--weighting`` set these, so a protected export
             can be measured against other recipes (transfer) without redoing it.
+        width: the victims' channel multiplier (None: the surrogate's ``train.width``), e.g. a
+            victim wider than the surrogate the generator attacked.
         reuse_surrogate: report the clean surrogate's metrics as every pair's clean victim instead of
             training clean victims (cheaper, flattering: off by default).
         data: what the protected victims train on (``--victim-data``): ``cache``, the protected
@@ -118,6 +120,7 @@ class VictimSettings:
     first_seed: int | None = None
     backbone: str | None = None
     weighting: str | None = None
+    width: float | None = None
     reuse_surrogate: bool = False
     data: str = "cache"
 
@@ -189,10 +192,13 @@ class RunConfig:
                 f"victims.first_seed={self.victims.first_seed} with victims.seeds={self.victims.seeds} includes the "
                 f"surrogate's seed train.seed={self.train.seed}; victims must have seeds of their own"
             )
-        for name in ("backbone", "weighting"):
+        for name in ("backbone", "weighting", "width"):
             value = getattr(self.victims, name)
             if value is not None:
-                self.train.replace(**{name: value})  # TrainConfig checks the name
+                try:
+                    self.train.replace(**{name: value})  # TrainConfig checks the value
+                except ValueError as error:
+                    raise ConfigError(f"victims.{name}: {error}") from None
 
     def victim_seeds(self) -> list[int]:
         """The victims' seeds, one per clean/protected pair (never the surrogate's ``train.seed``)."""
@@ -202,7 +208,8 @@ class RunConfig:
     def victim_train(self, seed: int):
         """The :class:`TrainConfig` of the victims of ``seed``: the surrogate's settings with the
         victims' recipe and seed, keeping no checkpoints."""
-        changes = {name: getattr(self.victims, name) for name in ("backbone", "weighting") if getattr(self.victims, name)}
+        names = ("backbone", "weighting", "width")
+        changes = {name: getattr(self.victims, name) for name in names if getattr(self.victims, name) is not None}
         return self.train.replace(seed=seed, keep_every=0, **changes)
 
     def to_dict(self) -> dict:
@@ -215,11 +222,14 @@ class RunConfig:
 
 
 def identity_of(settings: dict) -> dict:
-    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``."""
+    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, nor an
+    unset ``victims.width`` (so that runs recorded before it existed keep their digests)."""
     out = dict(settings)
     for section in ("train", "generate"):
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != "progress"}
+    if isinstance(out.get("victims"), dict) and out["victims"].get("width", 0) is None:
+        out["victims"] = {k: v for k, v in out["victims"].items() if k != "width"}
     return out
 
 

@@ -513,10 +513,10 @@ class Run:
     def _surrogate_as_clean(self, victim_cfg) -> dict:
         """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only
         when the victims' recipe is the surrogate's, undefended and multi-task."""
-        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in ("backbone", "weighting"))
+        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in ("backbone", "weighting", "width"))
         if not same or self.cfg.victim != "mtl" or self.cfg.defense != "none":
-            raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone and weighting "
-                            "and no defence")
+            raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone, weighting "
+                            "and width and no defence")
         if self.surrogate_result is None:
             self.surrogate()
         result = self.surrogate_result

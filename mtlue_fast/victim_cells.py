@@ -50,15 +50,19 @@ def victim_recipe_fields(cfg) -> dict[str, Any]:
     "defense", "data"}`` (``data``: ``cache`` or ``files``, what the protected victims train on). The one place that says what a recipe is made of: a field added here enters the
     digest, the cell's folder name and the report's ``cells``."""
     recipe = cfg.victim_train(cfg.victim_seeds()[0])
-    return {"backbone": recipe.backbone, "weighting": recipe.weighting, "victim": cfg.victim, "defense": cfg.defense,
-            "data": cfg.victims.data}
+    fields = {"backbone": recipe.backbone, "weighting": recipe.weighting, "victim": cfg.victim, "defense": cfg.defense,
+              "data": cfg.victims.data}
+    if recipe.width != cfg.train.width:  # only a width of their own, so that earlier cells keep their names
+        fields["width"] = recipe.width
+    return fields
 
 
 def recipe_digest(export_digest: str, cfg) -> str:
     """sha256 hex over the export's digest, :func:`victim_recipe_fields` and every other victim
     setting except :data:`SEED_SETTINGS` (e.g. ``victims.reuse_surrogate``)."""
     fields = victim_recipe_fields(cfg)
-    others = {k: v for k, v in cfg.identity()["victims"].items() if k not in SEED_SETTINGS and k not in fields}
+    # width is in ``fields`` when it differs from the surrogate's, and otherwise the surrogate's
+    others = {k: v for k, v in cfg.identity()["victims"].items() if k not in SEED_SETTINGS and k not in fields and k != "width"}
     return checkpoint.digest([export_digest, fields, others])
 
 

@@ -193,6 +193,39 @@ def test_victim_only_resume_change_keeps_the_earlier_cell(out):
     assert report["weighting"] == "ew" and len(report["cells"]) == 2
 
 
+def test_victims_of_another_width_are_a_cell_of_their_own(out):
+    assert run(out) == 0
+    first = stamps(out)
+    assert run(out, "--set", "victims.width=0.5", "--resume") == 0
+    assert {p: stamps(out)[p] for p in first} == first and len(stamps(out)) == 4
+    report = json.loads((out / "report.json").read_text())
+    current = [c for c in report["cells"] if c["current"]]
+    assert [c["fields"].get("width") for c in current] == [0.5]
+    assert [c["fields"].get("width") for c in report["cells"] if not c["current"]] == [None]
+    wide = next(p for p in stamps(out) if p not in first)
+    stem = "backbone.conv1.weight"
+    wide_stem = torch.load(wide, map_location="cpu", weights_only=False)["model"][stem]
+    narrow_stem = torch.load(next(iter(first)), map_location="cpu", weights_only=False)["model"][stem]
+    assert wide_stem.shape[0] == 2 * narrow_stem.shape[0]  # width 0.5 against the smoke preset's 0.25
+
+
+def test_victim_width_in_the_recipe_only_when_it_differs():
+    cfg = config_module.resolve("chestxray", synthetic=True, preset="smoke")
+    assert "width" not in cfg.identity()["victims"]  # unset: digests of earlier runs unchanged
+    assert "width" not in victim_cells.victim_recipe_fields(cfg)
+    digest = victim_cells.recipe_digest("e" * 64, cfg)
+    same = config_module.resolve("chestxray", synthetic=True, preset="smoke",
+                                 assignments=[f"victims.width={cfg.train.width}"])
+    assert victim_cells.victim_recipe_fields(same) == victim_cells.victim_recipe_fields(cfg)
+    assert victim_cells.recipe_digest("e" * 64, same) == digest
+    wide = config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=["victims.width=0.5"])
+    assert victim_cells.victim_recipe_fields(wide)["width"] == 0.5
+    assert victim_cells.recipe_digest("e" * 64, wide) != digest
+    assert wide.victim_train(1).width == 0.5 and wide.train.width == cfg.train.width  # the surrogate keeps its own
+    with pytest.raises(config_module.ConfigError, match="victims.width"):
+        config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=["victims.width=0"])
+
+
 def _to_legacy_layout(out, recipe: str | None) -> None:
     """Rewrite a finished run as the victim layout before cells wrote it: ``victim/seed-<s>`` and
     stages.json's victim ``recipe`` (``None``: the legacy digest of this run's settings)."""
