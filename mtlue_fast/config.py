@@ -222,14 +222,16 @@ class RunConfig:
 
 
 def identity_of(settings: dict) -> dict:
-    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, nor an
-    unset ``victims.width`` (so that runs recorded before it existed keep their digests)."""
+    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, nor a
+    ``victims.width`` that is unset or the surrogate's (the same victims; runs recorded before the
+    setting existed keep their digests)."""
     out = dict(settings)
     for section in ("train", "generate"):
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != "progress"}
-    if isinstance(out.get("victims"), dict) and out["victims"].get("width", 0) is None:
-        out["victims"] = {k: v for k, v in out["victims"].items() if k != "width"}
+    victims, train = out.get("victims"), out.get("train")
+    if isinstance(victims, dict) and victims.get("width") in (None, (train or {}).get("width")):
+        out["victims"] = {k: v for k, v in victims.items() if k != "width"}
     return out
 
 

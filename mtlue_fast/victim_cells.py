@@ -61,8 +61,7 @@ def recipe_digest(export_digest: str, cfg) -> str:
     """sha256 hex over the export's digest, :func:`victim_recipe_fields` and every other victim
     setting except :data:`SEED_SETTINGS` (e.g. ``victims.reuse_surrogate``)."""
     fields = victim_recipe_fields(cfg)
-    # width is in ``fields`` when it differs from the surrogate's, and otherwise the surrogate's
-    others = {k: v for k, v in cfg.identity()["victims"].items() if k not in SEED_SETTINGS and k not in fields and k != "width"}
+    others = {k: v for k, v in cfg.identity()["victims"].items() if k not in SEED_SETTINGS and k not in fields}
     return checkpoint.digest([export_digest, fields, others])
 
 

@@ -217,6 +217,7 @@ def test_victim_width_in_the_recipe_only_when_it_differs():
     same = config_module.resolve("chestxray", synthetic=True, preset="smoke",
                                  assignments=[f"victims.width={cfg.train.width}"])
     assert victim_cells.victim_recipe_fields(same) == victim_cells.victim_recipe_fields(cfg)
+    assert same.identity() == cfg.identity()  # the surrogate's width named: the same run
     assert victim_cells.recipe_digest("e" * 64, same) == digest
     wide = config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=["victims.width=0.5"])
     assert victim_cells.victim_recipe_fields(wide)["width"] == 0.5
