@@ -7,7 +7,8 @@ Each variant changes how the sample paints its attribute marks (constants and fu
 ``mtlue_fast.data.synthetic.celeba``, patched in a worker process only), writes the sample once
 (8,000 training / 2,000 test images, sample seed 0) and trains, for every seed, the clean model of
 the synthetic CelebA default (``python -m mtlue_fast.run --stages surrogate --seed S``: ResNet-18
-x0.25, batch 128, 20 epochs unless the variant says otherwise: some change the epochs or the width): the same training as a clean victim
+x0.25, batch 128, 20 epochs unless the variant says otherwise: some change the epochs, the width or
+other training settings): the same training as a clean victim
 of that seed. It records per attribute the test accuracy and the test split's majority rate, and
 counts an attribute as learned when its accuracy is above the majority rate by more than
 ``LEARNED_MARGIN`` (as ``bench/efficacy.py`` does). No protection is trained: this measures the
@@ -54,8 +55,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                 {"rare_last": True, "bald_scale": 2.0, "bald_paint": (6, 5)}),
     "v3_30_epochs": ("sample version 3, trained for 30 epochs instead of 20", {"epochs": 30}),
     "width_half": ("the sample as shipped, a clean model of width 0.5 (about 4x the default's compute)", {"width": 0.5}),
+    "width_half_10_epochs": ("the sample as shipped, a clean model of width 0.5 trained for 10 epochs (about 2x the "
+                             "default's compute)", {"width": 0.5, "epochs": 10}),
     "width_full": ("the sample as shipped, a clean model of width 1.0 (the real-data default's backbone)",
                    {"width": 1.0}),
+    "lr_2x": ("the sample as shipped, the clean model trained at twice the learning rate (0.002)",
+              {"set": {"train.lr": 0.002}}),
+    "lr_4x": ("the sample as shipped, the clean model trained at four times the learning rate (0.004)",
+              {"set": {"train.lr": 0.004}}),
+    "batch_64": ("the sample as shipped, batches of 64 instead of 128 (twice the steps)", {"set": {"train.batch_size": 64}}),
+    "late_decay": ("the sample as shipped, the learning rate decayed at 80% and 90% of the epochs instead of 60% and 80%",
+                   {"set": {"train.milestones": "[0.8,0.9]"}}),
     "bald_3x": ("Bald's mark 3x larger: a band over the top of the face (version 4)", {"bald_scale": 3.0}),
     "bald_3x_last": ("Bald's mark 3x larger and painted last, over every other mark",
                      {"bald_scale": 3.0, "bald_last": True}),
@@ -148,7 +158,8 @@ def worker(variant: str, seed: int, work: Path) -> dict:
     started = time.perf_counter()
     run.main(["--dataset", "celeba", "--data-root", str(root), "--out", str(out), "--stages", "surrogate",
               "--seed", str(seed), "--quiet", "--force", "--set", f"train.width={width}", "--set", f"train.epochs={epochs}",
-              "--set", "train.batch_size=128"])  # fmt: skip
+              "--set", "train.batch_size=128",
+              *[a for key, value in settings.get("set", {}).items() for a in ("--set", f"{key}={value}")]])  # fmt: skip
     metrics = json.loads((out / "surrogate" / "result.json").read_text())["metrics"]
     accuracy = dict(zip(metrics["task_names"], metrics["accuracy"]))
     majority = _majority_rates(root)
