@@ -258,7 +258,11 @@ class Run:
         return checkpoint.digest([self.digest("export"), self.cfg.victim, self.cfg.defense, victims])
 
     def finished(self, stage: str) -> dict | None:
-        """The record of ``stage`` when it finished earlier with the same inputs (else None)."""
+        """The record of ``stage`` when it finished earlier with the same inputs (else None). A
+        generator whose folder was deleted since is not finished: the loop would skip it without
+        reloading anything, and the export needs its ``generator.pt``."""
+        if stage == "generate" and self.cfg.method == "mtlue" and not (self.out / "generator" / "generator.pt").exists():
+            return None
         previous = self.records.get(stage)
         return previous if previous and previous.get("digest") == self.digest(stage) else None
 

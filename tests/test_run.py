@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_chestxray_smoke_run_then_rerun_skips(tmp_path, capsys):
     err = capsys.readouterr().err
     for stage in ("surrogate", "generate", "export", "victim"):
         assert f"{stage}: skipped, finished earlier with the same settings" in err
+    shutil.rmtree(out / "generator")  # a stage's folder deleted by hand: the stage is redone, not skipped
+    assert main(["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu", "--out", str(out)]) == 0
+    assert (out / "generator" / "generator.pt").exists()
+    assert "generate: skipped" not in capsys.readouterr().err
 
 
 def test_independent_victims_several_seeds(tmp_path):
