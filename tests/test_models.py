@@ -22,6 +22,7 @@ from mtlue_fast.models import (
     uses_small_stem,
     vit_patch_size,
 )
+from mtlue_fast.models.backbones import StemMaxPool
 
 W = 0.25  # cheap variants throughout
 
@@ -219,3 +220,22 @@ def test_unknown_backbone_lists_known_names():
 def test_bad_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         MultiTaskNet((9, 1), crop=32, width=W)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_max_pool_is_bit_exact(dtype):
+    """The stem's channels-last pooling gives nn.MaxPool2d's values and gradients bit for bit, ties
+    (zeros after a ReLU, repeated bf16 values) included, in whatever layout the input came."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(6, 5, 17, 18, generator=g).relu().mul(4).round().div(4).to(dtype)  # many ties
+    grad = torch.randn(6, 5, 9, 9, generator=g).to(dtype)
+    ours, plain = StemMaxPool(3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.contiguous(memory_format=layout).requires_grad_()
+        b = x.contiguous(memory_format=layout).requires_grad_()
+        out_a, out_b = ours(a), plain(b)
+        assert out_a.is_contiguous(memory_format=layout)
+        assert torch.equal(out_a, out_b)
+        (grad_a,) = torch.autograd.grad(out_a, a, grad)
+        (grad_b,) = torch.autograd.grad(out_b, b, grad)
+        assert torch.equal(grad_a, grad_b)
