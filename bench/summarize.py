@@ -66,7 +66,7 @@ def summarize_throughput(data: dict, device: str) -> str:
     groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
-        variant = extra.get("decoder") or extra.get("device") or bench["name"]
+        variant = extra.get("decoder") or extra.get("impl") or extra.get("device") or bench["name"]
         groups[bench["group"]].append((str(variant), extra["images"] / bench["stats"]["median"]))
     lines = [f"Device: {device}; {data['datetime'][:10]}", "", "| benchmark | variant | images/s | vs slowest |", "|---|---|---:|---:|"]
     for group, rows in groups.items():

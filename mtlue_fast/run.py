@@ -257,11 +257,21 @@ class Run:
         victims = {k: v for k, v in self.cfg.identity()["victims"].items() if k != "seeds"}
         return checkpoint.digest([self.digest("export"), self.cfg.victim, self.cfg.defense, victims])
 
+    def stage_output(self, stage: str) -> Path | None:
+        """The file a finished ``stage`` leaves for the later ones (None: it leaves none to check)."""
+        outputs = {"export": self.out / "protected" / "manifest.json", "victim": self.out / "victims.json"}
+        if self._needs_surrogate():
+            outputs["surrogate"] = self.out / "surrogate" / "result.json"
+        if self.cfg.method == "mtlue":
+            outputs["generate"] = self.out / "generator" / "generator.pt"
+        return outputs.get(stage)
+
     def finished(self, stage: str) -> dict | None:
-        """The record of ``stage`` when it finished earlier with the same inputs (else None). A
-        generator whose folder was deleted since is not finished: the loop would skip it without
-        reloading anything, and the export needs its ``generator.pt``."""
-        if stage == "generate" and self.cfg.method == "mtlue" and not (self.out / "generator" / "generator.pt").exists():
+        """The record of ``stage`` when it finished earlier with the same inputs and its output
+        (:meth:`stage_output`) is still there (else None): a stage whose folder was deleted by hand
+        since is redone, not skipped (the export needs ``generator.pt``)."""
+        output = self.stage_output(stage)
+        if output is not None and not output.exists():
             return None
         previous = self.records.get(stage)
         return previous if previous and previous.get("digest") == self.digest(stage) else None

@@ -164,4 +164,5 @@ def test_prepared_surrogate_matches_the_autocast_one():
     torch.testing.assert_close(fast.float(), reference.float(), rtol=0.1, atol=0.1)
     assert GenerateConfig().use_surrogate_bf16("cuda", amp=True) and not GenerateConfig().use_surrogate_bf16("cuda", amp=False)
     assert not GenerateConfig(base="em").use_surrogate_bf16("cuda", amp=True)
-    assert not GenerateConfig().use_channels_last("cpu") and GenerateConfig().use_channels_last("cuda")
+    assert GenerateConfig().use_channels_last("cpu") and GenerateConfig().use_channels_last("cuda")
+    assert not GenerateConfig(channels_last=False).use_channels_last("cpu")

@@ -79,10 +79,13 @@ def test_chestxray_smoke_run_then_rerun_skips(tmp_path, capsys):
     err = capsys.readouterr().err
     for stage in ("surrogate", "generate", "export", "victim"):
         assert f"{stage}: skipped, finished earlier with the same settings" in err
-    shutil.rmtree(out / "generator")  # a stage's folder deleted by hand: the stage is redone, not skipped
+    shutil.rmtree(out / "generator")  # a stage's output deleted by hand: the stage is redone, not skipped
+    (out / "victims.json").unlink()
     assert main(["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu", "--out", str(out)]) == 0
-    assert (out / "generator" / "generator.pt").exists()
-    assert "generate: skipped" not in capsys.readouterr().err
+    assert (out / "generator" / "generator.pt").exists() and (out / "victims.json").exists()
+    err = capsys.readouterr().err
+    assert "generate: skipped" not in err and "victim: skipped" not in err
+    assert "surrogate: skipped" in err
 
 
 def test_independent_victims_several_seeds(tmp_path):
