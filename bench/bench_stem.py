@@ -9,7 +9,7 @@ stem convolution in every generator step's surrogate and every victim step:
 
 - ``channels_first``: ``nn.MaxPool2d`` on an NCHW tensor (the generator's surrogate before
   ``StemMaxPool``);
-- ``stem_max_pool``: ``StemMaxPool`` on the same NCHW tensor (pools channels-last, hands back NCHW,
+- ``stem_max_pool``: ``StemMaxPool`` on the same NCHW tensor (in bf16: pools channels-last, hands back NCHW,
   gradient back to NCHW);
 - ``channels_last``: ``nn.MaxPool2d`` on an NHWC tensor (the victims, which run channels-last).
 

@@ -67,15 +67,17 @@ def make_stem(in_channels: int, out_channels: int, small: bool) -> tuple[nn.Conv
 
 
 class StemMaxPool(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools a CPU tensor in the channels-last layout and hands it back in the
-    layout it came in: PyTorch's CPU max-pool over a channels-first tensor is about 10x slower
-    (forward and backward) than over a channels-last one, and was the stem's most expensive op on 2
-    cores. A maximum is exact and both layouts' kernels pick the same first maximum of each window,
-    so values and gradients are bit for bit those of ``nn.MaxPool2d`` (tests/test_models.py).
-    ``[B, C, H, W] -> [B, C, H', W']``."""
+    """``nn.MaxPool2d`` that pools a bf16 CPU tensor in the channels-last layout and hands it back in
+    the layout it came in: PyTorch's CPU max-pool over a channels-first bf16 tensor is several times
+    slower (forward and backward) than over a channels-last one, and was the stem's most expensive op
+    of a channels-first bf16 network on 2 cores; in fp32 the two layout changes cost what the pool
+    saves (bench/bench_stem.py), so fp32 pools as it comes. A maximum is exact and both layouts'
+    kernels pick the same first maximum of each window, so values and gradients are bit for bit
+    those of ``nn.MaxPool2d`` (tests/test_models.py). ``[B, C, H, W] -> [B, C, H', W']``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4 or not x.is_contiguous()
+                or x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
         if x_nhwc.requires_grad:  # the gradient goes back channels-first: the ReLU's backward before this

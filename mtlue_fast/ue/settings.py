@@ -103,7 +103,8 @@ class GenerateConfig:
         return bool(self.cuda_graph)
 
     def use_channels_last(self, device_type: str) -> bool:
-        return True if self.channels_last == "auto" else bool(self.channels_last)
+        """NHWC on every device unless switched off (``device_type``: the other switches' signature)."""
+        return self.channels_last == "auto" or bool(self.channels_last)
 
     def use_surrogate_bf16(self, device_type: str, amp: bool) -> bool:
         if self.base == "em":  # EM trains its surrogate: it keeps fp32 weights
