@@ -429,7 +429,8 @@ def test_generator_training_and_sharded_export(tmp_path):
     # Generator training: the same losses and stop-test error as one process, to float tolerance.
     # Not bitwise: the batch norms and the gradient average sum across ranks in another order (see
     # test_two_processes_take_the_same_step_as_one). The pass's mean loss differs by ~1e-7 relative
-    # (measured with the earlier arithmetic; 4e-6 with the current: this pass has only a few steps);
+    # (measured with the earlier arithmetic; 4e-6 channels-first, 1.8e-5 with the channels-last generator:
+    # this pass has only a few steps);
     # 1e-3 leaves room for Adam's sign-like steps, which
     # grow the difference with every step (1.2e-3 after the smoke preset's longer pass). The stop
     # error is the surrogate's error rate on the 72 perturbed images, averaged over the 3 tasks
