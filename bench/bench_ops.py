@@ -137,6 +137,33 @@ def test_perturb_apply(benchmark, bench_device, size_name, impl, raw_name):
     run_benchmark(benchmark, step, bench_device)
 
 
+# The synthetic defaults' generator batch on a CPU: 128 images of CelebA's 70x70 cache, crop 64.
+PERTURB_TANH_CPU_SIZE = (128, 3, 70, 64)
+
+
+@pytest.mark.parametrize("raw_name", list(PERTURB_RAW_DTYPES))
+def test_perturb_apply_tanh_cpu(benchmark, raw_name):
+    """The CPU kernels in ``tanh`` mode (the synthetic defaults' generator), forward + backward, called
+    directly. float32 raw calls std::tanh per element; bfloat16 raw looks the same values up in a
+    table of std::tanh (bit for bit the float32 result rounded: test_perturb_apply.py), so the ratio
+    of the two is what the table saves."""
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
+    raw_dtype = PERTURB_RAW_DTYPES[raw_name]
+    x, raw, corner, flip, grad_out = perturb_inputs(PERTURB_TANH_CPU_SIZE, torch.device("cpu"), raw_dtype)
+    raw, crop, tanh = raw.detach(), PERTURB_TANH_CPU_SIZE[3], reference.MODE_TANH
+
+    def step():
+        torch.ops.mtlue.perturb_apply(x, raw, EPS, tanh, corner, flip, crop, crop)
+        torch.ops.mtlue.perturb_apply_backward(grad_out, x, raw, EPS, tanh, corner, flip)
+
+    benchmark.group = "perturb_apply tanh forward+backward celeba_128x3x70_crop64 cpu"
+    nbytes = perturb_bytes(PERTURB_TANH_CPU_SIZE, raw_dtype.itemsize)
+    benchmark.extra_info.update(op="perturb_apply_tanh", size="celeba_128x3x70_crop64", impl=f"kernels_{raw_name}",
+                                raw=raw_name, passes="forward+backward", bytes=nbytes)  # fmt: skip
+    run_benchmark(benchmark, step, torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------- embedding_reg
 
 

@@ -83,6 +83,29 @@ def test_matches_reference_low_precision(device, gen, raw_dtype, atol, mode):
     assert_matches(x, raw, 8 / 255, mode, crop, flip, (24, 24), gen, atol=atol)
 
 
+@pytest.mark.parametrize("raw_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_raw_in_tanh_mode_is_the_float32_result_rounded(gen, raw_dtype):
+    """The CPU kernels look a 16-bit raw's tanh up in a table of std::tanh instead of calling it per
+    element: over every one of the 65,536 values, forward and backward must be bit for bit the
+    float32 kernels' results (which call std::tanh on the same values) rounded to raw's dtype."""
+    if ops.backend_for("cpu") != "compiled":
+        pytest.skip("no compiled CPU kernels")
+    every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(raw_dtype)
+    raw = every_value[torch.randperm(every_value.numel(), generator=gen)].reshape(16, 1, 64, 64)
+    x = torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8)
+    flip = torch.rand(16, generator=gen) < 0.5  # the whole image as the window: every value is used
+    grad_out = torch.randn(raw.shape, generator=gen).to(raw_dtype)
+
+    def kernels(raw_in, grad_in):
+        out = torch.ops.mtlue.perturb_apply(x, raw_in, 8 / 255, MODES["tanh"], None, flip, 64, 64)
+        return out, torch.ops.mtlue.perturb_apply_backward(grad_in, x, raw_in, 8 / 255, MODES["tanh"], None, flip)
+
+    looked_up, in_float = kernels(raw, grad_out), kernels(raw.float(), grad_out.float())
+    for tabulated, computed in zip(looked_up, in_float):
+        assert tabulated.dtype == raw_dtype
+        torch.testing.assert_close(tabulated, computed.to(raw_dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("mode", ["clamp", "tanh"])
 def test_gradcheck(device, gen, mode):
     # Keep x + delta away from 0 and 1 and raw away from +-eps, where the clamps are not

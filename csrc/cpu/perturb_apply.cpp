@@ -2,12 +2,17 @@
 // Parallel over image rows; the inner loop over columns is branch-free so the compiler vectorises
 // it (the flipped variant writes the row in reverse).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 #include "../common/checks.h"
 #include "../common/dispatch.h"
@@ -31,12 +36,54 @@ inline opmath_t to_unit(x_t v) {
   }
 }
 
-template <int kMode, typename opmath_t>
-inline opmath_t delta_of(opmath_t raw, opmath_t eps) {
+// tanh of raw's values as float, bit for bit std::tanh. A 16-bit raw (bfloat16, half: what a
+// generator under autocast produces) has 65,536 possible values, so their tanh is looked up in a
+// table of std::tanh computed once (256 KiB) instead of calling the scalar libm function per
+// element, which otherwise takes most of the kernels' time. Float and double raw, and double
+// arithmetic (a double x), call std::tanh.
+template <typename raw_t, typename opmath_t>
+constexpr bool kTabulated = std::is_same_v<opmath_t, float> &&
+                            (std::is_same_v<raw_t, c10::BFloat16> || std::is_same_v<raw_t, c10::Half>);
+
+template <typename raw_t>
+const float* tanh_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(1 << 16);
+    for (uint32_t bits = 0; bits < values.size(); ++bits) {
+      values[bits] = std::tanh(static_cast<float>(raw_t(static_cast<uint16_t>(bits), raw_t::from_bits())));
+    }
+    return values;
+  }();
+  return table.data();
+}
+
+template <typename raw_t, typename opmath_t>
+struct Tanh {
+  const float* table = nullptr;  // tanh_table when kTabulated, unused otherwise
+  opmath_t operator()(raw_t v) const {
+    if constexpr (kTabulated<raw_t, opmath_t>) {
+      return static_cast<opmath_t>(table[v.x]);
+    } else {
+      return std::tanh(static_cast<opmath_t>(v));
+    }
+  }
+};
+
+template <typename raw_t, typename opmath_t>
+Tanh<raw_t, opmath_t> make_tanh(int64_t mode) {
+  Tanh<raw_t, opmath_t> f;
+  if constexpr (kTabulated<raw_t, opmath_t>) {
+    if (mode == 1) f.table = tanh_table<raw_t>();  // built on first use, before any parallel region
+  }
+  return f;
+}
+
+template <int kMode, typename raw_t, typename opmath_t>
+inline opmath_t delta_of(raw_t raw, opmath_t eps, const Tanh<raw_t, opmath_t>& tanh_of) {
   if constexpr (kMode == 0) {
-    return clamp_nan(raw, -eps, eps);
+    return clamp_nan(static_cast<opmath_t>(raw), -eps, eps);
   } else {
-    return eps * std::tanh(raw);
+    return eps * tanh_of(raw);
   }
 }
 
@@ -56,6 +103,7 @@ void forward_kernel(const x_t* x, const raw_t* raw, raw_t* out, Windows win, dou
                     int64_t out_rows) {
   using opmath_t = mtlue::opmath_of<x_t, raw_t>;
   const opmath_t eps = static_cast<opmath_t>(eps_d);
+  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<raw_t, opmath_t>(kMode);
   at::parallel_for(0, out_rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / out_h, i = row % out_h, b = plane / channels;
@@ -64,7 +112,7 @@ void forward_kernel(const x_t* x, const raw_t* raw, raw_t* out, Windows win, dou
       const raw_t* raw_row = raw + src;
       raw_t* out_row = out + row * out_w;
       auto value = [&](int64_t j) {
-        const opmath_t d = delta_of<kMode>(static_cast<opmath_t>(raw_row[j]), eps);
+        const opmath_t d = delta_of<kMode>(raw_row[j], eps, tanh_of);
         return static_cast<raw_t>(clamp_nan(to_unit<opmath_t>(x_row[j]) + d, opmath_t(0), opmath_t(1)));
       };
       if (win.flipped(b)) {
@@ -82,6 +130,7 @@ void backward_kernel(const raw_t* grad_out, const x_t* x, const raw_t* raw, raw_
                      int64_t out_h, int64_t out_w, int64_t rows) {
   using opmath_t = mtlue::opmath_of<x_t, raw_t>;
   const opmath_t eps = static_cast<opmath_t>(eps_d);
+  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<raw_t, opmath_t>(kMode);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / height, r = row % height, b = plane / channels;
@@ -99,12 +148,14 @@ void backward_kernel(const raw_t* grad_out, const x_t* x, const raw_t* raw, raw_
       raw_t* g_win = g_row + left;
       auto grad = [&](int64_t jj, opmath_t g) {
         const opmath_t rv = static_cast<opmath_t>(raw_row[jj]);
-        const opmath_t s = to_unit<opmath_t>(x_row[jj]) + delta_of<kMode>(rv, eps);
-        const opmath_t g_s = (s >= opmath_t(0) && s <= opmath_t(1)) ? g : opmath_t(0);
         if constexpr (kMode == 0) {
+          const opmath_t s = to_unit<opmath_t>(x_row[jj]) + clamp_nan(rv, -eps, eps);
+          const opmath_t g_s = (s >= opmath_t(0) && s <= opmath_t(1)) ? g : opmath_t(0);
           return static_cast<raw_t>((rv >= -eps && rv <= eps) ? g_s : opmath_t(0));
         } else {
-          const opmath_t t = std::tanh(rv);
+          const opmath_t t = tanh_of(raw_row[jj]);
+          const opmath_t s = to_unit<opmath_t>(x_row[jj]) + eps * t;
+          const opmath_t g_s = (s >= opmath_t(0) && s <= opmath_t(1)) ? g : opmath_t(0);
           return static_cast<raw_t>((g_s * eps) * (opmath_t(1) - t * t));
         }
       };
