@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "lr_4x": ("the sample as shipped, the clean model trained at four times the learning rate (0.004)",
               {"set": {"train.lr": 0.004}}),
     "batch_64": ("the sample as shipped, batches of 64 instead of 128 (twice the steps)", {"set": {"train.batch_size": 64}}),
+    "no_weight_decay": ("the sample as shipped, the clean model trained without weight decay (0 instead of 1e-4: "
+                        "Adam scales the decay of a rare attribute's head as much as its small loss gradient)",
+                        {"set": {"train.weight_decay": 0.0}}),
     "late_decay": ("the sample as shipped, the learning rate decayed at 80% and 90% of the epochs instead of 60% and 80%",
                    {"set": {"train.milestones": "[0.8,0.9]"}}),
     "bald_3x": ("Bald's mark 3x larger: a band over the top of the face (version 4)", {"bald_scale": 3.0}),
