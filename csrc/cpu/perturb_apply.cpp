@@ -2,10 +2,10 @@
 // Parallel over image rows; the inner loop over columns is branch-free so the compiler vectorises
 // it (the flipped variant writes the row in reverse).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -147,8 +147,8 @@ void backward_kernel(const raw_t* grad_out, const x_t* x, const raw_t* raw, raw_
       const raw_t* go_row = grad_out + (plane * out_h + (r - top)) * out_w;
       raw_t* g_win = g_row + left;
       auto grad = [&](int64_t jj, opmath_t g) {
-        const opmath_t rv = static_cast<opmath_t>(raw_row[jj]);
         if constexpr (kMode == 0) {
+          const opmath_t rv = static_cast<opmath_t>(raw_row[jj]);
           const opmath_t s = to_unit<opmath_t>(x_row[jj]) + clamp_nan(rv, -eps, eps);
           const opmath_t g_s = (s >= opmath_t(0) && s <= opmath_t(1)) ? g : opmath_t(0);
           return static_cast<raw_t>((rv >= -eps && rv <= eps) ? g_s : opmath_t(0));
