@@ -75,6 +75,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "rare_large_bald_3x": ("rare_large, and Bald's mark 3x its version-3 size (rare_large's 1.5x, then 2x)",
                            {"rare_radius_power": 0.25, "floor_power": 0.75, "bald_scale": 2.0}),
     "bald_3x_bangs_2x": ("Bald's mark 3x larger, Bangs' 2x", {"bald_scale": 3.0, "scales": {"Bangs": 2.0}}),
+    "bald_centre": ("Bald's mark moved to the middle of the face (row 3, column 4 of the grid, on skin), "
+                    "High_Cheekbones to Bald's place on the hair line", {"swap": ("Bald", "High_Cheekbones")}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
@@ -116,6 +118,9 @@ def _apply(settings: dict) -> None:
             return min(0.6, 0.15 * (0.5 / _minority(celeba, name)) ** settings["floor_power"])
         return floor(name)
 
+    if "swap" in settings:
+        a, b = settings["swap"]
+        celeba._CELEBA_GRID = tuple(tuple(b if n == a else a if n == b else n for n in row) for row in celeba._CELEBA_GRID)
     celeba._celeba_patterns, celeba._celeba_floor = patched_patterns, patched_floor
     if settings.get("rare_last"):
         order = sorted(range(len(celeba.CELEBA_ATTRIBUTES)), key=lambda k: -_minority(celeba, celeba.CELEBA_ATTRIBUTES[k]))

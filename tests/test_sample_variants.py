@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from mtlue_fast.data.synthetic import celeba
 
-PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order")
+PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_GRID")
 
 
 @pytest.fixture()
@@ -76,6 +77,22 @@ def test_rare_large_scales_rare_marks_within_bounds(variants):
         else:
             assert ratio == 1.0
     assert new_floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] > floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] - 1e-12
+
+
+def test_bald_centre_swaps_two_places_only(variants):
+    patterns, floors, order = _looks()
+    variants._apply(variants.VARIANTS["bald_centre"][1])
+    new_patterns, new_floors, new_order = _looks()
+    bald, cheek = celeba.CELEBA_ATTRIBUTES.index("Bald"), celeba.CELEBA_ATTRIBUTES.index("High_Cheekbones")
+    assert (new_patterns[bald].cy, new_patterns[bald].cx) == (patterns[cheek].cy, patterns[cheek].cx)
+    assert (new_patterns[cheek].cy, new_patterns[cheek].cx) == (patterns[bald].cy, patterns[bald].cx)
+    moved = dict(cy=patterns[0].cy, cx=patterns[0].cx)  # any place: compare everything else
+    same = [dataclasses.replace(p, **moved) for p in patterns]
+    assert [dataclasses.replace(p, **moved) for p in new_patterns] == same
+    assert [p for k, p in enumerate(new_patterns) if k not in (bald, cheek)] == [
+        p for k, p in enumerate(patterns) if k not in (bald, cheek)
+    ]
+    assert (new_floors, new_order) == (floors, order)
 
 
 def test_majority_rates_read_the_test_partition(variants, tmp_path):
