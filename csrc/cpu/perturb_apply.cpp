@@ -69,12 +69,12 @@ struct Tanh {
   }
 };
 
-template <typename raw_t, typename opmath_t>
-Tanh<raw_t, opmath_t> make_tanh(int64_t mode) {
+// The tanh a kernel of mode kMode uses (the table only in tanh mode), fetched before its parallel
+// region so that the table is built on first use outside it.
+template <int kMode, typename raw_t, typename opmath_t>
+Tanh<raw_t, opmath_t> make_tanh() {
   Tanh<raw_t, opmath_t> f;
-  if constexpr (kTabulated<raw_t, opmath_t>) {
-    if (mode == 1) f.table = tanh_table<raw_t>();  // built on first use, before any parallel region
-  }
+  if constexpr (kMode == 1 && kTabulated<raw_t, opmath_t>) f.table = tanh_table<raw_t>();
   return f;
 }
 
@@ -103,7 +103,7 @@ void forward_kernel(const x_t* x, const raw_t* raw, raw_t* out, Windows win, dou
                     int64_t out_rows) {
   using opmath_t = mtlue::opmath_of<x_t, raw_t>;
   const opmath_t eps = static_cast<opmath_t>(eps_d);
-  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<raw_t, opmath_t>(kMode);
+  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<kMode, raw_t, opmath_t>();
   at::parallel_for(0, out_rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / out_h, i = row % out_h, b = plane / channels;
@@ -130,7 +130,7 @@ void backward_kernel(const raw_t* grad_out, const x_t* x, const raw_t* raw, raw_
                      int64_t out_h, int64_t out_w, int64_t rows) {
   using opmath_t = mtlue::opmath_of<x_t, raw_t>;
   const opmath_t eps = static_cast<opmath_t>(eps_d);
-  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<raw_t, opmath_t>(kMode);
+  const Tanh<raw_t, opmath_t> tanh_of = make_tanh<kMode, raw_t, opmath_t>();
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / height, r = row % height, b = plane / channels;
