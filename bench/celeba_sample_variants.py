@@ -77,6 +77,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bald_3x_bangs_2x": ("Bald's mark 3x larger, Bangs' 2x", {"bald_scale": 3.0, "scales": {"Bangs": 2.0}}),
     "bald_centre": ("Bald's mark moved to the middle of the face (row 3, column 4 of the grid, on skin), "
                     "High_Cheekbones to Bald's place on the hair line", {"swap": ("Bald", "High_Cheekbones")}),
+    "bald_chin": ("Bald's mark moved to the chin (the last row of the grid, third of six places, on skin), its place "
+                  "on the hair line left empty; the last row's other marks spread over six places instead of five",
+                  {"move": ("Bald", 5, 2)}),
+    "bald_blurry_swap": ("Bald's mark moved to Blurry's place on the chin, Blurry's (whose blur marks it too) to "
+                         "Bald's on the hair line", {"swap": ("Bald", "Blurry")}),
+    "bald_lipstick_swap": ("Bald's mark moved to Wearing_Lipstick's place (row 4, column 4 of the grid, the middle of "
+                           "the face), Wearing_Lipstick's (white over red) to Bald's on the hair line",
+                           {"swap": ("Bald", "Wearing_Lipstick")}),
+    "bald_nose_swap": ("Bald's mark moved to Pointy_Nose's place (row 3, column 3, on the face), Pointy_Nose's "
+                       "(magenta over yellow) to Bald's on the hair line", {"swap": ("Bald", "Pointy_Nose")}),
+    "bald_centre_blurry_hairline": ("Bald's mark moved to High_Cheekbones' place (as bald_centre), High_Cheekbones' "
+                                    "to Blurry's on the chin, Blurry's (whose blur marks it too) to Bald's on the hair line",
+                                    {"places": {"Bald": "High_Cheekbones", "High_Cheekbones": "Blurry", "Blurry": "Bald"}}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
@@ -121,6 +134,15 @@ def _apply(settings: dict) -> None:
     if "swap" in settings:
         a, b = settings["swap"]
         celeba._CELEBA_GRID = tuple(tuple(b if n == a else a if n == b else n for n in row) for row in celeba._CELEBA_GRID)
+    if "places" in settings:  # name -> whose place it takes
+        places = settings["places"]
+        inverse = {old: new for new, old in places.items()}
+        celeba._CELEBA_GRID = tuple(tuple(inverse.get(n, n) for n in row) for row in celeba._CELEBA_GRID)
+    if "move" in settings:  # an empty place (None) keeps every other mark of the old row where it was
+        name, row, col = settings["move"]
+        grid = [[None if n == name else n for n in names] for names in celeba._CELEBA_GRID]
+        grid[row].insert(col, name)
+        celeba._CELEBA_GRID = tuple(tuple(names) for names in grid)
     celeba._celeba_patterns, celeba._celeba_floor = patched_patterns, patched_floor
     if settings.get("rare_last"):
         order = sorted(range(len(celeba.CELEBA_ATTRIBUTES)), key=lambda k: -_minority(celeba, celeba.CELEBA_ATTRIBUTES[k]))

@@ -95,6 +95,35 @@ def test_bald_centre_swaps_two_places_only(variants):
     assert (new_floors, new_order) == (floors, order)
 
 
+def _places(patterns):
+    return {name: (p.cy, p.cx) for name, p in zip(celeba.CELEBA_ATTRIBUTES, patterns)}
+
+
+def test_places_moves_each_named_mark_to_the_place_it_names(variants):
+    before = _places(_looks()[0])
+    settings = variants.VARIANTS["bald_centre_blurry_hairline"][1]
+    variants._apply(settings)
+    after = _places(_looks()[0])
+    for name, whose in settings["places"].items():
+        assert after[name] == before[whose]
+    assert {n: xy for n, xy in after.items() if n not in settings["places"]} == {
+        n: xy for n, xy in before.items() if n not in settings["places"]
+    }
+
+
+def test_move_leaves_the_old_row_in_place_and_spreads_the_new_one(variants):
+    before = _places(_looks()[0])
+    variants._apply(variants.VARIANTS["bald_chin"][1])
+    after = _places(_looks()[0])
+    last_row = set(celeba._CELEBA_GRID[-1])
+    assert celeba._CELEBA_GRID[0][1] is None and celeba._CELEBA_GRID[-1][2] == "Bald"
+    assert after["Bald"][0] == pytest.approx(max(y for y, _ in before.values()))
+    assert {n: xy for n, xy in after.items() if n not in last_row} == {n: xy for n, xy in before.items() if n not in last_row}
+    xs = sorted(after[n][1] for n in last_row)
+    assert len(xs) == 6 and xs[0] == pytest.approx(min(x for _, x in before.values()))
+    assert xs[-1] == pytest.approx(max(x for _, x in before.values()))
+
+
 def test_majority_rates_read_the_test_partition(variants, tmp_path):
     (tmp_path / "list_attr_celeba.txt").write_text("3\r\nA B \r\n1.jpg  1 -1\r\n2.jpg -1 -1\r\n3.jpg  1  1\r\n")
     (tmp_path / "list_eval_partition.txt").write_text("1.jpg 0\n2.jpg 2\n3.jpg 2\n")
