@@ -327,6 +327,14 @@ def test_celeba_learnable(tmp_path):
     assert sum(a > 0.8 and acc > maj + 0.05 for a, acc, maj in report.values()) >= 6, report
 
 
+def test_celeba_grid_places_every_attribute_once():
+    celeba = synthetic.celeba
+    placed = [name for row in celeba._CELEBA_GRID for name in row if name is not None]
+    assert sorted(placed) == sorted(synthetic.CELEBA_ATTRIBUTES)
+    places = {(round(p.cy, 6), round(p.cx, 6)) for p in celeba._celeba_patterns()}
+    assert len(places) == len(synthetic.CELEBA_ATTRIBUTES)
+
+
 def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
     """Every attribute must be learnable above its majority rate, as on real CelebA: no victim crop
     (64 of 70, shifted by up to 6 pixels, or flipped) cuts into the inner half of any mark, and a
