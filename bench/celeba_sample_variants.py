@@ -36,6 +36,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEARNED_MARGIN = 0.01
 N_TRAIN, N_TEST = 8000, 2000
 
+def _swap(a: str, b: str) -> dict[str, str]:
+    """``places`` setting: marks ``a`` and ``b`` trade places."""
+    return {a: b, b: a}
+
+
 #: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
 #: version 3 (Bald a spot of the large size), which version 5 paints again.
 #: Sizes multiply a mark's radius; "rare" means a minority rate below 0.25 (the sample's own rule for
@@ -76,17 +81,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                            {"rare_radius_power": 0.25, "floor_power": 0.75, "bald_scale": 2.0}),
     "bald_3x_bangs_2x": ("Bald's mark 3x larger, Bangs' 2x", {"bald_scale": 3.0, "scales": {"Bangs": 2.0}}),
     "bald_centre": ("Bald's mark moved to the middle of the face (row 3, column 4 of the grid, on skin), "
-                    "High_Cheekbones to Bald's place on the hair line", {"swap": ("Bald", "High_Cheekbones")}),
+                    "High_Cheekbones to Bald's place on the hair line", {"places": _swap("Bald", "High_Cheekbones")}),
     "bald_chin": ("Bald's mark moved to the chin (the last row of the grid, third of six places, on skin), its place "
                   "on the hair line left empty; the last row's other marks spread over six places instead of five",
                   {"move": ("Bald", 5, 2)}),
     "bald_blurry_swap": ("Bald's mark moved to Blurry's place on the chin, Blurry's (whose blur marks it too) to "
-                         "Bald's on the hair line", {"swap": ("Bald", "Blurry")}),
+                         "Bald's on the hair line", {"places": _swap("Bald", "Blurry")}),
     "bald_lipstick_swap": ("Bald's mark moved to Wearing_Lipstick's place (row 4, column 4 of the grid, the middle of "
                            "the face), Wearing_Lipstick's (white over red) to Bald's on the hair line",
-                           {"swap": ("Bald", "Wearing_Lipstick")}),
+                           {"places": _swap("Bald", "Wearing_Lipstick")}),
     "bald_nose_swap": ("Bald's mark moved to Pointy_Nose's place (row 3, column 3, on the face), Pointy_Nose's "
-                       "(magenta over yellow) to Bald's on the hair line", {"swap": ("Bald", "Pointy_Nose")}),
+                       "(magenta over yellow) to Bald's on the hair line", {"places": _swap("Bald", "Pointy_Nose")}),
     "bald_centre_blurry_hairline": ("Bald's mark moved to High_Cheekbones' place (as bald_centre), High_Cheekbones' "
                                     "to Blurry's on the chin, Blurry's (whose blur marks it too) to Bald's on the hair line",
                                     {"places": {"Bald": "High_Cheekbones", "High_Cheekbones": "Blurry", "Blurry": "Bald"}}),
@@ -131,9 +136,6 @@ def _apply(settings: dict) -> None:
             return min(0.6, 0.15 * (0.5 / _minority(celeba, name)) ** settings["floor_power"])
         return floor(name)
 
-    if "swap" in settings:
-        a, b = settings["swap"]
-        celeba._CELEBA_GRID = tuple(tuple(b if n == a else a if n == b else n for n in row) for row in celeba._CELEBA_GRID)
     if "places" in settings:  # name -> whose place it takes
         places = settings["places"]
         inverse = {old: new for new, old in places.items()}

@@ -104,6 +104,8 @@ def _celeba_patterns() -> list[_Pattern]:
     where: dict[str, tuple[float, float]] = {}
     for row, names in enumerate(_CELEBA_GRID):
         for col, name in enumerate(names):
+            if name is None:  # an empty place: the row's other marks keep their spacing
+                continue
             # inside what every victim crop keeps (64 of 70, shifted by up to 6 pixels), away from its edges
             where[name] = (_CELEBA_SPAN[0] + (_CELEBA_SPAN[1] - _CELEBA_SPAN[0]) * row / (len(_CELEBA_GRID) - 1),
                            _CELEBA_SPAN[0] + (_CELEBA_SPAN[1] - _CELEBA_SPAN[0]) * col / (len(names) - 1))
