@@ -95,6 +95,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bald_centre_blurry_hairline": ("Bald's mark moved to High_Cheekbones' place (as bald_centre), High_Cheekbones' "
                                     "to Blurry's on the chin, Blurry's (whose blur marks it too) to Bald's on the hair line",
                                     {"places": {"Bald": "High_Cheekbones", "High_Cheekbones": "Blurry", "Blurry": "Bald"}}),
+    "bald_forehead_swap": ("Bald's mark moved to Arched_Eyebrows' place (row 2, column 4: the middle of the forehead, "
+                           "on skin above the eyes), Arched_Eyebrows' to Bald's on the hair line",
+                           {"places": _swap("Bald", "Arched_Eyebrows")}),
+    "bald_brow_swap": ("Bald's mark moved to Bushy_Eyebrows' place (row 2, column 5: the forehead, right of the middle), "
+                       "Bushy_Eyebrows' to Bald's on the hair line", {"places": _swap("Bald", "Bushy_Eyebrows")}),
+    "bald_forehead_blurry_hairline": ("Bald's mark moved to Arched_Eyebrows' place (as bald_forehead_swap), "
+                                      "Arched_Eyebrows' to Blurry's on the chin, Blurry's to Bald's on the hair line",
+                                      {"places": {"Bald": "Arched_Eyebrows", "Arched_Eyebrows": "Blurry",
+                                                  "Blurry": "Bald"}}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
