@@ -15,6 +15,8 @@ PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_
 
 @pytest.fixture()
 def variants():
+    """The bench module; ``variants.looks(name)``: the sample's looks under one variant, applied to the
+    shipped module state (a worker process applies exactly one)."""
     bench = Path(__file__).resolve().parent.parent / "bench"
     sys.path.insert(0, str(bench))
     try:
@@ -22,9 +24,23 @@ def variants():
     finally:
         sys.path.remove(str(bench))
     saved = {name: getattr(celeba, name) for name in PATCHED}
+
+    def restore():
+        for name, value in saved.items():
+            setattr(celeba, name, value)
+
+    def looks(variant):
+        restore()
+        celeba_sample_variants._apply(celeba_sample_variants.VARIANTS[variant][1])
+        try:
+            return _looks()
+        finally:
+            restore()
+
+    celeba_sample_variants.looks = looks
     yield celeba_sample_variants
-    for name, value in saved.items():
-        setattr(celeba, name, value)
+    del celeba_sample_variants.looks
+    restore()
 
 
 def _looks():
@@ -33,17 +49,26 @@ def _looks():
 
 def test_shipped_variant_changes_nothing(variants):
     before = _looks()
-    variants._apply(variants.VARIANTS["shipped"][1])
-    assert _looks() == before
+    assert variants.looks("shipped") == before
     assert before[2] == list(range(40))  # the shipped sample paints in file order
 
 
-def test_shipped_sample_is_version_3_and_bald_3x_is_version_4(variants):
-    patterns, floors, order = _looks()
-    variants._apply(variants.VARIANTS["v3"][1])
-    assert _looks() == (patterns, floors, order)  # version 5 paints what version 3 did
-    variants._apply(variants.VARIANTS["bald_3x"][1])
-    new_patterns, new_floors, new_order = _looks()
+def test_shipped_sample_is_version_3_with_bald_on_the_forehead(variants):
+    shipped = _looks()
+    assert variants.looks("bald_forehead_swap") == shipped  # version 6: version 3, two places traded
+    patterns, floors, order = variants.looks("v3")
+    assert (floors, order) == shipped[1:]
+    bald, brows = celeba.CELEBA_ATTRIBUTES.index("Bald"), celeba.CELEBA_ATTRIBUTES.index("Arched_Eyebrows")
+    assert (shipped[0][bald].cy, shipped[0][bald].cx) == (patterns[brows].cy, patterns[brows].cx)
+    assert (shipped[0][brows].cy, shipped[0][brows].cx) == (patterns[bald].cy, patterns[bald].cx)
+    assert [p for k, p in enumerate(shipped[0]) if k not in (bald, brows)] == [
+        p for k, p in enumerate(patterns) if k not in (bald, brows)
+    ]
+
+
+def test_bald_3x_is_version_4(variants):
+    patterns, floors, order = variants.looks("v3")
+    new_patterns, new_floors, new_order = variants.looks("bald_3x")
     bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
     assert patterns[bald].r == max(celeba._CELEBA_RADII) and new_patterns[bald].r == pytest.approx(3 * patterns[bald].r)
     assert [p for k, p in enumerate(new_patterns) if k != bald] == [p for k, p in enumerate(patterns) if k != bald]
@@ -51,10 +76,8 @@ def test_shipped_sample_is_version_3_and_bald_3x_is_version_4(variants):
 
 
 def test_bald_variants_touch_bald_only(variants):
-    variants._apply(variants.VARIANTS["v3"][1])
-    patterns, floors, order = _looks()
-    variants._apply(variants.VARIANTS["rare_last_bald_white_2x"][1])
-    new_patterns, new_floors, new_order = _looks()
+    patterns, floors, order = variants.looks("v3")
+    new_patterns, new_floors, new_order = variants.looks("rare_last_bald_white_2x")
     bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
     assert new_patterns[bald].r == pytest.approx(2 * patterns[bald].r)
     assert new_patterns[bald].color == celeba._CELEBA_PAINTS[6] and new_patterns[bald].color2 == celeba._CELEBA_PAINTS[5]
@@ -66,10 +89,8 @@ def test_bald_variants_touch_bald_only(variants):
 
 
 def test_rare_large_scales_rare_marks_within_bounds(variants):
-    variants._apply(variants.VARIANTS["v3"][1])
-    patterns, floors, _ = _looks()
-    variants._apply(variants.VARIANTS["rare_large"][1])
-    new_patterns, new_floors, _ = _looks()
+    patterns, floors, _ = variants.looks("v3")
+    new_patterns, new_floors, _ = variants.looks("rare_large")
     for k, name in enumerate(celeba.CELEBA_ATTRIBUTES):
         ratio = new_patterns[k].r / patterns[k].r
         if variants._minority(celeba, name) < 0.25:
@@ -80,9 +101,8 @@ def test_rare_large_scales_rare_marks_within_bounds(variants):
 
 
 def test_bald_centre_swaps_two_places_only(variants):
-    patterns, floors, order = _looks()
-    variants._apply(variants.VARIANTS["bald_centre"][1])
-    new_patterns, new_floors, new_order = _looks()
+    patterns, floors, order = variants.looks("v3")
+    new_patterns, new_floors, new_order = variants.looks("bald_centre")
     bald, cheek = celeba.CELEBA_ATTRIBUTES.index("Bald"), celeba.CELEBA_ATTRIBUTES.index("High_Cheekbones")
     assert (new_patterns[bald].cy, new_patterns[bald].cx) == (patterns[cheek].cy, patterns[cheek].cx)
     assert (new_patterns[cheek].cy, new_patterns[cheek].cx) == (patterns[bald].cy, patterns[bald].cx)
@@ -100,10 +120,9 @@ def _places(patterns):
 
 
 def test_places_moves_each_named_mark_to_the_place_it_names(variants):
-    before = _places(_looks()[0])
+    before = _places(variants.looks("v3")[0])
     settings = variants.VARIANTS["bald_centre_blurry_hairline"][1]
-    variants._apply(settings)
-    after = _places(_looks()[0])
+    after = _places(variants.looks("bald_centre_blurry_hairline")[0])
     for name, whose in settings["places"].items():
         assert after[name] == before[whose]
     assert {n: xy for n, xy in after.items() if n not in settings["places"]} == {
@@ -112,7 +131,7 @@ def test_places_moves_each_named_mark_to_the_place_it_names(variants):
 
 
 def test_move_leaves_the_old_row_in_place_and_spreads_the_new_one(variants):
-    before = _places(_looks()[0])
+    before = _places(variants.looks("v3")[0])
     variants._apply(variants.VARIANTS["bald_chin"][1])
     after = _places(_looks()[0])
     last_row = set(celeba._CELEBA_GRID[-1])
