@@ -121,7 +121,8 @@ def _minority(celeba, name: str) -> float:
 
 
 def _apply(settings: dict) -> None:
-    """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say."""
+    """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say, once: the patches
+    start from the module as shipped (a second call would stack on the first)."""
     from mtlue_fast.data.synthetic import celeba
 
     if not settings.get("shipped"):  # back to version 3's places (a swap undoes itself)
