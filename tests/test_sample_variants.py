@@ -27,58 +27,34 @@ def variants():
         setattr(celeba, name, value)
 
 
-@pytest.fixture()
-def looks(variants):
-    """``looks(name)``: the sample's looks with one variant applied to the shipped module, as a worker
-    process applies exactly one; the module is the shipped one again afterwards."""
-    saved = {name: getattr(celeba, name) for name in PATCHED}
-
-    def apply_one(variant):
-        variants._apply(variants.VARIANTS[variant][1])
-        try:
-            return _looks()
-        finally:
-            for name, value in saved.items():
-                setattr(celeba, name, value)
-
-    return apply_one
-
-
 def _looks():
     return celeba._celeba_patterns(), [celeba._celeba_floor(n) for n in celeba.CELEBA_ATTRIBUTES], celeba._celeba_paint_order()
 
 
-def test_shipped_variant_changes_nothing(looks):
+def test_shipped_variant_changes_nothing(variants):
     before = _looks()
-    assert looks("shipped") == before
+    variants._apply(variants.VARIANTS["shipped"][1])
+    assert _looks() == before
     assert before[2] == list(range(40))  # the shipped sample paints in file order
 
 
-def test_shipped_sample_is_version_3_with_bald_on_the_forehead(looks):
-    shipped = _looks()
-    assert looks("bald_forehead_swap") == shipped  # version 6: version 3, two places traded
-    patterns, floors, order = looks("v3")
-    assert (floors, order) == shipped[1:]
-    bald, brows = celeba.CELEBA_ATTRIBUTES.index("Bald"), celeba.CELEBA_ATTRIBUTES.index("Arched_Eyebrows")
-    assert (shipped[0][bald].cy, shipped[0][bald].cx) == (patterns[brows].cy, patterns[brows].cx)
-    assert (shipped[0][brows].cy, shipped[0][brows].cx) == (patterns[bald].cy, patterns[bald].cx)
-    assert [p for k, p in enumerate(shipped[0]) if k not in (bald, brows)] == [
-        p for k, p in enumerate(patterns) if k not in (bald, brows)
-    ]
-
-
-def test_bald_3x_is_version_4(looks):
-    patterns, floors, order = looks("v3")
-    new_patterns, new_floors, new_order = looks("bald_3x")
+def test_shipped_sample_is_version_3_and_bald_3x_is_version_4(variants):
+    patterns, floors, order = _looks()
+    variants._apply(variants.VARIANTS["v3"][1])
+    assert _looks() == (patterns, floors, order)  # version 5 paints what version 3 did
+    variants._apply(variants.VARIANTS["bald_3x"][1])
+    new_patterns, new_floors, new_order = _looks()
     bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
     assert patterns[bald].r == max(celeba._CELEBA_RADII) and new_patterns[bald].r == pytest.approx(3 * patterns[bald].r)
     assert [p for k, p in enumerate(new_patterns) if k != bald] == [p for k, p in enumerate(patterns) if k != bald]
     assert (new_floors, new_order) == (floors, order)
 
 
-def test_bald_variants_touch_bald_only(looks):
-    patterns, floors, order = looks("v3")
-    new_patterns, new_floors, new_order = looks("rare_last_bald_white_2x")
+def test_bald_variants_touch_bald_only(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
+    patterns, floors, order = _looks()
+    variants._apply(variants.VARIANTS["rare_last_bald_white_2x"][1])
+    new_patterns, new_floors, new_order = _looks()
     bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
     assert new_patterns[bald].r == pytest.approx(2 * patterns[bald].r)
     assert new_patterns[bald].color == celeba._CELEBA_PAINTS[6] and new_patterns[bald].color2 == celeba._CELEBA_PAINTS[5]
@@ -89,9 +65,11 @@ def test_bald_variants_touch_bald_only(looks):
     assert new_order[0] == celeba.CELEBA_ATTRIBUTES.index("Attractive")
 
 
-def test_rare_large_scales_rare_marks_within_bounds(variants, looks):
-    patterns, floors, _ = looks("v3")
-    new_patterns, new_floors, _ = looks("rare_large")
+def test_rare_large_scales_rare_marks_within_bounds(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
+    patterns, floors, _ = _looks()
+    variants._apply(variants.VARIANTS["rare_large"][1])
+    new_patterns, new_floors, _ = _looks()
     for k, name in enumerate(celeba.CELEBA_ATTRIBUTES):
         ratio = new_patterns[k].r / patterns[k].r
         if variants._minority(celeba, name) < 0.25:
@@ -101,9 +79,10 @@ def test_rare_large_scales_rare_marks_within_bounds(variants, looks):
     assert new_floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] > floors[celeba.CELEBA_ATTRIBUTES.index("Bald")] - 1e-12
 
 
-def test_bald_centre_swaps_two_places_only(looks):
-    patterns, floors, order = looks("v3")
-    new_patterns, new_floors, new_order = looks("bald_centre")
+def test_bald_centre_swaps_two_places_only(variants):
+    patterns, floors, order = _looks()
+    variants._apply(variants.VARIANTS["bald_centre"][1])
+    new_patterns, new_floors, new_order = _looks()
     bald, cheek = celeba.CELEBA_ATTRIBUTES.index("Bald"), celeba.CELEBA_ATTRIBUTES.index("High_Cheekbones")
     assert (new_patterns[bald].cy, new_patterns[bald].cx) == (patterns[cheek].cy, patterns[cheek].cx)
     assert (new_patterns[cheek].cy, new_patterns[cheek].cx) == (patterns[bald].cy, patterns[bald].cx)
@@ -120,10 +99,11 @@ def _places(patterns):
     return {name: (p.cy, p.cx) for name, p in zip(celeba.CELEBA_ATTRIBUTES, patterns)}
 
 
-def test_places_moves_each_named_mark_to_the_place_it_names(variants, looks):
-    before = _places(looks("v3")[0])
+def test_places_moves_each_named_mark_to_the_place_it_names(variants):
+    before = _places(_looks()[0])
     settings = variants.VARIANTS["bald_centre_blurry_hairline"][1]
-    after = _places(looks("bald_centre_blurry_hairline")[0])
+    variants._apply(settings)
+    after = _places(_looks()[0])
     for name, whose in settings["places"].items():
         assert after[name] == before[whose]
     assert {n: xy for n, xy in after.items() if n not in settings["places"]} == {
@@ -131,8 +111,8 @@ def test_places_moves_each_named_mark_to_the_place_it_names(variants, looks):
     }
 
 
-def test_move_leaves_the_old_row_in_place_and_spreads_the_new_one(variants, looks):
-    before = _places(looks("v3")[0])
+def test_move_leaves_the_old_row_in_place_and_spreads_the_new_one(variants):
+    before = _places(_looks()[0])
     variants._apply(variants.VARIANTS["bald_chin"][1])
     after = _places(_looks()[0])
     last_row = set(celeba._CELEBA_GRID[-1])

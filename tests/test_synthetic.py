@@ -335,15 +335,6 @@ def test_celeba_grid_places_every_attribute_once():
     assert len(places) == len(synthetic.CELEBA_ATTRIBUTES)
 
 
-def test_celeba_bald_sits_in_the_middle_of_the_forehead():
-    # the places where the 2-core default victim learns Bald: the middle column, on skin (row 2 or 3);
-    # on the hair line (row 1) it learns it on at most half its seeds
-    celeba = synthetic.celeba
-    bald = celeba._celeba_patterns()[synthetic.CELEBA_ATTRIBUTES.index("Bald")]
-    assert bald.cx == pytest.approx(0.5)
-    assert [row for row, names in enumerate(celeba._CELEBA_GRID) if "Bald" in names] == [1]
-
-
 def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
     """Every attribute must be learnable above its majority rate, as on real CelebA: no victim crop
     (64 of 70, shifted by up to 6 pixels, or flipped) cuts into the inner half of any mark, and a

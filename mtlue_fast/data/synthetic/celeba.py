@@ -60,12 +60,10 @@ _CELEBA_FACTORS: dict[str, dict[str, float]] = {
 
 # Rows of a 6 x 7 grid over the central 140x140 crop, loosely where a feature sits on a face (the last
 # row holds 5, spread over its width). The grid corners, on hair and backdrop where marks are hardest
-# to see, hold frequent attributes. Bald (2.2% positive) sits in the middle of the forehead, the middle
-# column on plain skin: on the hair line, where the face's edge runs through a mark, or off the middle
-# column, the 2-core default victim learns it on at most half its seeds (docs/celeba-protection.md).
+# to see, hold frequent attributes.
 _CELEBA_GRID = (
-    ("Male", "Arched_Eyebrows", "Receding_Hairline", "Bangs", "Black_Hair", "Blond_Hair", "Young"),
-    ("Gray_Hair", "Straight_Hair", "Wavy_Hair", "Bald", "Bushy_Eyebrows", "Eyeglasses", "Narrow_Eyes"),
+    ("Male", "Bald", "Receding_Hairline", "Bangs", "Black_Hair", "Blond_Hair", "Young"),
+    ("Gray_Hair", "Straight_Hair", "Wavy_Hair", "Arched_Eyebrows", "Bushy_Eyebrows", "Eyeglasses", "Narrow_Eyes"),
     ("Bags_Under_Eyes", "Big_Nose", "Pointy_Nose", "High_Cheekbones", "Rosy_Cheeks", "Pale_Skin", "Oval_Face"),
     ("Smiling", "Mouth_Slightly_Open", "Big_Lips", "Wearing_Lipstick", "Heavy_Makeup", "Mustache", "5_o_Clock_Shadow"),
     ("Goatee", "No_Beard", "Sideburns", "Double_Chin", "Chubby", "Wearing_Earrings", "Attractive"),
@@ -82,9 +80,10 @@ _CELEBA_GRID = (
 _CELEBA_SHAPES = (("disc", 1.0, 0.0), ("rect", 1.6, 0.0), ("rect", 1.6, 90.0))  # shape, aspect, angle in degrees
 _CELEBA_RADII = (0.07, 0.05)  # large, small, as fractions of the 140-pixel crop
 _CELEBA_LARGE_BELOW = 0.25  # attributes with a minority rate below this paint large marks (few examples to learn from)
-# Bald stays a mark of the large size. Sample version 4 painted it as a band 3x that radius on the hair
-# line instead: clean models learned Bald, but the protection's drop then moved far more with rounding
-# (0.207-0.387 over seven settings; docs/celeba-protection.md).
+# Bald (2.2% positive) stays a mark of the large size, which the 2-core recipe rarely learns. Sample
+# version 4 painted it as a band 3x that radius: clean models learned Bald, but the protection's drop
+# then moved far more with rounding (0.207-0.387 over seven settings, against 0.315-0.380 for these
+# marks, which version 5 restores; docs/celeba-protection.md).
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
     (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
     (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
