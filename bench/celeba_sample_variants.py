@@ -36,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEARNED_MARGIN = 0.01
 N_TRAIN, N_TEST = 8000, 2000
 
+
 def _swap(a: str, b: str) -> dict[str, str]:
     """``places`` setting: marks ``a`` and ``b`` trade places."""
     return {a: b, b: a}
