@@ -105,6 +105,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                       "Arched_Eyebrows' to Blurry's on the chin, Blurry's to Bald's on the hair line",
                                       {"places": {"Bald": "Arched_Eyebrows", "Arched_Eyebrows": "Blurry",
                                                   "Blurry": "Bald"}}),
+    "bald_bangs_swap": ("Bald's mark moved to Bangs' place (row 1, column 4: the middle of the hair line), Bangs' to "
+                        "Bald's (the hair line, left of the middle)", {"places": _swap("Bald", "Bangs")}),
+    "bald_hat_swap": ("Bald's mark moved to Wearing_Hat's place (the last row, third of five: the middle of the chin), "
+                      "Wearing_Hat's to Bald's on the hair line", {"places": _swap("Bald", "Wearing_Hat")}),
+    "bald_white_green": ("Bald painted white over green (no near-black half to vanish on dark hair; a pair no other "
+                         "wide bar uses), at its own place and size", {"bald_paint": (6, 2)}),
+    "bald_green_white": ("Bald painted green over white, at its own place and size", {"bald_paint": (2, 6)}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
