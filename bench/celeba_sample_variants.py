@@ -43,11 +43,13 @@ def _swap(a: str, b: str) -> dict[str, str]:
 
 
 #: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
-#: version 3 (Bald a spot of the large size), which version 5 paints again.
+#: version 3 (Bald a spot of the large size, red over near black, on the hair line), which version 5
+#: painted again; version 6 paints Bald green over white (``bald_green_white``).
 #: Sizes multiply a mark's radius; "rare" means a minority rate below 0.25 (the sample's own rule for
 #: large marks).
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "shipped": ("the sample as shipped (version 5: version 3's marks)", {}),
+    "shipped": ("the sample as shipped (version 6: version 3's marks, Bald painted green over white)",
+                {"shipped": True}),
     "v3": ("sample version 3: Bald a spot of the large radius", {}),
     "bald_large": ("Bald's mark 1.4x larger", {"bald_scale": 1.4}),
     "bald_floor": ("Bald's faintest case at 0.8 of its opacity instead of 0.5", {"bald_floor": 0.8}),
@@ -60,20 +62,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "rare_last_bald_white_2x": ("rare_last, and Bald 2x larger, white over black",
                                 {"rare_last": True, "bald_scale": 2.0, "bald_paint": (6, 5)}),
     "v3_30_epochs": ("sample version 3, trained for 30 epochs instead of 20", {"epochs": 30}),
-    "width_half": ("the sample as shipped, a clean model of width 0.5 (about 4x the default's compute)", {"width": 0.5}),
-    "width_half_10_epochs": ("the sample as shipped, a clean model of width 0.5 trained for 10 epochs (about 2x the "
+    "width_half": ("sample version 5 (version 3's marks), a clean model of width 0.5 (about 4x the default's compute)", {"width": 0.5}),
+    "width_half_10_epochs": ("sample version 5 (version 3's marks), a clean model of width 0.5 trained for 10 epochs (about 2x the "
                              "default's compute)", {"width": 0.5, "epochs": 10}),
-    "width_full": ("the sample as shipped, a clean model of width 1.0 (the real-data default's backbone)",
+    "width_full": ("sample version 5 (version 3's marks), a clean model of width 1.0 (the real-data default's backbone)",
                    {"width": 1.0}),
-    "lr_2x": ("the sample as shipped, the clean model trained at twice the learning rate (0.002)",
+    "lr_2x": ("sample version 5 (version 3's marks), the clean model trained at twice the learning rate (0.002)",
               {"set": {"train.lr": 0.002}}),
-    "lr_4x": ("the sample as shipped, the clean model trained at four times the learning rate (0.004)",
+    "lr_4x": ("sample version 5 (version 3's marks), the clean model trained at four times the learning rate (0.004)",
               {"set": {"train.lr": 0.004}}),
-    "batch_64": ("the sample as shipped, batches of 64 instead of 128 (twice the steps)", {"set": {"train.batch_size": 64}}),
-    "no_weight_decay": ("the sample as shipped, the clean model trained without weight decay (0 instead of 1e-4: "
+    "batch_64": ("sample version 5 (version 3's marks), batches of 64 instead of 128 (twice the steps)", {"set": {"train.batch_size": 64}}),
+    "no_weight_decay": ("sample version 5 (version 3's marks), the clean model trained without weight decay (0 instead of 1e-4: "
                         "Adam scales the decay of a rare attribute's head as much as its small loss gradient)",
                         {"set": {"train.weight_decay": 0.0}}),
-    "late_decay": ("the sample as shipped, the learning rate decayed at 80% and 90% of the epochs instead of 60% and 80%",
+    "late_decay": ("sample version 5 (version 3's marks), the learning rate decayed at 80% and 90% of the epochs instead of 60% and 80%",
                    {"set": {"train.milestones": "[0.8,0.9]"}}),
     "bald_3x": ("Bald's mark 3x larger: a band over the top of the face (version 4)", {"bald_scale": 3.0}),
     "bald_3x_last": ("Bald's mark 3x larger and painted last, over every other mark",
@@ -128,6 +130,8 @@ def _apply(settings: dict) -> None:
     """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say."""
     from mtlue_fast.data.synthetic import celeba
 
+    if not settings.get("shipped"):  # back to version 3's paints: every mark by the sample's rule
+        celeba._CELEBA_PAINT_OVERRIDES = {}
     patterns, floor = celeba._celeba_patterns, celeba._celeba_floor
 
     def patched_patterns():

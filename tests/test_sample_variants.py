@@ -10,7 +10,7 @@ import pytest
 
 from mtlue_fast.data.synthetic import celeba
 
-PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_GRID")
+PATCHED = ("_celeba_patterns", "_celeba_floor", "_celeba_paint_order", "_CELEBA_GRID", "_CELEBA_PAINT_OVERRIDES")
 
 
 @pytest.fixture()
@@ -38,10 +38,24 @@ def test_shipped_variant_changes_nothing(variants):
     assert before[2] == list(range(40))  # the shipped sample paints in file order
 
 
-def test_shipped_sample_is_version_3_and_bald_3x_is_version_4(variants):
-    patterns, floors, order = _looks()
+def test_shipped_sample_is_version_3_with_bald_green_over_white(variants):
+    shipped = _looks()
     variants._apply(variants.VARIANTS["v3"][1])
-    assert _looks() == (patterns, floors, order)  # version 5 paints what version 3 did
+    patterns, floors, order = _looks()
+    assert (floors, order) == shipped[1:]
+    bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
+    assert (patterns[bald].color, patterns[bald].color2) == (celeba._CELEBA_PAINTS[0], celeba._CELEBA_PAINTS[5])
+    assert (shipped[0][bald].color, shipped[0][bald].color2) == (celeba._CELEBA_PAINTS[2], celeba._CELEBA_PAINTS[6])
+    same_paint = dict(color=patterns[bald].color, color2=patterns[bald].color2)
+    assert dataclasses.replace(shipped[0][bald], **same_paint) == patterns[bald]
+    assert [p for k, p in enumerate(shipped[0]) if k != bald] == [p for k, p in enumerate(patterns) if k != bald]
+    variants._apply(variants.VARIANTS["bald_green_white"][1])
+    assert _looks() == shipped  # version 6 is the variant that was screened
+
+
+def test_bald_3x_is_version_4(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
+    patterns, floors, order = _looks()
     variants._apply(variants.VARIANTS["bald_3x"][1])
     new_patterns, new_floors, new_order = _looks()
     bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
@@ -80,6 +94,7 @@ def test_rare_large_scales_rare_marks_within_bounds(variants):
 
 
 def test_bald_centre_swaps_two_places_only(variants):
+    variants._apply(variants.VARIANTS["v3"][1])
     patterns, floors, order = _looks()
     variants._apply(variants.VARIANTS["bald_centre"][1])
     new_patterns, new_floors, new_order = _looks()

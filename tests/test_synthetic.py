@@ -335,6 +335,18 @@ def test_celeba_grid_places_every_attribute_once():
     assert len(places) == len(synthetic.CELEBA_ATTRIBUTES)
 
 
+def test_celeba_marks_differ_in_paint_or_shape():
+    # a GAP-pooled victim tells marks apart by colour and coarse shape, not by place: no two attributes
+    # share (upper paint, lower paint, shape); Bald, on the hair line, has no near-black half, which
+    # vanished on dark hair in sample versions 3 and 5
+    celeba = synthetic.celeba
+    patterns = celeba._celeba_patterns()
+    looks = {(p.color, p.color2, p.shape, p.aspect, p.angle) for p in patterns}
+    assert len(looks) == len(synthetic.CELEBA_ATTRIBUTES)
+    bald = patterns[synthetic.CELEBA_ATTRIBUTES.index("Bald")]
+    assert celeba._CELEBA_PAINTS[5] not in (bald.color, bald.color2)
+
+
 def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
     """Every attribute must be learnable above its majority rate, as on real CelebA: no victim crop
     (64 of 70, shifted by up to 6 pixels, or flipped) cuts into the inner half of any mark, and a
@@ -355,7 +367,7 @@ def test_celeba_marks_fit_every_victim_crop_and_rare_ones_paint_stronger():
     for name, pattern in zip(synthetic.CELEBA_ATTRIBUTES, celeba._celeba_patterns()):  # rare: the large marks
         if minority[name] < celeba._CELEBA_LARGE_BELOW:
             assert pattern.r == pytest.approx(max(celeba._CELEBA_RADII)), name
-    # version 5: no mark scaled beyond the two sizes (version 4's Bald band made the drop hang on rounding)
+    # since version 5: no mark scaled beyond the two sizes (version 4's Bald band made the drop hang on rounding)
     assert {pattern.r for pattern in celeba._celeba_patterns()} <= set(celeba._CELEBA_RADII)
 
 

@@ -50,7 +50,7 @@ __all__ = [
 ]  # fmt: skip
 
 #: Bumped whenever the generated pixels or labels change, so shared copies written by older code are not reused.
-VERSION = 5
+VERSION = 6
 
 #: Image size ``(H, W)`` in pixels written by default (the original releases' sizes, X-rays reduced).
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {

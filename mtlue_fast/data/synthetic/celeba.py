@@ -80,10 +80,12 @@ _CELEBA_GRID = (
 _CELEBA_SHAPES = (("disc", 1.0, 0.0), ("rect", 1.6, 0.0), ("rect", 1.6, 90.0))  # shape, aspect, angle in degrees
 _CELEBA_RADII = (0.07, 0.05)  # large, small, as fractions of the 140-pixel crop
 _CELEBA_LARGE_BELOW = 0.25  # attributes with a minority rate below this paint large marks (few examples to learn from)
-# Bald (2.2% positive) stays a mark of the large size, which the 2-core recipe rarely learns. Sample
-# version 4 painted it as a band 3x that radius: clean models learned Bald, but the protection's drop
-# then moved far more with rounding (0.207-0.387 over seven settings, against 0.315-0.380 for these
-# marks, which version 5 restores; docs/celeba-protection.md).
+# Paints (upper, lower) that replace the rule above. Bald (2.2% positive) sits on the hair line: in the
+# rule's red over near black, whose dark half vanished on dark hair, the 2-core victim rarely learned it
+# (sample versions 3 and 5), and a mark 3x larger there (version 4) made the drop move with rounding.
+# Green over white, a pair no other wide bar uses, is learned on every seed measured (version 6;
+# docs/celeba-protection.md).
+_CELEBA_PAINT_OVERRIDES = {"Bald": (2, 6)}
 _CELEBA_PAINTS = (  # red, yellow, green, blue, magenta, near black, near white
     (0.95, 0.2, 0.15), (0.95, 0.9, 0.15), (0.2, 0.85, 0.25), (0.2, 0.4, 0.95), (0.9, 0.25, 0.9),
     (0.06, 0.06, 0.06), (0.97, 0.97, 0.97),
@@ -116,9 +118,10 @@ def _celeba_patterns() -> list[_Pattern]:
         cy, cx = where[name]
         minority = min(CELEBA_PREVALENCE[name], 1.0 - CELEBA_PREVALENCE[name])
         size = 0 if minority < _CELEBA_LARGE_BELOW else m // 3
+        paint, paint2 = _CELEBA_PAINT_OVERRIDES.get(name, (upper, (upper + 1 + m) % 7))
         patterns.append(
             _Pattern(cy, cx, r=_CELEBA_RADII[size], shape=shape, aspect=aspect, angle=math.radians(angle),
-                     color=_CELEBA_PAINTS[upper], color2=_CELEBA_PAINTS[(upper + 1 + m) % 7], amp=_celeba_amp(name),
+                     color=_CELEBA_PAINTS[paint], color2=_CELEBA_PAINTS[paint2], amp=_celeba_amp(name),
                      jitter=0.015, spin=0.1, scale=(0.9, 1.1), blend=True)
         )  # fmt: skip
     return patterns
