@@ -130,8 +130,8 @@ def _apply(settings: dict) -> None:
     """Patch ``mtlue_fast.data.synthetic.celeba`` in this process as ``settings`` say."""
     from mtlue_fast.data.synthetic import celeba
 
-    if not settings.get("shipped"):  # back to version 3's paints: every mark by the sample's rule
-        celeba._CELEBA_PAINT_OVERRIDES = {}
+    if not settings.get("shipped"):  # version 3's paints (every mark by the sample's rule), but bald_paint
+        celeba._CELEBA_PAINT_OVERRIDES = {"Bald": settings["bald_paint"]} if "bald_paint" in settings else {}
     patterns, floor = celeba._celeba_patterns, celeba._celeba_floor
 
     def patched_patterns():
@@ -143,10 +143,6 @@ def _apply(settings: dict) -> None:
             scale *= settings.get("scales", {}).get(name, 1.0)
             if name == "Bald":
                 scale *= settings.get("bald_scale", 1.0)
-                if "bald_paint" in settings:
-                    upper, lower = settings["bald_paint"]
-                    out[k] = dataclasses.replace(out[k], color=celeba._CELEBA_PAINTS[upper],
-                                                 color2=celeba._CELEBA_PAINTS[lower])
             out[k] = dataclasses.replace(out[k], r=out[k].r * scale)
         return out
 
