@@ -114,6 +114,11 @@ class VictimSettings:
             uint8 cache the export wrote; ``files``, a cache the ordinary reader builds from the
             published image files (``OUT/protected/images``, needs ``export_images``), as an
             unauthorised user of the published dataset would.
+        processes: on a CPU, how many victims train at once, each in a process of its own with an
+            equal share of the threads (``auto``: as many as there are victims and threads; 1: one
+            after another with every thread). A GPU or ``torchrun`` trains them one after another.
+            A victim's numbers are those of the same victim trained alone with that many threads;
+            like the thread count, the setting is not part of the run's identity.
     """
 
     seeds: int = 1
@@ -123,8 +128,11 @@ class VictimSettings:
     width: float | None = None
     reuse_surrogate: bool = False
     data: str = "cache"
+    processes: int | str = "auto"
 
     def __post_init__(self) -> None:
+        if self.processes != "auto" and (isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1):
+            raise ConfigError(f"victims.processes must be 'auto' or an integer >= 1, got {self.processes!r}")
         if self.seeds < 1:
             raise ConfigError(f"victims.seeds must be >= 1, got {self.seeds!r}")
         if self.first_seed is not None and self.first_seed < 0:
@@ -222,16 +230,18 @@ class RunConfig:
 
 
 def identity_of(settings: dict) -> dict:
-    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, nor a
-    ``victims.width`` that is unset or the surrogate's (the same victims; runs recorded before the
+    """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, its
+    ``victims.processes``, nor a ``victims.width`` that is unset or the surrogate's (the same victims; runs recorded before the
     setting existed keep their digests)."""
     out = dict(settings)
     for section in ("train", "generate"):
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k != "progress"}
     victims, train = out.get("victims"), out.get("train")
-    if isinstance(victims, dict) and victims.get("width") in (None, (train or {}).get("width")):
-        out["victims"] = {k: v for k, v in victims.items() if k != "width"}
+    if isinstance(victims, dict):
+        # processes only schedules the victims, as the thread count does.
+        drop = {"processes"} | ({"width"} if victims.get("width") in (None, (train or {}).get("width")) else set())
+        out["victims"] = {k: v for k, v in victims.items() if k not in drop}
     return out
 
 

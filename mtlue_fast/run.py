@@ -53,7 +53,7 @@ from .defenses import defend_cache
 from .fileio import atomic_path, read_json, write_json
 from .models import BACKBONES, build_model
 from .mtl.weighting import STRATEGIES
-from .train import checkpoint, load_model, train, train_stl
+from .train import checkpoint, load_model, side_by_side, train, train_stl
 from .train.tasks import select_tasks
 from .train.victim import model_args
 from .ue import baselines
@@ -500,11 +500,10 @@ class Run:
             clean = self._defended(clean, shared)
             protected = self._defended(protected, base / f"defended-{cfg.defense}")
         seeds = cfg.victim_seeds()
+        self._victims_side_by_side(seeds, cell, clean, protected)
         victims = []
         for number, seed in enumerate(seeds, start=1):
-            train_cfg = cfg.victim_train(seed)
-            if cfg.defense in ("augment", "adv"):
-                train_cfg = train_cfg.replace(defense=cfg.defense, defense_eps=cfg.generate.eps)
+            train_cfg = self._victim_config(seed)
             folder = cell / f"seed-{seed}"
             label = f"victim {number}/{len(seeds)} (seed {seed}"
             pair = {"seed": seed}
@@ -523,6 +522,34 @@ class Run:
         if dist.info().is_main:
             victim_cells.finish_cell(cell, victims)
         dist.barrier()
+
+    def _victim_config(self, seed: int):
+        train_cfg = self.cfg.victim_train(seed)
+        if self.cfg.defense in ("augment", "adv"):
+            train_cfg = train_cfg.replace(defense=self.cfg.defense, defense_eps=self.cfg.generate.eps)
+        return train_cfg
+
+    def _victims_side_by_side(self, seeds: list[int], cell: Path, clean, protected) -> None:
+        """On a CPU, train the victims not yet finished in processes of their own, side by side
+        (``victims.processes``, :mod:`mtlue_fast.train.side_by_side`); the caller's loop then reads
+        their stored results. Nothing to do with one process (a GPU, torchrun, one thread)."""
+        cfg = self.cfg
+        jobs = []
+        for number, seed in enumerate(seeds, start=1):
+            for kind, data in (("clean", clean), ("protected", protected)):
+                out_dir = cell / f"seed-{seed}" / kind
+                if (kind == "clean" and cfg.victims.reuse_surrogate) or (out_dir / "result.json").exists():
+                    continue
+                jobs.append(side_by_side.TrainJob(
+                    Path(data.path), Path(self.test_cache.path), out_dir, self._victim_config(seed), self._crop(),
+                    f"victim {number}/{len(seeds)} (seed {seed}, {kind} data)", single_task=cfg.victim == "stl",
+                ))  # fmt: skip
+        images_seen = len(clean) * (jobs[0].config.epochs if jobs else 0)
+        processes, threads = side_by_side.plan_processes(
+            cfg.victims.processes, len(jobs), torch.get_num_threads(), self.device, dist.info().distributed, images_seen
+        )
+        if processes > 1:
+            side_by_side.train_side_by_side(jobs, processes, threads, self.log)
 
     def _surrogate_as_clean(self, victim_cfg) -> dict:
         """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only

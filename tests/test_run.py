@@ -263,3 +263,33 @@ def test_defended_runs_train_both_victims_under_the_defence(tmp_path, cache_root
             assert stored["config"]["defense"] == "augment"
     if defense == "grayscale":
         assert any((cache_root / "defended").glob("grayscale-*"))  # the defended clean data, shared
+
+
+def test_victims_side_by_side_equal_victims_trained_alone(tmp_path, capsys):
+    """victims.processes=2: each victim trains in a process of its own at one thread, and ends with
+    the very weights of the same victim trained in this process at one thread."""
+    threads = torch.get_num_threads()
+    out = tmp_path / "run"
+    try:
+        torch.set_num_threads(1)
+        assert smoke(out, "chestxray", "--victim-seeds", "2") == 0
+        cell = victim_dir(out)
+        alone = {p.relative_to(cell): torch.load(p, weights_only=False)["model"] for p in sorted(cell.glob("seed-*/*/final.pt"))}
+        first = json.loads((out / "report.json").read_text())["victims"]
+        for folder in cell.glob("seed-*"):
+            shutil.rmtree(folder)
+        (out / "victims.json").unlink()
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        assert main(["--dataset", "chestxray", "--preset", "smoke", "--device", "cpu", "--out", str(out),
+                     "--victim-seeds", "2", "--resume", "--set", "victims.processes=2"]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert "training 4 networks side by side: 2 processes of 1 thread" in capsys.readouterr().err
+    side = {p.relative_to(cell): torch.load(p, weights_only=False)["model"] for p in sorted(cell.glob("seed-*/*/final.pt"))}
+    assert side.keys() == alone.keys() and len(side) == 4
+    for name, weights in alone.items():
+        for key, value in weights.items():
+            assert torch.equal(value, side[name][key]), (name, key)
+    again = json.loads((out / "report.json").read_text())["victims"]
+    assert [(v["clean"], v["protected"]) for v in again] == [(v["clean"], v["protected"]) for v in first]

@@ -1,0 +1,49 @@
+"""How many processes the victims train in (``victims.processes``); equality with trainings run
+alone is tested end to end in test_run.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlue_fast.config import ConfigError, VictimSettings, resolve
+from mtlue_fast.train.side_by_side import AUTO_MIN_IMAGES, plan_processes
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+BIG = AUTO_MIN_IMAGES
+
+
+@pytest.mark.parametrize(
+    "requested, trainings, threads, expected",
+    [
+        ("auto", 2, 2, (2, 1)),   # the synthetic default's victim pair on 2 cores
+        ("auto", 6, 2, (2, 1)),   # three pairs: two at a time
+        ("auto", 2, 16, (2, 8)),
+        ("auto", 6, 16, (6, 2)),
+        ("auto", 2, 1, (1, 1)),   # OMP_NUM_THREADS=1: one after another, as before
+        ("auto", 1, 8, (1, 8)),   # nothing to put beside it
+        (1, 6, 16, (1, 16)),
+        (3, 6, 16, (3, 5)),
+        (8, 2, 4, (2, 2)),        # never more processes than trainings or threads
+    ],
+)
+def test_plan_processes_on_a_cpu(requested, trainings, threads, expected):
+    assert plan_processes(requested, trainings, threads, CPU, False, BIG) == expected
+
+
+def test_one_process_on_a_gpu_under_torchrun_and_for_small_trainings():
+    assert plan_processes("auto", 2, 16, CUDA, False, BIG) == (1, 16)
+    assert plan_processes(2, 2, 16, CUDA, False, BIG) == (1, 16)
+    assert plan_processes("auto", 2, 16, CPU, True, BIG) == (1, 16)
+    assert plan_processes("auto", 2, 16, CPU, False, BIG - 1) == (1, 16)  # a process's start would outweigh it
+    assert plan_processes(2, 2, 16, CPU, False, 10) == (2, 8)  # asked for explicitly
+
+
+def test_processes_setting_is_checked_and_leaves_the_run_identity_alone():
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ConfigError, match="victims.processes"):
+            VictimSettings(processes=bad)
+    plain = resolve("chestxray", synthetic=True)
+    two = resolve("chestxray", synthetic=True, assignments=["victims.processes=2"])
+    assert two.victims.processes == 2 and plain.victims.processes == "auto"
+    assert plain.identity() == two.identity()
