@@ -115,8 +115,9 @@ class VictimSettings:
             published image files (``OUT/protected/images``, needs ``export_images``), as an
             unauthorised user of the published dataset would.
         processes: on a CPU, how many victims train at once, each in a process of its own with an
-            equal share of the threads (``auto``: as many as there are victims and threads; 1: one
-            after another with every thread). A GPU or ``torchrun`` trains them one after another.
+            equal share of the threads (``auto``: as many as there are victims and threads, for
+            victims that see at least 20,000 images over their epochs; 1: one after another with
+            every thread). A GPU or ``torchrun`` trains them one after another.
             A victim's numbers are those of the same victim trained alone with that many threads;
             like the thread count, the setting is not part of the run's identity.
     """
@@ -231,8 +232,8 @@ class RunConfig:
 
 def identity_of(settings: dict) -> dict:
     """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, its
-    ``victims.processes``, nor a ``victims.width`` that is unset or the surrogate's (the same victims; runs recorded before the
-    setting existed keep their digests)."""
+    ``victims.processes``, nor a ``victims.width`` that is unset or the surrogate's (the same
+    victims; runs recorded before the setting existed keep their digests)."""
     out = dict(settings)
     for section in ("train", "generate"):
         if isinstance(out.get(section), dict):
