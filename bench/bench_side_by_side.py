@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtlue_fast.data.cache import open_cache
 from mtlue_fast.train import TrainConfig, train
 from mtlue_fast.train.side_by_side import TrainJob, train_side_by_side
 
@@ -63,8 +64,6 @@ def test_victim_pair(benchmark, caches, bench_device, size, schedule):
     threads = torch.get_num_threads()
     if schedule == "side-by-side" and threads < 2:
         pytest.skip("side by side needs at least 2 threads")
-    from mtlue_fast.data.cache import open_cache
-
     rounds = itertools.count()
 
     def once():

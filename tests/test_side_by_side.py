@@ -47,3 +47,15 @@ def test_processes_setting_is_checked_and_leaves_the_run_identity_alone():
     two = resolve("chestxray", synthetic=True, assignments=["victims.processes=2"])
     assert two.victims.processes == 2 and plain.victims.processes == "auto"
     assert plain.identity() == two.identity()
+
+
+def test_a_failing_training_raises_its_error_in_the_caller(tmp_path):
+    """A job whose cache folder is missing: the spawned process's error reaches the caller."""
+    from mtlue_fast.train import TrainConfig
+    from mtlue_fast.train.side_by_side import TrainJob, train_side_by_side
+
+    missing = tmp_path / "no-such-cache"
+    job = TrainJob(missing, missing, tmp_path / "out", TrainConfig(epochs=1, progress=False))
+    with pytest.raises(FileNotFoundError, match="no-such-cache"):
+        train_side_by_side([job, job], 2, 1, log=lambda text: None)
+    assert not (tmp_path / "out").exists()

@@ -95,17 +95,17 @@ def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, l
     with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(_run_job, job) for job in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in futures:
-            if future in done and future.exception() is not None:
-                for other in futures:
-                    other.cancel()
-                error = future.exception()
-                if isinstance(error, BrokenProcessPool):
-                    raise RuntimeError(
-                        "a training process ended without a result (killed, e.g. out of memory?); "
-                        "rerun with --set victims.processes=1 to train one network at a time"
-                    ) from error
-                raise error
+        failed = next((f for f in done if f.exception() is not None), None)
+        if failed is None:
+            return
+        pool.shutdown(wait=True, cancel_futures=True)  # the running jobs finish; the others never start
+        error = failed.exception()
+    if isinstance(error, BrokenProcessPool):
+        raise RuntimeError(
+            "a training process ended without a result (killed, e.g. out of memory?); "
+            "rerun with --set victims.processes=1 to train one network at a time"
+        ) from error
+    raise error
 
 
 def _set_threads(threads: int) -> None:
