@@ -42,6 +42,9 @@ def _swap(a: str, b: str) -> dict[str, str]:
     return {a: b, b: a}
 
 
+#: Paints (upper, lower; indices into ``_CELEBA_PAINTS``) of ``distinct_paints``.
+_DISTINCT_PAINTS = {"Brown_Hair": (2, 0), "Bangs": (4, 2), "Blond_Hair": (0, 6), "Sideburns": (2, 5)}
+
 #: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
 #: version 3 (Bald a spot of the large size, red over near black, on the hair line), which version 5
 #: painted again; version 6 paints Bald green over white (``bald_green_white``).
@@ -114,6 +117,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bald_white_green": ("Bald painted white over green (no near-black half to vanish on dark hair; a pair no other "
                          "wide bar uses), at its own place and size", {"bald_paint": (6, 2)}),
     "bald_green_white": ("Bald painted green over white, at its own place and size", {"bald_paint": (2, 6)}),
+    "shipped_rare_large": ("the shipped sample (version 6) with rare marks larger, as rare_large, except Bald (its "
+                           "size kept)", {"shipped": True, "rare_radius_power": 0.25, "floor_power": 0.75,
+                                          "scales": {"Bald": 1 / 1.5}}),
+    "shipped_rare_floor": ("the shipped sample (version 6) with the rare marks' faintest case raised as in rare_large "
+                           "(0.15 * (0.5 / minority) ** 0.75 up to 0.6), their sizes kept", {"shipped": True, "floor_power": 0.75}),
+    "shipped_rare_last": ("the shipped sample (version 6) with its marks painted from the most common to the rarest "
+                          "(as rare_last), so that no common mark covers a rare one", {"shipped": True, "rare_last": True}),
+    "shipped_rare_last_floor": ("shipped_rare_last, and the rare marks' faintest case raised as in shipped_rare_floor",
+                                {"shipped": True, "rare_last": True, "floor_power": 0.75}),
+    "distinct_paints": ("the shipped sample (version 6) with the rare marks the clean models miss on some seeds "
+                        "painted so that each half shares its paint and shape only with rarer attributes' marks: "
+                        "Brown_Hair green over red, Bangs magenta over green, Blond_Hair red over white, "
+                        "Sideburns green over near black", {"shipped": True, "paints": _DISTINCT_PAINTS}),
+    "distinct_paints_rare_last": ("distinct_paints, and the marks painted from the most common to the rarest",
+                                  {"shipped": True, "paints": _DISTINCT_PAINTS, "rare_last": True}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
@@ -132,6 +150,8 @@ def _apply(settings: dict) -> None:
 
     if not settings.get("shipped"):  # version 3's paints (every mark by the sample's rule), but bald_paint
         celeba._CELEBA_PAINT_OVERRIDES = {"Bald": settings["bald_paint"]} if "bald_paint" in settings else {}
+    if "paints" in settings:
+        celeba._CELEBA_PAINT_OVERRIDES = {**celeba._CELEBA_PAINT_OVERRIDES, **settings["paints"]}
     patterns, floor = celeba._celeba_patterns, celeba._celeba_floor
 
     def patched_patterns():

@@ -3,6 +3,11 @@ alone is tested end to end in test_run.py."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+import time
+
 import pytest
 import torch
 
@@ -59,3 +64,37 @@ def test_a_failing_training_raises_its_error_in_the_caller(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-cache"):
         train_side_by_side([job, job], 2, 1, log=lambda text: None)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe to hold the training process")
+def test_a_killed_training_process_names_the_setting_that_avoids_it(tmp_path):
+    """A training process killed mid-job (as the kernel's out-of-memory killer would): the caller
+    gets a RuntimeError that says how to train one network at a time, not a bare BrokenProcessPool."""
+    from mtlue_fast.train import TrainConfig
+    from mtlue_fast.train.side_by_side import TrainJob, train_side_by_side
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / "manifest.json")  # the job blocks opening it, until killed
+    job = TrainJob(cache, cache, tmp_path / "out", TrainConfig(epochs=1, progress=False))
+
+    def kill_the_training_process() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            children = multiprocessing.active_children()
+            if children:
+                time.sleep(1.0)  # let it reach the job
+                for child in children:
+                    child.kill()
+                return
+            time.sleep(0.05)
+        with open(cache / "manifest.json", "w") as pipe:  # never started: release the job rather than hang
+            pipe.write("{}")
+
+    killer = threading.Thread(target=kill_the_training_process)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="victims.processes=1"):
+            train_side_by_side([job, job], 1, 1, log=lambda text: None)
+    finally:
+        killer.join()
