@@ -44,6 +44,9 @@ def _swap(a: str, b: str) -> dict[str, str]:
 
 #: Paints (upper, lower; indices into ``_CELEBA_PAINTS``) of ``distinct_paints``.
 _DISTINCT_PAINTS = {"Brown_Hair": (2, 0), "Bangs": (4, 2), "Blond_Hair": (0, 6), "Sideburns": (2, 5)}
+_DISTINCT_PAINTS_3 = {name: paints for name, paints in _DISTINCT_PAINTS.items() if name != "Blond_Hair"}
+_DISTINCT_PAINTS_4 = {**_DISTINCT_PAINTS_3, "Wearing_Hat": (6, 5)}
+_DISTINCT_PAINTS_5 = {**_DISTINCT_PAINTS_3, "Wearing_Hat": (6, 0)}
 
 #: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
 #: version 3 (Bald a spot of the large size, red over near black, on the hair line), which version 5
@@ -132,6 +135,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                         "Sideburns green over near black", {"shipped": True, "paints": _DISTINCT_PAINTS}),
     "distinct_paints_rare_last": ("distinct_paints, and the marks painted from the most common to the rarest",
                                   {"shipped": True, "paints": _DISTINCT_PAINTS, "rare_last": True}),
+    "distinct_paints_3": ("distinct_paints with Blond_Hair's version-6 paints kept (yellow over near black): red over "
+                          "white, a disc on the hair line, was learned on no seed", {"shipped": True, "paints": _DISTINCT_PAINTS_3}),
+    "distinct_paints_3_rare_last": ("distinct_paints_3, and the marks painted from the most common to the rarest",
+                                    {"shipped": True, "paints": _DISTINCT_PAINTS_3, "rare_last": True}),
+    "distinct_paints_4": ("distinct_paints_3, and Wearing_Hat white over near black (version 6: near black over "
+                          "magenta, whose halves Straight_Hair's and Black_Hair's tall bars share)",
+                          {"shipped": True, "paints": _DISTINCT_PAINTS_4}),
+    "distinct_paints_5": ("distinct_paints_3, and Wearing_Hat white over red (white over near black, distinct_paints_4, "
+                          "was learned on no seed)", {"shipped": True, "paints": _DISTINCT_PAINTS_5}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
