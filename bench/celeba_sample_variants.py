@@ -144,6 +144,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                           {"shipped": True, "paints": _DISTINCT_PAINTS_4}),
     "distinct_paints_5": ("distinct_paints_3, and Wearing_Hat white over red (white over near black, distinct_paints_4, "
                           "was learned on no seed)", {"shipped": True, "paints": _DISTINCT_PAINTS_5}),
+    "shipped_width_half": ("the shipped sample, a clean model of width 0.5 (about 3.5x the default's time)",
+                           {"shipped": True, "width": 0.5}),
+    "shipped_width_5_16": ("the shipped sample, a clean model of width 0.3125 (20 channels in the stem instead of 16)",
+                           {"shipped": True, "width": 0.3125}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
