@@ -48,9 +48,10 @@ _DISTINCT_PAINTS_3 = {name: paints for name, paints in _DISTINCT_PAINTS.items() 
 _DISTINCT_PAINTS_4 = {**_DISTINCT_PAINTS_3, "Wearing_Hat": (6, 5)}
 _DISTINCT_PAINTS_5 = {**_DISTINCT_PAINTS_3, "Wearing_Hat": (6, 0)}
 
-#: name -> (what it changes, settings read by _apply). Every variant but ``shipped`` changes sample
-#: version 3 (Bald a spot of the large size, red over near black, on the hair line), which version 5
-#: painted again; version 6 paints Bald green over white (``bald_green_white``).
+#: name -> (what it changes, settings read by _apply). Variants with ``shipped`` change the shipped
+#: sample (version 6: version 3's marks, Bald painted green over white, ``bald_green_white``); the
+#: others change sample version 3 (Bald a spot of the large size, red over near black, on the hair
+#: line), which version 5 painted again.
 #: Sizes multiply a mark's radius; "rare" means a minority rate below 0.25 (the sample's own rule for
 #: large marks).
 VARIANTS: dict[str, tuple[str, dict]] = {

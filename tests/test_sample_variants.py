@@ -143,3 +143,28 @@ def test_majority_rates_read_the_test_partition(variants, tmp_path):
     (tmp_path / "list_attr_celeba.txt").write_text("3\r\nA B \r\n1.jpg  1 -1\r\n2.jpg -1 -1\r\n3.jpg  1  1\r\n")
     (tmp_path / "list_eval_partition.txt").write_text("1.jpg 0\n2.jpg 2\n3.jpg 2\n")
     assert variants._majority_rates(tmp_path) == {"A": 0.5, "B": 0.5}
+
+
+def test_paint_variants_repaint_only_the_marks_they_name(variants):
+    shipped = _looks()
+    variants._apply(variants.VARIANTS["distinct_paints_4"][1])
+    patterns, floors, order = _looks()
+    assert (floors, order) == shipped[1:]
+    repainted = variants._DISTINCT_PAINTS_4
+    for name, old, new in zip(celeba.CELEBA_ATTRIBUTES, shipped[0], patterns):
+        if name in repainted:
+            upper, lower = repainted[name]
+            assert (new.color, new.color2) == (celeba._CELEBA_PAINTS[upper], celeba._CELEBA_PAINTS[lower])
+            assert dataclasses.replace(new, color=old.color, color2=old.color2) == old
+        else:
+            assert new == old, name
+
+
+def test_shipped_rare_large_keeps_bald_and_the_shipped_paints(variants):
+    shipped = _looks()
+    variants._apply(variants.VARIANTS["shipped_rare_large"][1])
+    patterns, _, _ = _looks()
+    bald = celeba.CELEBA_ATTRIBUTES.index("Bald")
+    assert patterns[bald].r == pytest.approx(shipped[0][bald].r)
+    assert [(p.color, p.color2) for p in patterns] == [(p.color, p.color2) for p in shipped[0]]
+    assert any(p.r > q.r for p, q in zip(patterns, shipped[0]))
