@@ -10,6 +10,7 @@ Everything goes to ``sys.stderr`` (looked up when the bar is created).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -21,9 +22,14 @@ LOG_FORMAT_OPEN = "{desc}: {n_fmt} {unit}, {rate_fmt}, {elapsed} elapsed"  # tot
 
 
 class _Bar(tqdm):
-    """tqdm without its monitor thread, so that nothing is printed from another thread."""
+    """tqdm without its monitor thread, so that nothing is printed from another thread, and with a
+    thread lock only: tqdm's default lock adds a multiprocessing semaphore, which a training process
+    stopped by the run (Ctrl-C, :mod:`mtlue_fast.train.side_by_side`) leaves for Python's resource
+    tracker to report as leaked. A spawned process makes a semaphore of its own anyway, which
+    orders nothing between processes."""
 
     monitor_interval = 0
+    _lock = threading.RLock()
 
 
 class _LineWriter:

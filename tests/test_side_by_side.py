@@ -100,3 +100,126 @@ def test_a_killed_training_process_names_the_setting_that_avoids_it(tmp_path):
             train_side_by_side([job, job], 1, 1, log=lambda text: None)
     finally:
         killer.join()
+
+
+# A caller of train_side_by_side in a process (and process group) of its own, so that a test can
+# interrupt or kill it as a user or a job scheduler would. Each job reads its cache's manifest from a
+# named pipe, which holds it until the test lets go.
+_CALLER = """
+import signal
+import sys
+from pathlib import Path
+
+from mtlue_fast.train import TrainConfig
+from mtlue_fast.train.side_by_side import TrainJob, train_side_by_side
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a test run in the background inherits SIGINT ignored
+    root = Path(sys.argv[1])
+    jobs = [TrainJob(root / f"cache-{k}", root / f"cache-{k}", root / f"out-{k}", TrainConfig(epochs=1, progress=False))
+            for k in range(3)]
+    try:
+        train_side_by_side(jobs, 2, 1, log=lambda text: None)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+"""
+
+
+def _pipe_jobs(tmp_path, count: int = 3) -> list:
+    pipes = []
+    for k in range(count):
+        (tmp_path / f"cache-{k}").mkdir()
+        os.mkfifo(tmp_path / f"cache-{k}" / "manifest.json")
+        pipes.append(tmp_path / f"cache-{k}" / "manifest.json")
+    (tmp_path / "caller.py").write_text(_CALLER)
+    return pipes
+
+
+def _wait_for_reader(pipe, deadline: float) -> int:
+    """A write end of ``pipe``, opened once a job has opened it to read (the job then waits on it)."""
+    while time.monotonic() < deadline:
+        try:
+            return os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.05)
+    raise AssertionError(f"no training process opened {pipe}")
+
+
+def _has_reader(pipe) -> bool:
+    try:
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        return True
+    except OSError:
+        return False
+
+
+def _group_gone(group: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _start_caller(tmp_path):
+    import subprocess
+    import sys
+
+    # output to files: a pipe would stay open as long as any training process that inherited it
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        return subprocess.Popen([sys.executable, str(tmp_path / "caller.py"), str(tmp_path)], stdout=out, stderr=err,
+                                start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs named pipes and process groups")
+def test_ctrl_c_stops_every_training_at_once_and_starts_no_other(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while two trainings run and a third waits: the
+    caller gets KeyboardInterrupt within seconds, no training process is left, and the third never
+    started (before, the queued jobs still ran, and the caller waited for them)."""
+    import signal
+
+    pipes = _pipe_jobs(tmp_path)
+    caller = _start_caller(tmp_path)
+    held = []
+    try:
+        deadline = time.monotonic() + 120
+        held = [_wait_for_reader(pipe, deadline) for pipe in pipes[:2]]
+        os.killpg(caller.pid, signal.SIGINT)
+        caller.wait(timeout=60)
+        out, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+        assert caller.returncode == 130 and "interrupted" in out, err
+        assert "Exception ignored" not in err and "leaked" not in err, err  # the executor wound down quietly
+        assert _group_gone(caller.pid, 30), "a training process outlived the interrupted caller"
+        assert not _has_reader(pipes[2]) and not (tmp_path / "out-2").exists()
+    finally:
+        for fd in held:
+            os.close(fd)
+        if caller.poll() is None or not _group_gone(caller.pid, 0.1):
+            os.killpg(caller.pid, signal.SIGKILL)
+            caller.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs named pipes and process groups")
+def test_training_processes_end_when_their_caller_is_killed(tmp_path):
+    """The caller killed outright (SIGKILL: no clean-up runs in it): its training processes notice
+    and exit on their own, instead of training on unseen into the run's folder."""
+    import signal
+
+    pipes = _pipe_jobs(tmp_path)
+    caller = _start_caller(tmp_path)
+    held = []
+    try:
+        deadline = time.monotonic() + 120
+        held = [_wait_for_reader(pipe, deadline) for pipe in pipes[:2]]
+        caller.kill()
+        caller.wait(timeout=60)
+        assert _group_gone(caller.pid, 30), "training processes outlived their killed caller"
+    finally:
+        for fd in held:
+            os.close(fd)
+        if not _group_gone(caller.pid, 0.1):
+            os.killpg(caller.pid, signal.SIGKILL)

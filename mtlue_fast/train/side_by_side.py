@@ -12,11 +12,21 @@ usual files (``result.json``, ``metrics.jsonl``, ``last.pt``); the caller then r
 with ``train(..., resume=True)``, which returns the stored one without training. A training's
 numbers are those of the same training run alone with that many threads (its digest, and so
 ``--resume``, does not depend on the thread count, as with ``OMP_NUM_THREADS``).
+
+Interruption: Ctrl-C (or any ``KeyboardInterrupt`` / ``SystemExit`` in the caller) stops every
+training at once and starts no other; the training processes ignore SIGINT themselves, so that the
+caller alone decides, and exit on their own when the caller dies (killed, SIGTERM), instead of
+training on unseen into the run's folder. Files are written atomically, so a stopped training
+resumes from its ``last.pt``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -87,14 +97,21 @@ def plan_processes(
 def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, log: Callable[[str], None] = print) -> None:
     """Run ``jobs`` in ``processes`` spawned processes of ``threads`` threads each, in order (the
     first ``processes`` jobs start together). Returns when every job has finished; the first
-    failure is raised (the jobs not yet started are cancelled; finished ones keep their files)."""
+    failure is raised (the jobs not yet started are cancelled; finished ones keep their files).
+    An interruption (``KeyboardInterrupt``, ``SystemExit``) stops the running jobs too."""
     if not jobs:
         return
     log(f"training {len(jobs)} networks side by side: {processes} processes of {threads} thread{'s' if threads > 1 else ''}")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(threads, os.getpid())
+    ) as pool:
         futures = [pool.submit(_run_job, job) for job in jobs]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: without this the queued jobs would still start, and the caller wait for them
+            _stop_now(pool)
+            raise
         failed = next((f for f in done if f.exception() is not None), None)
         if failed is None:
             return
@@ -108,8 +125,30 @@ def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, l
     raise error
 
 
-def _set_threads(threads: int) -> None:
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Terminate the running jobs (SIGTERM) and cancel the others. The executor then finds its
+    processes gone and winds down; waiting for that keeps its exit-time clean-up quiet."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public handle before 3.14
+    for worker in workers:
+        worker.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: How often a training process checks that the caller is still alive (seconds).
+PARENT_POLL_SECONDS = 0.5
+
+
+def _start_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops us
+    threading.Thread(target=_exit_without_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_without_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone (re-parented): the caller was killed, nobody reads our result."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 def _run_job(job: TrainJob) -> None:
