@@ -106,8 +106,8 @@ def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, l
     with ProcessPoolExecutor(
         max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(threads, os.getpid())
     ) as pool:
-        futures = [pool.submit(_run_job, job) for job in jobs]
         try:
+            futures = [pool.submit(_run_job, job) for job in jobs]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C: without this the queued jobs would still start, and the caller wait for them
             _stop_now(pool)
