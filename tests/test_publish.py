@@ -237,6 +237,32 @@ def test_a_perturbation_beyond_the_budget_publishes_nothing(kinds, tmp_path):
         write_image_files(kind["protected"], kind["root"], tmp_path / "pub", resolution="full", progress=False)
 
 
+def test_ctrl_c_drops_the_queued_files_and_leaves_no_partial_folder(kinds, tmp_path, monkeypatch):
+    """Ctrl-C while a block's files are being written: the files still queued are never written
+    (before, the writer's threads went through the whole queue first) and nothing is left behind."""
+    import threading
+
+    kind = kinds["chestxray"]  # 10 training rows: one block
+    started, release = [], threading.Event()
+    write_row = publish._OriginalJob._write_row
+
+    def slow_write_row(self, *args):
+        started.append(args[0])
+        release.wait(timeout=1.0)
+        return write_row(self, *args)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish._OriginalJob, "_write_row", slow_write_row)
+    monkeypatch.setattr(publish._OriginalJob, "_add", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        write_image_files(kind["protected"], kind["root"], tmp_path / "pub", resolution="original", perturb=sign_perturb(),
+                          test_files=kind["test"].manifest["row_files"], progress=False, workers=2)  # fmt: skip
+    assert 1 <= len(started) <= 4, started  # those two threads were on, not all 10
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rerun_is_free_and_another_release_is_refused(kinds):
     kind = kinds["chestxray"]
     out = kind["out"]

@@ -525,23 +525,31 @@ class _OriginalJob:
                        f"writing the {self.dataset} release (original resolution, {self.fmt})", enabled=show)  # fmt: skip
         stats = {"max_abs_diff_levels": 0, "jpeg_change": 0, "jpeg_from_original": 0, "train": 0, "test": 0}
         with ThreadPoolExecutor(self.workers) as pool:
-            pending: list = []
-            for rows in blocks:
-                clean, delta = self._block_inputs(rows)  # on the device while the pool works on the last block
-                reads = [pool.submit(self._read_original, i) for i in rows]
-                for done in pending:
-                    self._add(stats, done.result(), bar)
-                originals = [r.result() for r in reads]
-                carried = self._carry_block(originals, delta)
-                pending = [pool.submit(self._write_row, i, originals[j], delta[j], carried[j]) for j, i in enumerate(rows)]
-            for done in pending:
-                self._add(stats, done.result(), bar)
-            for done in [pool.submit(self._copy_test, test[i]) for rows in test_blocks for i in rows]:
-                done.result()
-                stats["test"] += 1
-                bar.update(1)
+            try:
+                self._run_blocks(pool, blocks, test, test_blocks, stats, bar)
+            except BaseException:  # Ctrl-C or a failed file: the queued files are dropped, the running ones finish
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         bar.close()
         return stats
+
+    def _run_blocks(self, pool: ThreadPoolExecutor, blocks: list[range], test: list[str], test_blocks: list[range],
+                    stats: dict, bar: Progress) -> None:  # fmt: skip
+        pending: list = []
+        for rows in blocks:
+            clean, delta = self._block_inputs(rows)  # on the device while the pool works on the last block
+            reads = [pool.submit(self._read_original, i) for i in rows]
+            for done in pending:
+                self._add(stats, done.result(), bar)
+            originals = [r.result() for r in reads]
+            carried = self._carry_block(originals, delta)
+            pending = [pool.submit(self._write_row, i, originals[j], delta[j], carried[j]) for j, i in enumerate(rows)]
+        for done in pending:
+            self._add(stats, done.result(), bar)
+        for done in [pool.submit(self._copy_test, test[i]) for rows in test_blocks for i in rows]:
+            done.result()
+            stats["test"] += 1
+            bar.update(1)
 
     @staticmethod
     def _add(stats: dict, row: tuple[int, int, int], bar: Progress) -> None:
