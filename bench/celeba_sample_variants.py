@@ -146,6 +146,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                            {"shipped": True, "width": 0.5}),
     "shipped_width_5_16": ("the shipped sample, a clean model of width 0.3125 (20 channels in the stem instead of 16)",
                            {"shipped": True, "width": 0.3125}),
+    "shipped_prior_bias": ("the shipped sample, the clean model's output biases started at each attribute's log-odds "
+                           "in the sample, log(p / (1 - p)), instead of PyTorch's default draw (a common start for rare "
+                           "classes: the heads need not first learn the prevalence)", {"shipped": True, "prior_bias": True}),
     "hair_large": ("marks of what covers much of a real face larger: Bald 3x; Bangs, Wearing_Hat 2x; "
                    "Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair 1.5x",
                    {"bald_scale": 3.0, "scales": {"Bangs": 2.0, "Wearing_Hat": 2.0, "Black_Hair": 1.5,
@@ -230,12 +233,36 @@ def _majority_rates(root: Path) -> dict[str, float]:
     return rates
 
 
+def _start_heads_at_the_prior() -> None:
+    """Patch ``MultiTaskNet`` in this process: a net with one logit per CelebA attribute starts its
+    head's bias at the attributes' log-odds (the sample's prevalences); its weights are drawn as before."""
+    import math
+
+    import torch
+
+    from mtlue_fast.data.synthetic import celeba
+    from mtlue_fast.models import multitask
+
+    log_odds = torch.tensor([math.log(p / (1 - p)) for p in (celeba.CELEBA_PREVALENCE[n] for n in celeba.CELEBA_ATTRIBUTES)])
+    init = multitask.MultiTaskNet.__init__
+
+    def init_at_the_prior(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        if self.num_outputs == (1,) * len(log_odds):
+            with torch.no_grad():
+                self.head.bias.copy_(log_odds)
+
+    multitask.MultiTaskNet.__init__ = init_at_the_prior
+
+
 def worker(variant: str, seed: int, work: Path) -> dict:
     """Train the clean model of ``seed`` on the variant's sample; its per-attribute record."""
     from mtlue_fast import run
 
     _, settings = VARIANTS[variant]
     root = write_sample(variant, work)
+    if settings.get("prior_bias"):
+        _start_heads_at_the_prior()
     out = work / variant / f"seed-{seed}"
     epochs, width = settings.get("epochs", 20), settings.get("width", 0.25)
     started = time.perf_counter()

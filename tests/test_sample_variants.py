@@ -168,3 +168,24 @@ def test_shipped_rare_large_keeps_bald_and_the_shipped_paints(variants):
     assert patterns[bald].r == pytest.approx(shipped[0][bald].r)
     assert [(p.color, p.color2) for p in patterns] == [(p.color, p.color2) for p in shipped[0]]
     assert any(p.r > q.r for p, q in zip(patterns, shipped[0]))
+
+
+def test_prior_bias_starts_each_head_at_its_log_odds_and_draws_the_rest_as_before(variants, monkeypatch):
+    import math
+
+    import torch
+
+    from mtlue_fast.models import build_model, multitask
+
+    monkeypatch.setattr(multitask.MultiTaskNet, "__init__", multitask.MultiTaskNet.__init__)  # undone after the test
+    torch.manual_seed(0)
+    plain = build_model([2] * 40, backbone="resnet18", width=0.25)
+    variants._start_heads_at_the_prior()
+    torch.manual_seed(0)
+    prior = build_model([2] * 40, backbone="resnet18", width=0.25)
+    p = celeba.CELEBA_PREVALENCE["Bald"]
+    assert prior.head.bias[celeba.CELEBA_ATTRIBUTES.index("Bald")].item() == pytest.approx(math.log(p / (1 - p)))
+    assert all(torch.equal(a, b) for (name, a), (_, b) in zip(plain.named_parameters(), prior.named_parameters())
+               if name != "head.bias")  # fmt: skip
+    other = build_model([2, 3], backbone="resnet18", width=0.25)  # not CelebA's 40 binary heads: untouched
+    assert other.head.bias.abs().max() < 1.0
