@@ -535,6 +535,8 @@ class _OriginalJob:
 
     def _run_blocks(self, pool: ThreadPoolExecutor, blocks: list[range], test: list[str], test_blocks: list[range],
                     stats: dict, bar: Progress) -> None:  # fmt: skip
+        """Protect and write ``blocks`` of training rows (a block's reads and writes in the pool while
+        the next block's perturbation is computed), then copy the ``test_blocks`` files; counts into ``stats``."""
         pending: list = []
         for rows in blocks:
             clean, delta = self._block_inputs(rows)  # on the device while the pool works on the last block
