@@ -3,8 +3,12 @@ alone is tested end to end in test_run.py."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -165,36 +169,20 @@ def _group_gone(group: int, seconds: float) -> bool:
     return False
 
 
-def _start_caller(tmp_path):
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def _caller_with_two_jobs_running(tmp_path):
+    """A caller of three jobs in a process group of its own, yielded ``(caller, pipes)`` once the
+    first two jobs are running (each waiting on its pipe); every process of the group is gone after."""
+    pipes = _pipe_jobs(tmp_path)
     # output to files: a pipe would stay open as long as any training process that inherited it
     with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
-        return subprocess.Popen([sys.executable, str(tmp_path / "caller.py"), str(tmp_path)], stdout=out, stderr=err,
-                                start_new_session=True)  # fmt: skip
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs named pipes and process groups")
-def test_ctrl_c_stops_every_training_at_once_and_starts_no_other(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group) while two trainings run and a third waits: the
-    caller gets KeyboardInterrupt within seconds, no training process is left, and the third never
-    started (before, the queued jobs still ran, and the caller waited for them)."""
-    import signal
-
-    pipes = _pipe_jobs(tmp_path)
-    caller = _start_caller(tmp_path)
+        caller = subprocess.Popen([sys.executable, str(tmp_path / "caller.py"), str(tmp_path)], stdout=out, stderr=err,
+                                  start_new_session=True)  # fmt: skip
     held = []
     try:
         deadline = time.monotonic() + 120
         held = [_wait_for_reader(pipe, deadline) for pipe in pipes[:2]]
-        os.killpg(caller.pid, signal.SIGINT)
-        caller.wait(timeout=60)
-        out, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
-        assert caller.returncode == 130 and "interrupted" in out, err
-        assert "Exception ignored" not in err and "leaked" not in err, err  # the executor wound down quietly
-        assert _group_gone(caller.pid, 30), "a training process outlived the interrupted caller"
-        assert not _has_reader(pipes[2]) and not (tmp_path / "out-2").exists()
+        yield caller, pipes
     finally:
         for fd in held:
             os.close(fd)
@@ -203,23 +191,30 @@ def test_ctrl_c_stops_every_training_at_once_and_starts_no_other(tmp_path):
             caller.wait()
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"), reason="needs named pipes and process groups")
+_NEEDS_PIPES_AND_GROUPS = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "killpg"),
+                                             reason="needs named pipes and process groups")  # fmt: skip
+
+
+@_NEEDS_PIPES_AND_GROUPS
+def test_ctrl_c_stops_every_training_at_once_and_starts_no_other(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while two trainings run and a third waits: the
+    caller gets KeyboardInterrupt within seconds, no training process is left, and the third never
+    started (before, the queued jobs still ran, and the caller waited for them)."""
+    with _caller_with_two_jobs_running(tmp_path) as (caller, pipes):
+        os.killpg(caller.pid, signal.SIGINT)
+        caller.wait(timeout=60)
+        out, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+        assert caller.returncode == 130 and "interrupted" in out, err
+        assert "Exception ignored" not in err and "leaked" not in err, err  # the executor wound down quietly
+        assert _group_gone(caller.pid, 30), "a training process outlived the interrupted caller"
+        assert not _has_reader(pipes[2]) and not (tmp_path / "out-2").exists()
+
+
+@_NEEDS_PIPES_AND_GROUPS
 def test_training_processes_end_when_their_caller_is_killed(tmp_path):
     """The caller killed outright (SIGKILL: no clean-up runs in it): its training processes notice
     and exit on their own, instead of training on unseen into the run's folder."""
-    import signal
-
-    pipes = _pipe_jobs(tmp_path)
-    caller = _start_caller(tmp_path)
-    held = []
-    try:
-        deadline = time.monotonic() + 120
-        held = [_wait_for_reader(pipe, deadline) for pipe in pipes[:2]]
+    with _caller_with_two_jobs_running(tmp_path) as (caller, _):
         caller.kill()
         caller.wait(timeout=60)
         assert _group_gone(caller.pid, 30), "training processes outlived their killed caller"
-    finally:
-        for fd in held:
-            os.close(fd)
-        if not _group_gone(caller.pid, 0.1):
-            os.killpg(caller.pid, signal.SIGKILL)
