@@ -146,6 +146,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                            {"shipped": True, "width": 0.5}),
     "shipped_width_5_16": ("the shipped sample, a clean model of width 0.3125 (20 channels in the stem instead of 16)",
                            {"shipped": True, "width": 0.3125}),
+    "shipped_width_half_10_epochs": ("the shipped sample, a clean model of width 0.5 trained for 10 epochs instead of 20 "
+                                     "(about 1.25x the default's time; on version 5 it missed Bald, which version 6 "
+                                     "made learnable at width 0.25)", {"shipped": True, "width": 0.5, "epochs": 10}),
+    "shipped_width_half_12_epochs": ("the shipped sample, a clean model of width 0.5 trained for 12 epochs instead of 20 "
+                                     "(about 1.5x the default's time)", {"shipped": True, "width": 0.5, "epochs": 12}),
     "shipped_prior_bias": ("the shipped sample, the clean model's output biases started at each attribute's log-odds "
                            "in the sample, log(p / (1 - p)), instead of PyTorch's default draw (a common start for rare "
                            "classes: the heads need not first learn the prevalence)", {"shipped": True, "prior_bias": True}),

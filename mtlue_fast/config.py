@@ -94,6 +94,12 @@ class DataSettings:
                 raise ConfigError(f"data.{name} must be [height, width] of positive integers, got {value!r}")
 
 
+#: Victim settings that, when set, replace the surrogate's ``train.<name>`` for the victims.
+VICTIM_RECIPE = ("backbone", "weighting", "width", "epochs")
+#: Those of them added after runs were recorded: left out of a run's identity while unset or the surrogate's.
+OPTIONAL_VICTIM_SETTINGS = ("width", "epochs")
+
+
 @dataclass(frozen=True)
 class VictimSettings:
     """The victims that measure the protection, separate from the surrogate the generator attacks.
@@ -108,6 +114,8 @@ class VictimSettings:
             can be measured against other recipes (transfer) without redoing it.
         width: the victims' channel multiplier (None: the surrogate's ``train.width``), e.g. a
             victim wider than the surrogate the generator attacked.
+        epochs: the victims' training epochs (None: the surrogate's ``train.epochs``); the learning
+            rate's milestones stay fractions of them.
         reuse_surrogate: report the clean surrogate's metrics as every pair's clean victim instead of
             training clean victims (cheaper, flattering: off by default).
         data: what the protected victims train on (``--victim-data``): ``cache``, the protected
@@ -127,6 +135,7 @@ class VictimSettings:
     backbone: str | None = None
     weighting: str | None = None
     width: float | None = None
+    epochs: int | None = None
     reuse_surrogate: bool = False
     data: str = "cache"
     processes: int | str = "auto"
@@ -201,7 +210,7 @@ class RunConfig:
                 f"victims.first_seed={self.victims.first_seed} with victims.seeds={self.victims.seeds} includes the "
                 f"surrogate's seed train.seed={self.train.seed}; victims must have seeds of their own"
             )
-        for name in ("backbone", "weighting", "width"):
+        for name in VICTIM_RECIPE:
             value = getattr(self.victims, name)
             if value is not None:
                 try:
@@ -217,8 +226,7 @@ class RunConfig:
     def victim_train(self, seed: int):
         """The :class:`TrainConfig` of the victims of ``seed``: the surrogate's settings with the
         victims' recipe and seed, keeping no checkpoints."""
-        names = ("backbone", "weighting", "width")
-        changes = {name: getattr(self.victims, name) for name in names if getattr(self.victims, name) is not None}
+        changes = {name: getattr(self.victims, name) for name in VICTIM_RECIPE if getattr(self.victims, name) is not None}
         return self.train.replace(seed=seed, keep_every=0, **changes)
 
     def to_dict(self) -> dict:
@@ -232,8 +240,8 @@ class RunConfig:
 
 def identity_of(settings: dict) -> dict:
     """A resolved configuration's dict without its ``train.progress`` / ``generate.progress``, its
-    ``victims.processes``, nor a ``victims.width`` that is unset or the surrogate's (the same
-    victims; runs recorded before the setting existed keep their digests)."""
+    ``victims.processes``, nor a ``victims.width`` or ``victims.epochs`` that is unset or the
+    surrogate's (the same victims; runs recorded before the settings existed keep their digests)."""
     out = dict(settings)
     for section in ("train", "generate"):
         if isinstance(out.get(section), dict):
@@ -241,7 +249,7 @@ def identity_of(settings: dict) -> dict:
     victims, train = out.get("victims"), out.get("train")
     if isinstance(victims, dict):
         # processes only schedules the victims, as the thread count does.
-        drop = {"processes"} | ({"width"} if victims.get("width") in (None, (train or {}).get("width")) else set())
+        drop = {"processes"} | {name for name in OPTIONAL_VICTIM_SETTINGS if victims.get(name) in (None, (train or {}).get(name))}
         out["victims"] = {k: v for k, v in victims.items() if k not in drop}
     return out
 

@@ -45,7 +45,7 @@ from . import report as report_module
 from . import victim_cells
 from .report.stats import published_check
 from .cli import USER_ERRORS, UserError, resolve_device, run_command
-from .config import DEFENSES, METHODS, STAGES, RunConfig
+from .config import DEFENSES, METHODS, STAGES, VICTIM_RECIPE, RunConfig
 from .data import build_cache, default_cache_root, open_cache
 from .data import synthetic as synthetic_data
 from .data.specs import DATASETS
@@ -554,10 +554,10 @@ class Run:
     def _surrogate_as_clean(self, victim_cfg) -> dict:
         """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only
         when the victims' recipe is the surrogate's, undefended and multi-task."""
-        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in ("backbone", "weighting", "width"))
+        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in VICTIM_RECIPE)
         if not same or self.cfg.victim != "mtl" or self.cfg.defense != "none":
-            raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone, weighting "
-                            "and width and no defence")
+            raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone, weighting, "
+                            "width and epochs and no defence")
         if self.surrogate_result is None:
             self.surrogate()
         result = self.surrogate_result

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import OPTIONAL_VICTIM_SETTINGS
 from .fileio import read_json, write_json
 from .train import checkpoint
 
@@ -52,8 +53,9 @@ def victim_recipe_fields(cfg) -> dict[str, Any]:
     recipe = cfg.victim_train(cfg.victim_seeds()[0])
     fields = {"backbone": recipe.backbone, "weighting": recipe.weighting, "victim": cfg.victim, "defense": cfg.defense,
               "data": cfg.victims.data}
-    if recipe.width != cfg.train.width:  # only a width of their own, so that earlier cells keep their names
-        fields["width"] = recipe.width
+    for name in OPTIONAL_VICTIM_SETTINGS:  # only a value of their own, so that earlier cells keep their names
+        if getattr(recipe, name) != getattr(cfg.train, name):
+            fields[name] = getattr(recipe, name)
     return fields
 
 
