@@ -580,9 +580,11 @@ class Run:
         report = report_module.build_report(
             dataset=cfg.dataset, synthetic=self.synthetic, data_root=self.data_root, tasks=names, metric=metric,
             victims=victim_scores(victims, names, dense),
-            surrogate={"seed": cfg.train.seed, "backbone": cfg.train.backbone, "weighting": cfg.train.weighting},
+            surrogate={"seed": cfg.train.seed, "backbone": cfg.train.backbone, "weighting": cfg.train.weighting,
+                       "width": cfg.train.width, "epochs": cfg.train.epochs},
             clean_cache=str(clean_dir), eps=cfg.generate.eps, base=cfg.generate.base, method=cfg.method,
-            backbone=victim_cfg.backbone, weighting=victim_cfg.weighting, victim=cfg.victim, timings=timings,
+            backbone=victim_cfg.backbone, weighting=victim_cfg.weighting, width=victim_cfg.width,
+            epochs=victim_cfg.epochs, victim=cfg.victim, timings=timings,
             throughput=throughput, versions=report_module.versions(), git=report_module.git_revision(),
             perturbation_stats=stats, defense=cfg.defense if cfg.defense != "none" else None,
             cells=self.report_cells(victims, names, dense),

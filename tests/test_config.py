@@ -33,6 +33,13 @@ def test_spec_defaults_and_the_synthetic_overlay():
     assert (real.export_upsample, small.export_upsample) == ("inverse", "nearest")
     # the synthetic CelebA sample is protected with targeted TAP; the real dataset with the paper's untargeted TAP
     assert (real.generate.targeted, resolve("celeba", synthetic=True).generate.targeted) == (False, True)
+    # the synthetic CelebA sample's victims: wider and shorter than its surrogate; the real dataset's are the surrogate's
+    sample = resolve("celeba", synthetic=True)
+    assert (sample.train.width, sample.train.epochs) == (0.25, 20)
+    assert (sample.victim_train(1).width, sample.victim_train(1).epochs) == (0.5, 12)
+    assert (real.victim_train(1).width, real.victim_train(1).epochs) == (1.0, 60)
+    smoke = resolve("celeba", synthetic=True, preset="smoke").victim_train(1)
+    assert (smoke.width, smoke.epochs) == (0.25, 2)  # the smoke preset's victims stay seconds long
 
 
 def test_overrides_overlays_and_set_apply_in_order():

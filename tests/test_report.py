@@ -135,7 +135,7 @@ def random_victims(rng: np.random.Generator, tasks, seeds, undefined=()) -> list
     return victims
 
 
-def fields(rng=None, tasks=("smile", "young"), seeds=(1, 2, 3), undefined=()) -> dict:
+def fields(rng=None, tasks=("smile", "young"), seeds=(1, 2, 3), undefined=(), backbone="resnet34", weighting="dwa") -> dict:
     rng = rng if rng is not None else np.random.default_rng()
     stats = {"per_task": {t: {"intra_class_std": 1.5, "mean_abs_delta": 3.0} for t in tasks},
              "mean_abs_delta": 3.0, "max_abs_delta": 8, "samples": 100}
@@ -143,7 +143,7 @@ def fields(rng=None, tasks=("smile", "young"), seeds=(1, 2, 3), undefined=()) ->
         dataset="celeba", synthetic=True, data_root=None, tasks=list(tasks), metric="accuracy",
         surrogate={"seed": 0, "backbone": "resnet18", "weighting": "equal"},
         victims=random_victims(rng, tasks, seeds, undefined), clean_cache=Path("/tmp/cache"), eps=8 / 255,
-        base="em", method="mtlue", backbone="resnet34", weighting="dwa", victim="mtl",
+        base="em", method="mtlue", backbone=backbone, weighting=weighting, victim="mtl",
         timings={"generate": 12.5, "victim": 30.0}, throughput={"generate": 800.0},
         versions={"mtlue_fast": "0.1.0", "gpu": None}, git=None, perturbation_stats=stats,
     )  # fmt: skip
@@ -305,6 +305,18 @@ def test_write_report_files_strict_json_and_figures(tmp_path, monkeypatch):
     assert width >= 1200 and 400 < height < 1500
     width, height = png_size(out / "figures" / "samples.png")
     assert 5 * 100 < width < 2500 and 3 * 100 < height < 1200
+
+
+def test_recipe_table_shows_width_and_epochs_and_names_what_differs():
+    f = fields(backbone="resnet18", weighting="equal")
+    f["surrogate"] = {**f["surrogate"], "width": 0.25, "epochs": 20}
+    md = rep.render_markdown(rep.build_report(**f, width=0.5, epochs=12))
+    assert "| model | seed(s) | backbone | weighting | width | epochs |" in md
+    assert "| surrogate (attacked by the generator) | 0 | resnet18 | equal | 0.25 | 20 |" in md
+    assert "| victims, mtl (measure the protection) | 1, 2, 3 | resnet18 | equal | 0.5 | 12 |" in md
+    assert "differs from the surrogate's (width, epochs): the drop measures transfer" in md
+    same = rep.render_markdown(rep.build_report(**f, width=0.25, epochs=20))
+    assert "measures transfer" not in same
 
 
 def test_forty_tasks_and_grayscale_samples(tmp_path):

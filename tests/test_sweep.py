@@ -209,22 +209,37 @@ def test_victims_of_another_width_are_a_cell_of_their_own(out):
     assert wide_stem.shape[0] == 2 * narrow_stem.shape[0]  # width 0.5 against the smoke preset's 0.25
 
 
-def test_victim_width_in_the_recipe_only_when_it_differs():
+@pytest.mark.parametrize("name, own", [("width", 0.5), ("epochs", 1)])
+def test_victim_width_or_epochs_in_the_recipe_only_when_they_differ(name, own):
     cfg = config_module.resolve("chestxray", synthetic=True, preset="smoke")
-    assert "width" not in cfg.identity()["victims"]  # unset: digests of earlier runs unchanged
-    assert "width" not in victim_cells.victim_recipe_fields(cfg)
+    assert name not in cfg.identity()["victims"]  # unset: digests of earlier runs unchanged
+    assert name not in victim_cells.victim_recipe_fields(cfg)
     digest = victim_cells.recipe_digest("e" * 64, cfg)
-    same = config_module.resolve("chestxray", synthetic=True, preset="smoke",
-                                 assignments=[f"victims.width={cfg.train.width}"])
+    surrogates = getattr(cfg.train, name)
+    same = config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=[f"victims.{name}={surrogates}"])
     assert victim_cells.victim_recipe_fields(same) == victim_cells.victim_recipe_fields(cfg)
-    assert same.identity() == cfg.identity()  # the surrogate's width named: the same run
+    assert same.identity() == cfg.identity()  # the surrogate's value named: the same run
     assert victim_cells.recipe_digest("e" * 64, same) == digest
-    wide = config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=["victims.width=0.5"])
-    assert victim_cells.victim_recipe_fields(wide)["width"] == 0.5
-    assert victim_cells.recipe_digest("e" * 64, wide) != digest
-    assert wide.victim_train(1).width == 0.5 and wide.train.width == cfg.train.width  # the surrogate keeps its own
-    with pytest.raises(config_module.ConfigError, match="victims.width"):
-        config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=["victims.width=0"])
+    other = config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=[f"victims.{name}={own}"])
+    assert victim_cells.victim_recipe_fields(other)[name] == own
+    assert victim_cells.recipe_digest("e" * 64, other) != digest
+    assert getattr(other.victim_train(1), name) == own and getattr(other.train, name) == surrogates  # the surrogate keeps its own
+    with pytest.raises(config_module.ConfigError, match=f"victims.{name}"):
+        config_module.resolve("chestxray", synthetic=True, preset="smoke", assignments=[f"victims.{name}=0"])
+
+
+def test_victims_of_other_epochs_train_that_long_and_the_surrogate_does_not(out, capsys):
+    assert run(out, "--set", "victims.epochs=1", "--resume") == 0
+    report = json.loads((out / "report.json").read_text())
+    (cell,) = [c for c in report["cells"] if c["current"]]
+    assert cell["fields"]["epochs"] == 1
+    for kind in ("clean", "protected"):
+        history = (out / "victim" / cell["name"] / "seed-1" / kind / "metrics.jsonl").read_text().splitlines()
+        assert len(history) == 1
+    assert len((out / "surrogate" / "metrics.jsonl").read_text().splitlines()) == 2  # the smoke preset's 2 epochs
+    capsys.readouterr()
+    assert run(out, "--set", "victims.epochs=1", "--reuse-surrogate-as-clean", "--resume") == 2  # a clean victim of 2 epochs is not one of 1
+    assert "width and epochs" in capsys.readouterr().err
 
 
 def _to_legacy_layout(out, recipe: str | None) -> None:

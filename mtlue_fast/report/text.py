@@ -155,21 +155,26 @@ def _metric_text(metric: Any) -> str:
     return str(metric or "?")
 
 
+#: What the recipe table shows of each model; width and epochs only in reports that record them.
+RECIPE_COLUMNS = ("backbone", "weighting", "width", "epochs")
+
+
 def _md_recipes(report: Mapping) -> list[str]:
     """The surrogate's recipe (what the generator attacked) next to the victims' (what measures it),
     and the defence sentence."""
     surrogate = report.get("surrogate") if isinstance(report.get("surrogate"), Mapping) else {}
     seeds = ", ".join(str(v.get("seed", "?")) for v in _victims(report)) or "n/a"
+    columns = [c for c in RECIPE_COLUMNS if c in surrogate or c in report]
     rows = [
-        ("surrogate (attacked by the generator)", str(surrogate.get("seed", "n/a")), str(surrogate.get("backbone", "n/a")),
-         str(surrogate.get("weighting", "n/a"))),
-        (f"victims, {report.get('victim', '?')} (measure the protection)", seeds, str(report.get("backbone", "?")),
-         str(report.get("weighting", "?"))),
+        ("surrogate (attacked by the generator)", str(surrogate.get("seed", "n/a")),
+         *(str(surrogate.get(c, "n/a")) for c in columns)),
+        (f"victims, {report.get('victim', '?')} (measure the protection)", seeds, *(str(report.get(c, "?")) for c in columns)),
     ]  # fmt: skip
     lines = ["## Surrogate and victims", ""]
-    lines += _md_table(("model", "seed(s)", "backbone", "weighting"), rows, (False, True, False, False)) + [""]
-    if surrogate and any(surrogate.get(k) != report.get(k) for k in ("backbone", "weighting")):
-        lines += ["The victims' recipe differs from the surrogate's: the drop measures transfer.", ""]
+    lines += _md_table(("model", "seed(s)", *columns), rows, (False, True, *(c in ("width", "epochs") for c in columns))) + [""]
+    differ = [c for c in columns if surrogate and c in surrogate and c in report and surrogate[c] != report[c]]
+    if differ:
+        lines += [f"The victims' recipe differs from the surrogate's ({', '.join(differ)}): the drop measures transfer.", ""]
     if report.get("clean_victim"):
         lines += [f"Clean victims: {report['clean_victim']}.", ""]
     defense = _defense_name(report.get("defense"))
