@@ -85,7 +85,9 @@ def summarize_run(out: Path, dataset: str, cache_root: Path) -> dict:
         drops = [v["drop"] for v in report["victims"]]
         entry.update({
             "metric": report["metric"], "victim_seeds": [v["seed"] for v in report["victims"]],
-            "surrogate": report["surrogate"], "clean_mean": report["clean"]["mean"],
+            "surrogate": report["surrogate"],
+            "victims": {k: report.get(k) for k in ("victim", "backbone", "weighting", "width", "epochs", "defense")},
+            "clean_mean": report["clean"]["mean"],
             "protected_mean": report["protected"]["mean"], "drops": drops, "drop_mean": statistics.fmean(drops),
             "drop_std": statistics.stdev(drops) if len(drops) > 1 else None, "drop_min": min(drops),
             "per_victim": report["victims"], "stage_seconds": report["timings"],

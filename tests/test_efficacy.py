@@ -104,13 +104,17 @@ def test_efficacy_records_every_stage_per_task(tmp_path):
     (run / "generator" / "result.json").write_text(json.dumps({"stopped": "max_passes"}))
     victims = [{"seed": 1, "drop": 0.35, "clean": {"mean": 0.85, "per_task": {"Rare": 0.8, "Even": 0.9}},
                 "protected": {"mean": 0.5, "per_task": {"Rare": 0.75, "Even": 0.25}}}]
-    report = {"tasks": names, "metric": "accuracy", "victims": victims, "surrogate": {"seed": 0},
+    report = {"tasks": names, "metric": "accuracy", "victims": victims, "surrogate": {"seed": 0, "width": 0.25},
+              "victim": "mtl", "backbone": "resnet18", "weighting": "ew", "width": 0.5, "epochs": 12,
               "clean": {"mean": 0.85}, "protected": {"mean": 0.5}, "timings": {"victim": 1.0},
               "perturbation_stats": {"mean_abs_delta": 4.0, "max_abs_delta": 8, "per_task": {}}}
     (run / "report.json").write_text(json.dumps(report))
 
     entry = efficacy.summarize_run(run, "celeba", tmp_path / "cache")
     assert entry["drops"] == [0.35] and entry["drop_min"] == 0.35 and entry["drop_std"] is None
+    assert entry["victims"] == {"victim": "mtl", "backbone": "resnet18", "weighting": "ew", "width": 0.5, "epochs": 12,
+                                "defense": None}  # the recipe the drops were measured with
+    assert entry["surrogate"] == {"seed": 0, "width": 0.25}
     stages = entry["stages"]
     assert stages["surrogate"]["per_task"] == {"Rare": 0.75, "Even": 0.9}
     assert stages["generator"]["stop_error"] == [0.4, 0.7] and stages["generator"]["stopped"] == "max_passes"
