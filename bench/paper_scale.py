@@ -131,7 +131,7 @@ def resolve_config(args: argparse.Namespace) -> config_module.RunConfig:
 PAPER_KEYS = {
     "data": ("cache_size", "crop"),
     "train": ("backbone", "width", "batch_size", "epochs", "eval_every", "weighting"),
-    "victims": ("backbone", "weighting", "seeds"),
+    "victims": ("backbone", "weighting", "width", "epochs", "seeds"),
     "generate": ("base", "width", "batch_size", "embed_dim", "stride", "stop_subset", "max_passes"),
 }
 

@@ -314,7 +314,7 @@ def test_pipeline_commands(tmp_path):
     cmd, sets = pipeline.command(_ctx(tmp_path, "cpu"), "chestxray", tmp_path / "r", [])
     assert "--victim-seeds" not in cmd and cmd[cmd.index("--preset") + 1] == "smoke" and sets == pipeline.CPU_SETTINGS
     cmd, sets = pipeline.command(_ctx(tmp_path), "celeba", tmp_path / "r", [])
-    assert sets == ["train.width=1.0", "generate.width=1.0"] and "--preset" not in cmd
+    assert sets == ["train.width=1.0", "generate.width=1.0", "victims.width=1.0", "victims.epochs=20"] and "--preset" not in cmd
 
 
 @pytest.mark.parametrize("dataset", list(pipeline.RUNS))

@@ -2,9 +2,10 @@
 
 Runs (``--pipeline-runs``, default every run of :data:`RUNS`):
 
-- ``celeba``: the synthetic CelebA default (8,000 / 2,000 images, 20 epochs at batch 128, 6 TAP
-  passes) with the victims, the surrogate and the generator at full width (``train.width=1.0``,
-  ``generate.width=1.0``); about 110 s on one H200.
+- ``celeba``: the synthetic CelebA default (8,000 / 2,000 images, 20 epochs at batch 128) with the
+  victims, the surrogate and the generator at full width and the victims trained as long as the
+  surrogate (``train.width=1.0``, ``generate.width=1.0``, ``victims.width=1.0``,
+  ``victims.epochs=20``); about 110 s on one H200 with 6 TAP passes.
 - ``chestxray``: the synthetic ChestX-ray default with 3 victim seeds; about 100 s on one H200.
 
 With ``--cpu`` each run is ``--preset smoke`` made smaller still (:data:`CPU_SETTINGS`; the
@@ -27,7 +28,7 @@ from .runner import Context, PartFailed, progress, run_logged, shares, time_left
 
 #: name -> (arguments, more arguments on a GPU, --set on a GPU, weight of the part's time)
 RUNS = {
-    "celeba": (["--dataset", "celeba"], [], ["train.width=1.0", "generate.width=1.0"], 1.0),
+    "celeba": (["--dataset", "celeba"], [], ["train.width=1.0", "generate.width=1.0", "victims.width=1.0", "victims.epochs=20"], 1.0),
     "chestxray": (["--dataset", "chestxray"], ["--victim-seeds", "3"], [], 1.0),
 }
 CPU_SETTINGS = [
