@@ -35,8 +35,8 @@ def build_report(**fields: Any) -> dict:
     ``stl`` (dict), ``defense`` (str or dict: the victim-side defence both victims of a seed trained
     under), ``cells`` (list: every finished victim recipe of the run, each checked and summarised by
     :func:`summarize_cell`), ``width`` / ``epochs`` (the victims' channel multiplier and training
-    epochs; the surrogate's are extra keys of ``surrogate``). Any other extra field is kept unchanged. Paths are turned into strings and numbers into
-    Python floats.
+    epochs; the surrogate's are extra keys of ``surrogate``). Any other extra field is kept
+    unchanged. Paths are turned into strings and numbers into Python floats.
 
     Computed: each victim's ``drop = clean.mean - protected.mean``; top-level ``clean`` and
     ``protected`` (the mean over victims of ``mean``, and per task the mean over victims, both ignoring
