@@ -92,7 +92,8 @@ def test_independent_victims_several_seeds(tmp_path):
     out = tmp_path / "run"
     assert smoke(out, "chestxray", "--victim-seeds", "2") == 0
     report = check_outputs(out)
-    assert report["surrogate"] == {"seed": 0, "backbone": "resnet18", "weighting": "ew"}
+    assert report["surrogate"] == {"seed": 0, "backbone": "resnet18", "weighting": "ew", "width": 0.25, "epochs": 2}
+    assert (report["backbone"], report["weighting"], report["width"], report["epochs"]) == ("resnet18", "ew", 0.25, 2)
     assert [v["seed"] for v in report["victims"]] == [1, 2]
     drops = [v["clean"]["mean"] - v["protected"]["mean"] for v in report["victims"]]
     assert [v["drop"] for v in report["victims"]] == pytest.approx(drops)
