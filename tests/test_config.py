@@ -96,7 +96,7 @@ def test_bad_files(tmp_path):
         ("trian.lr", "'train.*' or 'train.lr'?"),  # a misspelt section
         ("gen.eps", "'generate.eps'?"),
         ("generate.lamda_intra", "'generate.lambda_intra' or 'generate.lambda_inter'?"),
-        ("epochs", "'train.epochs'?"),  # a key outside its section
+        ("epochs", "'train.epochs' or 'victims.epochs'?"),  # a key outside its section
         ("devce", "'device'?"),
     ],
 )
