@@ -218,6 +218,13 @@ class RunConfig:
                 except ValueError as error:
                     raise ConfigError(f"victims.{name}: {error}") from None
 
+    def surrogate_can_be_the_clean_victim(self) -> bool:
+        """Whether the clean surrogate may stand in for the clean victims (``victims.reuse_surrogate``):
+        multi-task, undefended victims with the surrogate's backbone, weighting, width and epochs."""
+        recipe = self.victim_train(self.train.seed)
+        same = all(getattr(recipe, name) == getattr(self.train, name) for name in VICTIM_RECIPE)
+        return same and self.victim == "mtl" and self.defense == "none"
+
     def victim_seeds(self) -> list[int]:
         """The victims' seeds, one per clean/protected pair (never the surrogate's ``train.seed``)."""
         first = self.victims.first_seed if self.victims.first_seed is not None else self.train.seed + 1

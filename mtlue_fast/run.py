@@ -45,7 +45,7 @@ from . import report as report_module
 from . import victim_cells
 from .report.stats import published_check
 from .cli import USER_ERRORS, UserError, resolve_device, run_command
-from .config import DEFENSES, METHODS, STAGES, VICTIM_RECIPE, RunConfig
+from .config import DEFENSES, METHODS, STAGES, RunConfig
 from .data import build_cache, default_cache_root, open_cache
 from .data import synthetic as synthetic_data
 from .data.specs import DATASETS
@@ -509,7 +509,7 @@ class Run:
             pair = {"seed": seed}
             for kind, data in (("clean", clean), ("protected", protected)):
                 if kind == "clean" and cfg.victims.reuse_surrogate:
-                    pair[kind] = self._surrogate_as_clean(train_cfg)
+                    pair[kind] = self._surrogate_as_clean()
                 elif cfg.victim == "stl":
                     pair[kind] = {"metrics": train_stl(data, self.test_cache, folder / kind, train_cfg, device=self.device,
                                                        crop=self._crop()), "images_per_second": None}
@@ -551,11 +551,10 @@ class Run:
         if processes > 1:
             side_by_side.train_side_by_side(jobs, processes, threads, self.log)
 
-    def _surrogate_as_clean(self, victim_cfg) -> dict:
+    def _surrogate_as_clean(self) -> dict:
         """The clean surrogate's result as a clean victim (``--reuse-surrogate-as-clean``); only
         when the victims' recipe is the surrogate's, undefended and multi-task."""
-        same = all(getattr(victim_cfg, n) == getattr(self.cfg.train, n) for n in VICTIM_RECIPE)
-        if not same or self.cfg.victim != "mtl" or self.cfg.defense != "none":
+        if not self.cfg.surrogate_can_be_the_clean_victim():
             raise UserError("--reuse-surrogate-as-clean needs MTL victims with the surrogate's backbone, weighting, "
                             "width and epochs and no defence")
         if self.surrogate_result is None:

@@ -165,13 +165,13 @@ def _problems(base: Run, dense: bool, channels: int) -> Callable[[dict], str | N
         why = sweep_plan.unsupported(recipe, dense, channels)
         if why is not None:
             return why
-        surrogate = {"backbone": base.cfg.train.backbone, "weighting": base.cfg.train.weighting, "victim": "mtl",
-                     "defense": "none"}  # fmt: skip
-        if base.cfg.victims.reuse_surrogate and any(recipe[k] != v for k, v in surrogate.items()):
-            return "--reuse-surrogate-as-clean needs the surrogate's own recipe (" + " / ".join(surrogate.values()) + ")"
+        cfg = sweep_plan.recipe_config(base.cfg, recipe)
+        if cfg.victims.reuse_surrogate and not cfg.surrogate_can_be_the_clean_victim():
+            train = cfg.train
+            return (f"--reuse-surrogate-as-clean needs the surrogate's own recipe ({train.backbone} / {train.weighting} / "
+                    f"width {train.width} / {train.epochs} epochs, mtl, no defence)")
         backbone = recipe["backbone"]
         if backbone not in built:
-            cfg = sweep_plan.recipe_config(base.cfg, recipe)
             try:
                 build_model(**model_args(view, cfg.victim_train(cfg.victim_seeds()[0])))
                 built[backbone] = None

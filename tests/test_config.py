@@ -142,3 +142,21 @@ def test_unknown_yaml_keys_get_the_same_help(tmp_path):
     typo.write_text("data:\n  nonsense: 1\n")
     with pytest.raises(ConfigError, match=r"valid keys in data\.\*: data\.cache_size, data\.crop"):
         resolve("chestxray", synthetic=True, overlays=[str(typo)])
+
+
+@pytest.mark.parametrize(
+    "assignments, allowed",
+    [
+        ([], True),
+        (["victims.width=0.25"], True),  # the smoke preset's own width, named
+        (["victims.width=0.5"], False),
+        (["victims.epochs=1"], False),
+        (["victims.backbone=resnet50"], False),
+        (["victims.weighting=uw"], False),
+        (["victim=stl"], False),
+        (["defense=jpeg"], False),
+    ],
+)
+def test_the_surrogate_stands_in_for_clean_victims_only_of_its_own_recipe(assignments, allowed):
+    cfg = resolve("chestxray", synthetic=True, preset="smoke", assignments=assignments)
+    assert cfg.surrogate_can_be_the_clean_victim() is allowed

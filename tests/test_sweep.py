@@ -259,6 +259,13 @@ def _to_legacy_layout(out, recipe: str | None) -> None:
     (out / "stages.json").write_text(json.dumps(stages))
 
 
+def test_sweep_refuses_other_recipes_when_the_surrogate_stands_in_for_the_clean_victims(out, capsys):
+    assert sweep(out, "--weightings", "ew,uw", "--reuse-surrogate-as-clean", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot train the recipe" in err and "uw" in err
+    assert "--reuse-surrogate-as-clean needs the surrogate's own recipe (resnet18 / ew / width 0.25 / 2 epochs" in err
+
+
 def test_legacy_victim_folders_move_into_their_cell(out, capsys):
     assert run(out, "--victim-seeds", "2", "--resume") == 0
     before = {p.relative_to(p.parents[3]): p.stat().st_mtime_ns for p in (out / "victim").rglob("final.pt")}

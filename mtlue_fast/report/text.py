@@ -172,7 +172,7 @@ def _md_recipes(report: Mapping) -> list[str]:
     ]  # fmt: skip
     lines = ["## Surrogate and victims", ""]
     lines += _md_table(("model", "seed(s)", *columns), rows, (False, True, *(c in ("width", "epochs") for c in columns))) + [""]
-    differ = [c for c in columns if surrogate and c in surrogate and c in report and surrogate[c] != report[c]]
+    differ = [c for c in columns if c in surrogate and c in report and surrogate[c] != report[c]]
     if differ:
         lines += [f"The victims' recipe differs from the surrogate's ({', '.join(differ)}): the drop measures transfer.", ""]
     if report.get("clean_victim"):
