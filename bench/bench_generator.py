@@ -13,7 +13,10 @@ at batch 512, the size of the GPU targets in docs/results.md. On a CPU: width 0.
 - ``fast``: the linearity identity (per-(task, class) maps once per step, one matrix product per
   batch), the fused ops, bf16 autocast (GPU, or CPUs with AMX), channels-last, ``torch.compile``
   of the generator on GPUs;
-- SEP with 15 checkpoints: one shared generator pass per batch vs one pass per checkpoint.
+- ``fast-eager``, ``fast-graph`` (the run's default on a GPU: the whole step as one CUDA graph),
+  ``fast-compile-graph``, ``fast-fp32``: the fast path with one switch changed;
+- SEP with 15 checkpoints: one shared generator pass per batch vs one pass per checkpoint, on the
+  run's default path (GPU: ``fast-graph``; CPU: ``fast-fp32``).
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def test_generator_training(benchmark, batches, bench_device, path):
 def test_sep_step(benchmark, batches, bench_device, shared):
     size = sizes(bench_device)
     checkpoints = [surrogate(bench_device, size["surrogate_width"], seed) for seed in range(15)]
-    fast = PATHS["fast-fp32" if bench_device.type == "cpu" else "fast"](bench_device).replace(base="sep", shared_pass=shared)
+    fast = PATHS["fast-fp32" if bench_device.type == "cpu" else "fast-graph"](bench_device).replace(base="sep", shared_pass=shared)
     step = make_step(bench_device, fast, checkpoints, "sep")
     benchmark.group = f"sep step 15 checkpoints w{size['width']} b{size['batch_size']} {bench_device.type}"
     benchmark.extra_info.update(images=size["batch_size"], variant="shared pass" if shared else "pass per checkpoint", kind="generator")

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ SCRIPT = REPO / "bench" / "gpu_check.py"
 sys.path.insert(0, str(REPO / "bench"))
 
 from device_check import PARTS, bandwidth, benchmarks, build, cli, cuda_tests, junit, paper_scale, pipeline, summary  # noqa: E402
-from device_check import bench_plugin, record, runner, throughput  # noqa: E402
+from device_check import bench_plugin, record, runner, targets, throughput  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -78,34 +79,95 @@ def test_summarize_ops_fraction_and_target():
         ("e-c", "h", 1e-3, {"op": "embedding_reg", "size": "celeba_R80_D19600", "impl": "compiled"}),
         ("copy", "c", 1e-3, {"op": "copy", "size": "copy_256MiB", "impl": "copy", "bytes": 3e9}),
     ])  # fmt: skip
-    out = bandwidth.summarize_ops(data, 3e12, gpu=True)
+    out = bandwidth.summarize_ops(data, 3e12)
     rows = {(r["op"], r["impl"], r["raw"]): r for r in out["rows"]}
     assert rows["perturb_apply", "compiled", "float32"]["fraction_of_copy"] == pytest.approx(0.8)
     assert rows["perturb_apply", "reference", "float32"]["time_vs_compiled"] == pytest.approx(4.0)
     assert rows["perturb_apply", "reference", "bfloat16"]["time_vs_compiled"] == pytest.approx(4.0)  # against bf16 compiled
     assert rows["embedding_reg", "compiled", None]["bytes"] == 12 * 80 * 19600  # from the size name
-    assert list(out["target"]["sizes"]) == [size] and out["target"]["sizes"][size]["met"] is True  # float32 only
     assert out["bench_copy"]["gb_per_s"] == pytest.approx(3000)
-    assert bandwidth.summarize_ops(data, 3e12, gpu=False)["target"]["sizes"][size]["met"] is None
 
 
-def test_summarize_throughput_ratios_and_targets():
+def test_summarize_throughput_ratios():
     data = _bench([
         ("v-s", "victim", 1.0, {"images": 10240, "variant": "straightforward", "kind": "victim"}),
         ("v-f", "victim", 0.25, {"images": 10240, "variant": "fast", "kind": "victim"}),
         ("w-e", "weighting", 0.5, {"images": 10240, "variant": "ew", "kind": "weighting"}),
         ("w-p", "weighting", 1.5, {"images": 10240, "variant": "pcgrad", "kind": "weighting"}),
-        ("s-s", "sep", 0.1, {"images": 512, "variant": "shared pass", "kind": "generator"}),
-        ("s-p", "sep", 0.6, {"images": 512, "variant": "pass per checkpoint", "kind": "generator"}),
+        ("d-p", "decode", 2.0, {"images": 512, "decoder": "pil", "role": "cpu-pipeline"}),
+        ("d-g", "decode", 0.5, {"images": 512, "decoder": "torchvision-cuda", "role": "gpu"}),
     ])  # fmt: skip
-    out = throughput.summarize_throughput(data, gpu=True)
+    out = throughput.summarize_throughput(data)
     assert out["groups"]["victim"]["fast"]["vs_straightforward"] == pytest.approx(4.0)
-    assert out["targets"]["victim_fast_vs_straightforward"]["met"] is True
-    assert out["targets"]["victim_fast_images_per_second"] == {"value": 40960.0, "threshold": 25000.0, "met": True}
-    assert out["targets"]["weighting_step_vs_ew_max"]["value"] == pytest.approx(3.0)
-    assert out["targets"]["weighting_step_vs_ew_max"]["met"] is False
-    assert out["targets"]["sep_shared_vs_per_checkpoint"]["value"] == pytest.approx(6.0)
-    assert all(t["met"] is None for t in throughput.summarize_throughput(data, gpu=False)["targets"].values())
+    assert out["groups"]["victim"]["fast"]["images_per_second"] == pytest.approx(40960.0)
+    assert out["groups"]["weighting"]["pcgrad"]["step_time_vs_ew"] == pytest.approx(3.0)
+    assert out["groups"]["decode"]["torchvision-cuda"] == {"images_per_second": 1024.0, "median_s": 0.5, "role": "gpu", "vs_pil": 4.0}
+
+
+def _record(parts: dict, gpu: bool = True) -> dict:
+    return {"device": {"type": "cuda" if gpu else "cpu"}, "parts": {k: {"status": "ok", "results": r} for k, r in parts.items()}}
+
+
+def _judged(record_: dict) -> dict:
+    return {row["name"]: row for row in targets.judge(record_)}
+
+
+def test_targets_are_judged_from_the_parts():
+    """Each target of the issue's table from the rows the parts write: the perturb_apply rows by
+    implementation, batch and raw dtype (the weakest size counts), the slowest weighting strategy,
+    the SEP and decoding ratios, the test failures; None off a GPU and where nothing was measured."""
+    ops_rows = [
+        {"op": "perturb_apply", "impl": "kernels", "raw": "float32", "passes": "forward+backward", "size": "celeba_2048x3x70_crop64", "fraction_of_copy": 0.80},
+        {"op": "perturb_apply", "impl": "kernels", "raw": "float32", "passes": "forward+backward", "size": "celeba_8192x3x70_crop64", "fraction_of_copy": 0.70},
+        {"op": "perturb_apply", "impl": "kernels", "raw": "float32", "passes": "forward+backward", "size": "celeba_512x3x70_crop64", "fraction_of_copy": 0.10},
+        {"op": "perturb_apply", "impl": "kernels", "raw": "float32", "passes": "forward", "size": "celeba_8192x3x70_crop64", "fraction_of_copy": 0.01},
+        {"op": "perturb_apply", "impl": "compiled", "raw": "float32", "passes": "forward+backward", "size": "celeba_512x3x70_crop64", "fraction_of_copy": 0.55},
+        {"op": "perturb_apply", "impl": "compiled", "raw": "bfloat16", "passes": "forward+backward", "size": "chestxray_128x1x256_crop224", "fraction_of_copy": 0.9},
+    ]  # fmt: skip
+    bench = {
+        "ops": {"rows": ops_rows},
+        "victim": {"groups": {
+            "victim training resnet18 w1.0 b512 40 tasks cuda": {"fast-graph": {"images_per_second": 160_000.0}, "straightforward": {"images_per_second": 30_000.0}},
+            "weighting step resnet18 40 tasks cuda": {"ew": {"images_per_second": 9e5, "step_time_vs_ew": 1.0}, "mgda": {"images_per_second": 1.0, "step_time_vs_ew": 1.4},
+                                                      "pcgrad": {"images_per_second": 1.0, "step_time_vs_ew": 1.2}}}},
+        "generator": {"groups": {
+            "generator training tap w1.0 b512 40 tasks cuda": {"fast-graph": {"images_per_second": 20_000.0}},
+            "sep step 15 checkpoints w1.0 b512 cuda": {"shared pass": {"images_per_second": 600.0}, "pass per checkpoint": {"images_per_second": 100.0}}}},
+        "data": {"groups": {"cache build celeba 70x70": {"pil": {"images_per_second": 1000.0, "role": "cpu-pipeline"},
+                                                         "pil-1thread": {"images_per_second": 200.0, "role": "reference"},
+                                                         "torchvision-cuda": {"images_per_second": 2500.0, "role": "gpu"}}}},
+    }  # fmt: skip
+    paper = {"summary": {"scale": "paper", "full_job_seconds": 300.0, "victim_images_per_second": 140_000.0, "generator_images_per_second": 30_000.0},
+             "targets": {"full_job_seconds": {"met": True}, "victim_images_per_second": {"met": False}, "generator_images_per_second": {"met": True}}}  # fmt: skip
+    tests = {"counts": {"passed": 10, "failed": 1}, "modules": {"tests/test_sync_free.py": {"passed": 5}}}
+    rows = _judged(_record({"bench": bench, "paper-scale": paper, "tests": tests}))
+    assert [r["name"] for r in targets.judge(_record({}))] == list(rows)  # every target has a row, measured or not
+    expect = {
+        "full_job_seconds": (300.0, True), "victim_images_per_second": (140_000.0, False), "generator_images_per_second": (30_000.0, True),
+        "victim_bench_images_per_second": (160_000.0, True), "generator_bench_images_per_second": (20_000.0, False),
+        "perturb_apply_kernels_float32": (0.70, False), "perturb_apply_kernels_bfloat16": (None, None),
+        "perturb_apply_compiled_float32": (0.55, True), "perturb_apply_compiled_bfloat16": (None, None),  # batch 128 < 512
+        "weighting_step_vs_ew": (1.4, False), "sep_shared_vs_per_checkpoint": (6.0, True),
+        "gpu_decode_vs_cpu_pipeline": (2.5, False), "sync_free_failures": (0.0, True), "cuda_test_failures": (1.0, False),
+    }  # fmt: skip
+    assert {name: rows[name]["met"] for name in expect} == {name: met for name, (_, met) in expect.items()}
+    for name, (value, _) in expect.items():
+        assert rows[name]["value"] == (None if value is None else pytest.approx(value)), name
+    assert rows["perturb_apply_kernels_float32"]["detail"] == "weakest of 2: celeba_8192x3x70_crop64"
+    assert rows["weighting_step_vs_ew"]["detail"].startswith("slowest: mgda")
+    assert rows["victim_bench_images_per_second"]["detail"].startswith("fast-graph, victim training")
+    assert rows["gpu_decode_vs_cpu_pipeline"]["detail"].startswith("torchvision-cuda / pil")
+    # the script's own verdict: None away from the paper's settings, even on a GPU
+    paper_changed = {"summary": {**paper["summary"], "scale": "paper"}, "targets": {"full_job_seconds": {"met": None}}, "paper_settings_changed": ["train.width"]}
+    row = _judged(_record({"paper-scale": paper_changed}))["full_job_seconds"]
+    assert row["value"] == 300.0 and row["met"] is None and "1 paper settings changed" in row["detail"]
+    assert all(r["met"] is None for r in targets.judge(_record({"bench": bench, "paper-scale": paper, "tests": tests}, gpu=False)))
+
+
+def test_target_thresholds_match_the_paper_scale_script():
+    script = _load("paper_scale_script_under_test", REPO / "bench" / "paper_scale.py")
+    thresholds = {t.name: t.threshold for t in targets.TARGETS}
+    assert {name: thresholds[name] for name in script.TARGETS} == script.TARGETS
 
 
 def test_merge_rounds_takes_the_median_of_round_medians():
@@ -115,7 +177,7 @@ def test_merge_rounds_takes_the_median_of_round_medians():
     by_name = {b["name"]: b for b in merged["benchmarks"]}
     assert by_name["v-s"]["stats"]["median"] == 2.0 and by_name["v-s"]["round_medians"] == [1.0, 4.0, 2.0]
     assert "round_medians" not in by_name["v-f"]  # measured once
-    rows = throughput.summarize_throughput(merged, gpu=True)["groups"]["victim"]
+    rows = throughput.summarize_throughput(merged)["groups"]["victim"]
     assert rows["straightforward"]["round_images_per_second"] == [100.0, 25.0, 50.0]
     assert rows["fast"]["vs_straightforward"] == pytest.approx(4.0)
 
@@ -124,17 +186,29 @@ def test_bench_plan_alternates_rounds_and_puts_compiled_last(tmp_path, monkeypat
     monkeypatch.setattr(benchmarks, "dali_available", lambda ctx: False)
     ctx = _ctx(tmp_path)
     runs, notes = benchmarks.plan(ctx, list(benchmarks.BENCHES), 2, [])
-    assert [(r.round, r.name) for r in runs] == [
-        (1, "ops"), (1, "victim"), (1, "generator"), (1, "data"), (1, "ops-compiled"),
-        (2, "ops"), (2, "victim"), (2, "generator"), (2, "data"), (2, "ops-compiled"),
-    ]  # fmt: skip
-    assert runs[1].targets == ["bench/bench_victim.py"] and runs[4].selection == benchmarks.OPS_GPU_COMPILED
+    one_round = ["ops", "victim", "generator", "data", "ops-compiled", "victim-compiled", "generator-compiled"]
+    assert [(r.round, r.name) for r in runs] == [(i, name) for i in (1, 2) for name in one_round]
+    assert runs[1].targets == ["bench/bench_victim.py::test_victim_training[straightforward]", "bench/bench_victim.py::test_victim_training[fast-eager]",
+                               "bench/bench_victim.py::test_victim_training[fast-graph]", "bench/bench_victim.py::test_weighting_step"]  # fmt: skip
+    assert runs[4].selection == benchmarks.OPS_GPU_COMPILED
+    assert runs[6].targets == ["bench/bench_generator.py::test_generator_training[fast]", "bench/bench_generator.py::test_generator_training[fast-compile-graph]"]
     assert notes == ["bench_data.py: DALI not installed, its GPU decoder is not measured"]
     runs, _ = benchmarks.plan(ctx, ["ops", "victim"], 1, ["-k", "graph"])  # the user's -k replaces the selections
-    assert [r.name for r in runs] == ["ops", "victim"] and all(r.selection is None for r in runs)
+    assert [r.name for r in runs] == ["ops", "victim", "victim-compiled"] and all(r.selection is None for r in runs)
     runs, notes = benchmarks.plan(_ctx(tmp_path, "cpu"), list(benchmarks.BENCHES), 1, [])
     assert [r.name for r in runs] == ["ops", "victim", "generator"] and runs[0].selection == benchmarks.OPS_CPU
     assert runs[1].targets == benchmarks.TRAINING_CPU["victim"] and "--cpu" in notes[0]
+
+
+@pytest.mark.parametrize("bench", ["victim", "generator"])
+def test_training_variants_split_covers_the_files_paths(bench):
+    """The eager and compiled runs of a training file together select each of its step variants
+    once (a variant added to the file must be placed in one of them)."""
+    module = _load(f"bench_{bench}_under_test", REPO / "bench" / f"bench_{bench}.py")
+    eager, compiled = benchmarks.EAGER_VARIANTS[bench], benchmarks.COMPILED_VARIANTS[bench]
+    assert sorted(eager + compiled) == sorted(module.PATHS) and not set(eager) & set(compiled)
+    for name in benchmarks.OTHER_BENCHMARKS[bench] + (benchmarks.TRAINING_TEST[bench],):
+        assert callable(getattr(module, name))
 
 
 def test_bench_part_passes_arguments_and_keeps_jsons(tmp_path, monkeypatch):
@@ -154,8 +228,7 @@ def test_bench_part_passes_arguments_and_keeps_jsons(tmp_path, monkeypatch):
     ctx.pytest = fake_pytest
     with pytest.raises(runner.PartFailed) as failed:
         benchmarks.part_bench(ctx, time.monotonic() + 600)
-    assert [c[0] for c in calls] == ["bench-ops-round1", "bench-victim-round1", "bench-ops-compiled-round1",
-                                     "bench-ops-round2", "bench-victim-round2", "bench-ops-compiled-round2"]  # fmt: skip
+    assert [c[0] for c in calls] == [f"bench-{name}-round{i}" for i in (1, 2) for name in ("ops", "victim", "ops-compiled", "victim-compiled")]
     for name, extra in calls:
         assert extra[:4] == ["-p", "device_check.bench_plugin", "--bench-device", "cuda"] and extra[-2:] == ["-x", "--benchmark-min-rounds=2"]
     assert (tmp_path / "out" / "bench" / "round-2" / "victim.json").is_file()
@@ -344,13 +417,79 @@ def test_size_plugin_wraps_sizes(monkeypatch):
 def test_cli_options(capsys):
     args = cli.parser().parse_args(["--out", "x", "--parts", "tests, bench", "--budget-bench", "90", "--rounds", "3", "--bench-args", "-k graph"])
     assert args.parts == ["tests", "bench"] and args.rounds == 3 and args.bench_args == "-k graph"
+    assert args.within is None and args.archive is None
     assert cli.budgets(args) == {**cli.GPU_BUDGETS, "bench": 90.0}
+    args = cli.parser().parse_args(["--out", "x", "--within", "540", "--archive", "a.tar.gz"])
+    assert args.within == 540.0 and args.archive == Path("a.tar.gz")
     assert cli.budgets(cli.parser().parse_args(["--out", "x", "--cpu"])) == cli.CPU_BUDGETS
     for bad in (["--out", "x", "--parts", "a,z"], ["--out", "x", "--budget-tests", "-1"], ["--parts", "tests"],
                 ["--out", "x", "--benches", "ops,nope"], ["--out", "x", "--pipeline-runs", "mnist"]):  # fmt: skip
         with pytest.raises(SystemExit):
             cli.parser().parse_args(bad)
     assert "--parts takes a comma-separated subset of build,tests" in capsys.readouterr().err
+
+
+def test_parts_run_in_the_order_given_build_first():
+    assert cli.part_order(["paper-scale", "tests", "build", "tests"]) == ["build", "paper-scale", "tests"]
+    assert cli.part_order(["bench"]) == ["bench"]
+
+
+def test_within_splits_the_time_left_by_weight(monkeypatch):
+    monkeypatch.setattr(cli.time, "monotonic", lambda: 100.0)
+    deadline = 100.0 + cli.WITHIN_RESERVE + 95.0  # 95 s to share
+    w = cli.WITHIN_WEIGHTS
+    assert cli.part_budget(3600, "tests", ["bench"], deadline) == pytest.approx(95 * w["tests"] / (w["tests"] + w["bench"]))
+    assert cli.part_budget(10, "tests", ["bench"], deadline) == 10  # at most the part's own budget
+    assert cli.part_budget(3600, "bench", [], deadline) == pytest.approx(95)  # the last part gets what is left
+    assert cli.part_budget(50, "bench", [], None) == 50  # no --within
+    assert cli.part_budget(3600, "bench", [], 100.0) == 0
+
+
+def test_archive_holds_the_results_folder(tmp_path):
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "logs" / "a.log").write_text("x")
+    archive = out / "check.tar.gz"
+    cli.write_archive(out, archive)
+    cli.write_archive(out, archive)  # rewritten in place, never holding itself
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["out", "out/logs", "out/logs/a.log", "out/summary.json"]
+        assert tar.extractfile("out/logs/a.log").read() == b"x"
+    assert not archive.with_name(archive.name + ".tmp").exists()
+
+
+def test_within_runs_the_parts_in_order_and_skips_what_has_no_time(tmp_path, monkeypatch, capsys):
+    """--within: the parts in --parts order (build first), each with its share of the time left;
+    a part whose share would be under WITHIN_MIN_PART is skipped and said so; the archive and the
+    printed summary (parts and targets) come out either way."""
+    calls = []
+
+    def fake(name):
+        def part(ctx, deadline):
+            calls.append((name, deadline - time.monotonic()))
+            return {}
+
+        return part
+
+    for name in PARTS:
+        monkeypatch.setitem(cli.PART_FUNCTIONS, name, fake(name))
+    out, archive = tmp_path / "out", tmp_path / "check.tar.gz"
+    argv = ["--out", str(out), "--cpu", "--within", "200", "--parts", "paper-scale,bench,build", "--archive", str(archive)]
+    assert cli.main(argv) == 0
+    assert [c[0] for c in calls] == ["build", "paper-scale", "bench"]
+    w = cli.WITHIN_WEIGHTS
+    assert calls[0][1] == pytest.approx(min(cli.CPU_BUDGETS["build"], 190 * w["build"] / (w["build"] + w["paper-scale"] + w["bench"])), abs=2)
+    rec = json.loads((out / "summary.json").read_text())
+    assert rec["within_s"] == 200 and rec["parts"]["tests"]["reason"] == "not in --parts"
+    with tarfile.open(archive) as tar:
+        assert "out/summary.json" in tar.getnames() and "out/summary.md" in tar.getnames()
+    printed = capsys.readouterr().out
+    assert "| paper-scale | ok |" in printed and "## Targets" in printed
+    calls.clear()
+    assert cli.main(["--out", str(out), "--cpu", "--within", "20", "--parts", "tests,bench"]) == 0
+    rec = json.loads((out / "summary.json").read_text())
+    assert calls == [] and rec["parts"]["tests"]["status"] == "skipped" and rec["parts"]["tests"]["reason"].startswith("--within:")
 
 
 def test_run_part_records_failures_and_skips(tmp_path, monkeypatch):
@@ -381,6 +520,8 @@ def test_markdown_of_a_run():
     text = summary.markdown(record_)
     assert "| pipeline | skipped |" in text and "driver 580" in text and "commit abc with uncommitted changes" in text
     assert "| tests/test_sync_free.py | 1 | 1 | 0 | 0 |" in text and "- FAILED t::x: boom" in text
+    assert "| per-step paths under set_sync_debug_mode('error'): failed tests | 1 tests | <= 0 tests | NOT met |" in text
+    assert "| the paper's CelebA job, one GPU | - | <= 360 s (6.0 min) | not measured |" in text
 
 
 def test_machine_record_without_an_installed_package(tmp_path):

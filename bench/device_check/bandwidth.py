@@ -3,8 +3,8 @@
 The copy bandwidth is measured here: ``y.copy_(x)`` into a preallocated ``y = torch.empty_like(x)``
 (1 GiB float32 on CUDA, 64 MiB on the CPU), median of 5 after 2 warm-ups, counting bytes read plus
 written. Each op's bytes per call come from the benchmark's ``extra_info["bytes"]`` or, where
-absent, from its size name (:func:`op_bytes`); achieved bandwidth = bytes / median time. Target:
-``perturb_apply`` forward + backward (float32 raw) at >= :data:`PERTURB_TARGET` of copy on a GPU.
+absent, from its size name (:func:`op_bytes`); achieved bandwidth = bytes / median time. The
+``perturb_apply`` targets are judged from these rows by :mod:`.targets`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 import statistics
 import time
 
-PERTURB_TARGET = 0.70
 COPY_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 
@@ -83,10 +82,10 @@ def measure_copy(device: str, nbytes: int, reps: int = 5, warmup: int = 2) -> di
             "bytes_per_s": moved / median, "gb_per_s": moved / median / 1e9}  # fmt: skip
 
 
-def summarize_ops(bench: dict, copy_bytes_per_second: float | None, gpu: bool) -> dict:
+def summarize_ops(bench: dict, copy_bytes_per_second: float | None) -> dict:
     """Rows per benchmark of a bench_ops.py pytest-benchmark JSON (op, size, impl, raw dtype,
-    passes), with achieved bandwidth, its fraction of copy, the time against the compiled op at the
-    same size, and the perturb_apply target (judged on GPUs only)."""
+    passes), with achieved bandwidth, its fraction of copy and the time against the compiled op at
+    the same size."""
     rows, bench_copy = [], None
     for b in bench.get("benchmarks", []):
         extra, median = b["extra_info"], b["stats"]["median"]
@@ -112,10 +111,4 @@ def summarize_ops(bench: dict, copy_bytes_per_second: float | None, gpu: bool) -
         base = compiled.get(key(r))
         if base:
             r["time_vs_compiled"] = r["median_ms"] / base
-    target = {}
-    for r in rows:
-        plain = r["raw"] in (None, "float32") and r["passes"] in (None, "forward+backward")
-        if r["op"] == "perturb_apply" and r["impl"] == "compiled" and plain and "fraction_of_copy" in r:
-            target[r["size"]] = {"fraction_of_copy": r["fraction_of_copy"], "met": (r["fraction_of_copy"] >= PERTURB_TARGET) if gpu else None}
-    return {"rows": rows, "bench_copy": bench_copy,
-            "target": {"what": f"perturb_apply fwd+bwd >= {PERTURB_TARGET:.0%} of copy bandwidth (GPU)", "sizes": target}}  # fmt: skip
+    return {"rows": rows, "bench_copy": bench_copy}

@@ -2,10 +2,12 @@
 
 One round runs, in this order: ``bench/bench_ops.py`` (the fused ops and their eager references,
 after the copy bandwidth is measured here), ``bench/bench_victim.py`` and
-``bench/bench_generator.py`` (every step variant the files define: eager, ``torch.compile``
-default, reduce-overhead, max-autotune, a CUDA-graph step; each file lists its compiled variants
-last), ``bench/bench_data.py`` (GPU only: torchvision's and DALI's GPU decoders), and last the torch.compile'd
-references of the ops (a cold inductor compile is the slowest setup). ``--rounds N`` repeats the
+``bench/bench_generator.py`` without ``torch.compile`` (the eager and CUDA-graph steps, the
+weighting strategies, SEP), ``bench/bench_data.py`` (GPU only: torchvision's and DALI's GPU
+decoders), and last everything that compiles with inductor, the slowest setup: the ops'
+torch.compile'd references, then the training files' compiled variants (default, inside the
+step's graph, reduce-overhead, max-autotune). A time-boxed run thus measures every eager figure
+before it spends time compiling. ``--rounds N`` repeats the
 round N times, so round i has measured every variant once before round i+1 starts; a benchmark's
 median is then the median of its round medians, and every round's value is kept.
 
@@ -35,6 +37,15 @@ TRAINING_CPU = {
     "victim": ["bench/bench_victim.py::test_victim_training[straightforward]", "bench/bench_victim.py::test_victim_training[fast-eager]"],
     "generator": ["bench/bench_generator.py::test_generator_training[straightforward]", "bench/bench_generator.py::test_generator_training[fast]"],
 }  # fmt: skip
+#: The compiled step variants of the training files (``PATHS`` there), run after everything else.
+COMPILED_VARIANTS = {
+    "victim": ("fast", "fast-compile-graph", "fast-reduce-overhead", "fast-max-autotune-graph"),
+    "generator": ("fast", "fast-compile-graph"),
+}
+#: The other step variants, and the files' other benchmarks, run in the first pass.
+EAGER_VARIANTS = {"victim": ("straightforward", "fast-eager", "fast-graph"), "generator": ("straightforward", "fast-fp32", "fast-eager", "fast-graph")}
+OTHER_BENCHMARKS = {"victim": ("test_weighting_step",), "generator": ("test_sep_step",)}
+TRAINING_TEST = {"victim": "test_victim_training", "generator": "test_generator_training"}
 #: Width 0.25 as the files' own CPU choice: at 0.125 the bf16 generator backward crashed inside
 #: oneDNN (a 1x1 convolution's weight gradient, avx512_bf16 kernel) on an AMD EPYC.
 CPU_BENCH_SIZES = {
@@ -63,7 +74,7 @@ def plan(ctx: Context, benches: list[str], rounds: int, user_args: list[str]) ->
         one_round.append(("ops", "ops", ["bench/bench_ops.py"], None if user_k else (OPS_GPU if ctx.gpu else OPS_CPU), 1.0))
     for name in ("victim", "generator"):
         if name in benches:
-            one_round.append((name, name, [f"bench/bench_{name}.py"] if ctx.gpu else TRAINING_CPU[name], None, 1.0))
+            one_round.append((name, name, training_targets(name, EAGER_VARIANTS, OTHER_BENCHMARKS) if ctx.gpu else TRAINING_CPU[name], None, 1.0))
     if "data" in benches:
         if not ctx.gpu:
             notes.append("bench_data.py not run: --cpu (the GPU decoders need a GPU)")
@@ -72,9 +83,19 @@ def plan(ctx: Context, benches: list[str], rounds: int, user_args: list[str]) ->
                 notes.append("bench_data.py: DALI not installed, its GPU decoder is not measured")
             one_round.append(("data", "data", ["bench/bench_data.py"], None, 0.4))
     if "ops" in benches and ctx.gpu and not user_k:
-        one_round.append(("ops", "ops-compiled", ["bench/bench_ops.py"], OPS_GPU_COMPILED, 0.6))
+        one_round.append(("ops", "ops-compiled", ["bench/bench_ops.py"], OPS_GPU_COMPILED, 0.4))
+    for name, weight in (("victim", 1.2), ("generator", 0.6)):
+        if name in benches and ctx.gpu:
+            one_round.append((name, f"{name}-compiled", training_targets(name, COMPILED_VARIANTS, {}), None, weight))
     runs = [BenchRun(b, n, t, s, w, i) for i in range(1, rounds + 1) for b, n, t, s, w in one_round]
     return runs, notes
+
+
+def training_targets(bench: str, variants: dict[str, tuple[str, ...]], others: dict[str, tuple[str, ...]]) -> list[str]:
+    """pytest node ids in ``bench/bench_<bench>.py``: its training test at ``variants[bench]``,
+    then the whole tests named in ``others[bench]``."""
+    file = f"bench/bench_{bench}.py"
+    return [f"{file}::{TRAINING_TEST[bench]}[{v}]" for v in variants[bench]] + [f"{file}::{t}" for t in others.get(bench, ())]
 
 
 def merge_rounds(datas: list[dict]) -> dict:
@@ -137,10 +158,10 @@ def part_bench(ctx: Context, deadline: float) -> dict:
     if copies:
         copy = dict(copies[0], gb_per_s=statistics.median(c["gb_per_s"] for c in copies),
                     bytes_per_s=statistics.median(c["bytes_per_s"] for c in copies))  # fmt: skip
-        results["ops"] = {"copy": copy, **summarize_ops(merge_rounds(datas["ops"]), copy["bytes_per_s"], ctx.gpu)}
+        results["ops"] = {"copy": copy, **summarize_ops(merge_rounds(datas["ops"]), copy["bytes_per_s"])}
     for name in ("victim", "generator", "data"):
         if datas[name]:
-            results[name] = summarize_throughput(merge_rounds(datas[name]), ctx.gpu)
+            results[name] = summarize_throughput(merge_rounds(datas[name]))
     if not ctx.gpu:
         results["sizes"] = {"note": "tiny --cpu sizes laid over the files' own", **CPU_BENCH_SIZES}
     if notes:

@@ -1,10 +1,15 @@
 """The options, and the loop that runs the parts and writes their JSON and the summary.
 
-Each part runs under its own time budget (``--budget-<part>`` seconds): a child still running when
-its part's budget is spent gets SIGINT, then SIGKILL, and the part records what finished. Each
-part's results go to ``<out>/<part>.json`` (``paper-scale``: the script's own
-``<out>/paper_scale.json``); ``<out>/summary.json`` and ``<out>/summary.md`` are rewritten after
-every part, so a check stopped from outside still leaves what it did. Logs: ``<out>/logs/``.
+The parts run in the order ``--parts`` names them (``build`` always first). Each runs under its own
+time budget (``--budget-<part>`` seconds): a child still running when its part's budget is spent
+gets SIGINT, then SIGKILL, and the part records what finished. ``--within SECONDS`` bounds the whole
+check: each part then gets its weight's share (:data:`WITHIN_WEIGHTS`) of the time left when it
+starts, at most its budget, so time an early part did not use goes to the later ones. Each part's
+results go to ``<out>/<part>.json`` (``paper-scale``: the script's own ``<out>/paper_scale.json``);
+``<out>/summary.json`` and ``<out>/summary.md`` are rewritten after every part, and with
+``--archive FILE`` so is one ``.tar.gz`` of the whole results folder (for a machine from which only
+a few files come back), so a check stopped from outside still leaves what it did. Logs:
+``<out>/logs/``. The header, the parts and the targets are printed last.
 
 Exit status: 0 when every selected part finished ok (or had nothing to run here), 1 when one
 failed, 2 for bad options or no CUDA device without ``--cpu``.
@@ -17,6 +22,7 @@ import datetime
 import shlex
 import signal
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -29,7 +35,7 @@ from .cuda_tests import part_tests
 from .paper_scale import part_paper_scale
 from .pipeline import RUNS, part_pipeline
 from .runner import Context, PartFailed, PartSkipped, progress, write_json
-from .summary import markdown
+from .summary import brief, markdown
 
 PART_FUNCTIONS = {"build": part_build, "tests": part_tests, "bench": part_bench,
                   "paper-scale": part_paper_scale, "pipeline": part_pipeline}  # fmt: skip
@@ -38,6 +44,13 @@ PART_FILES = {"build": "build.json", "tests": "tests.json", "bench": "bench.json
 #: Seconds per part: caps that a healthy run stays well inside, so a hung child cannot hold the check.
 GPU_BUDGETS = {"build": 1800, "tests": 1800, "bench": 3600, "paper-scale": 3600, "pipeline": 1800}
 CPU_BUDGETS = {"build": 900, "tests": 300, "bench": 300, "paper-scale": 300, "pipeline": 300}
+#: ``--within``: each part's weight in the split of the time left (a part that ends early leaves the
+#: rest to the later ones; the build is weighted for its worst case, since nothing runs without it).
+WITHIN_WEIGHTS = {"build": 3.0, "tests": 2.0, "bench": 4.0, "paper-scale": 2.5, "pipeline": 2.0}
+#: ``--within``: seconds kept for the summary and the archive after the last part.
+WITHIN_RESERVE = 10.0
+#: ``--within``: a part that would get less than this is skipped.
+WITHIN_MIN_PART = 15.0
 #: Bulky results kept in the part's JSON but not in the summary.
 NOT_IN_SUMMARY = {"tests": ("tests",)}
 
@@ -66,8 +79,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description="Build, test and measure the package on a CUDA device; "
                                 "results as JSON and a Markdown summary under --out.")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="folder for every part's JSON, the summary and the logs")
-    p.add_argument("--parts", type=comma_list(PARTS, "--parts"), default=list(PARTS), help=f"subset of {','.join(PARTS)} (default all)")
+    p.add_argument("--parts", type=comma_list(PARTS, "--parts"), default=list(PARTS),
+                   help=f"subset of {','.join(PARTS)}, run in this order, build first (default all)")
     p.add_argument("--cpu", action="store_true", help="no GPU: the same parts on the CPU at tiny sizes (a few minutes)")
+    p.add_argument("--within", type=positive, metavar="SECONDS",
+                   help="time limit of the whole check: each part gets its share of the time left (see WITHIN_WEIGHTS)")
+    p.add_argument("--archive", type=Path, metavar="FILE",
+                   help="also write the whole results folder as one .tar.gz FILE, rewritten after every part")
     for name in PARTS:
         p.add_argument(f"--budget-{name}", type=positive, metavar="SECONDS",
                        help=f"time limit of part {name} (default {GPU_BUDGETS[name]}, with --cpu {CPU_BUDGETS[name]})")  # fmt: skip
@@ -88,6 +106,33 @@ def budgets(args: argparse.Namespace) -> dict[str, float]:
     return {name: getattr(args, f"budget_{name.replace('-', '_')}") or float(base[name]) for name in PARTS}
 
 
+def part_order(parts: list[str]) -> list[str]:
+    """``--parts`` in the order given, without repeats, ``build`` first."""
+    unique = list(dict.fromkeys(parts))
+    return (["build"] if "build" in unique else []) + [p for p in unique if p != "build"]
+
+
+def part_budget(cap: float, name: str, later: list[str], deadline: float | None) -> float:
+    """Seconds for part ``name``: ``cap``, or under ``--within`` (``deadline``, a monotonic time) at
+    most its weight's share of the time left among ``name`` and the ``later`` parts."""
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic() - WITHIN_RESERVE
+    weights = [WITHIN_WEIGHTS[n] for n in [name, *later]]
+    return min(cap, max(0.0, left) * weights[0] / sum(weights))
+
+
+def write_archive(out: Path, archive: Path) -> None:
+    """``out`` as a gzipped tar (members under ``out.name/``), written through a temporary file;
+    the archive itself is left out when it lies inside ``out``."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".tmp")
+    skip = {archive.resolve(), tmp.resolve()}
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name, filter=lambda info: None if (out.parent / info.name).resolve() in skip else info)
+    tmp.replace(archive)
+
+
 def new_record(args: argparse.Namespace, argv: list[str], device: str, dev: dict) -> dict:
     return {
         "schema": 2,
@@ -99,6 +144,7 @@ def new_record(args: argparse.Namespace, argv: list[str], device: str, dev: dict
         "versions": record.versions(device),
         "git": record.git_revision(),
         "budgets": budgets(args),
+        "within_s": args.within,
         "parts": {name: {"status": "pending"} for name in PARTS},
         "seconds": 0.0,
         "exit_status": None,
@@ -155,21 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     dev = record.device_record(device)
     rec = new_record(args, argv, device, dev)
 
+    deadline = start + args.within if args.within else None
+    order = part_order(args.parts)
+
     def save() -> None:
         rec["seconds"] = round(time.monotonic() - start, 1)
         rec["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         write_json(out / "summary.json", rec)
         (out / "summary.md").write_text(markdown(rec))
+        if args.archive:
+            write_archive(out, args.archive.resolve())
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         ctx = Context(args, device, Path(tmp), out / "logs", out=out, capability=dev.get("capability"))
-        progress(f"{dev['name']} ({device}); results in {out}")
+        progress(f"{dev['name']} ({device}); results in {out}" + (f"; the whole check within {args.within:.0f} s" if deadline else ""))
         for name in PARTS:
-            if name not in args.parts:
+            if name not in order:
                 rec["parts"][name] = {"status": "skipped", "reason": "not in --parts"}
+        for i, name in enumerate(order):
+            seconds = part_budget(rec["budgets"][name], name, order[i + 1 :], deadline)
+            if deadline is not None and seconds < WITHIN_MIN_PART:
+                rec["parts"][name] = {"status": "skipped", "reason": f"--within: {seconds:.0f} s would be left for it"}
+                progress(f"{name}: skipped, {seconds:.0f} s would be left for it")
+                save()
                 continue
             try:
-                entry = run_part(ctx, name, rec["budgets"][name])
+                entry = run_part(ctx, name, seconds)
             except Interrupted as stop:
                 rec["parts"][name] = stop.entry
                 rec["exit_status"] = 130 if isinstance(stop.cause, KeyboardInterrupt) else stop.cause.code
@@ -187,5 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         failed = [n for n in PARTS if rec["parts"][n]["status"] == "failed"]
         rec["exit_status"] = 1 if failed else 0
         save()
+    print(brief(rec), flush=True)
     progress(f"done in {rec['seconds']:.0f} s: {out / 'summary.md'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return rec["exit_status"]

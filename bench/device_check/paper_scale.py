@@ -47,9 +47,14 @@ def part_paper_scale(ctx: Context, deadline: float) -> dict:
     results: dict = {"run": proc.brief(), "json": str(out_file) if out_file.is_file() else None}
     if out_file.is_file():
         try:
-            results["summary"] = scalars(json.loads(out_file.read_text()))
+            data = json.loads(out_file.read_text())
         except ValueError as err:
             results["summary"] = {"unreadable": str(err)}
+        else:
+            results["summary"] = scalars(data)
+            # the script's own verdicts: judged only at the paper's settings
+            results["targets"] = data.get("targets") if isinstance(data, dict) else None
+            results["paper_settings_changed"] = data.get("paper_settings_changed") if isinstance(data, dict) else None
     if proc.rc != 0 or not out_file.is_file():
         results["log_tail"] = "\n".join(proc.tail.splitlines()[-20:])
         raise PartFailed(f"paper_scale.py {proc.why()}" + ("" if out_file.is_file() else f"; no {OUTPUT}"), results)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from . import PARTS
-from .bandwidth import PERTURB_TARGET
+from .targets import judge
 
 VERDICT = {True: "met", False: "NOT met", None: "not judged off a GPU"}
 
@@ -73,8 +73,6 @@ def ops_lines(ops: dict) -> list[str]:
         frac = f"{100 * r['fraction_of_copy']:.0f}%" if r.get("fraction_of_copy") is not None else "-"
         lines.append(f"| {r['op']} | {r['size']} | {r['impl']} | {r.get('raw') or '-'} | {r.get('passes') or '-'} | {r['median_ms']:.3f} | "
                      f"{_fmt(r.get('gb_per_s'), 0)} | {frac} | {_fmt(r.get('time_vs_compiled'), 1)} |")  # fmt: skip
-    for size, t in (ops.get("target") or {}).get("sizes", {}).items():
-        lines.append(f"\nTarget perturb_apply >= {PERTURB_TARGET:.0%} of copy, {size}: {100 * t['fraction_of_copy']:.0f}% ({VERDICT[t['met']]})")
     return lines
 
 
@@ -94,8 +92,6 @@ def throughput_lines(summary: dict) -> list[str]:
         for v, r in sorted(rows.items(), key=lambda kv: -kv[1]["images_per_second"]):
             per_round = ", ".join(f"{x:,.0f}" for x in r.get("round_images_per_second", [])) or "-"
             lines.append(f"| {v} | {r['images_per_second']:,.0f} | {_ratio(r)} | {per_round} |")
-    for name, t in (summary.get("targets") or {}).items():
-        lines.append(f"\nTarget {name}: {_fmt(t['value'])} vs {t['threshold']:g} ({VERDICT[t['met']]})")
     return lines
 
 
@@ -131,6 +127,42 @@ def pipeline_lines(r: dict) -> list[str]:
     return ["", "## Pipeline"] + lines if lines else []
 
 
+def _target_value(row: dict) -> str:
+    value, unit = row["value"], row["unit"]
+    if value is None:
+        return "-"
+    if unit == "of copy":
+        return f"{100 * value:.0f}%"
+    if unit == "images/s":
+        return f"{value:,.0f} images/s"
+    if unit == "s":
+        return f"{value:,.0f} s ({value / 60:.1f} min)"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:g} {unit}"
+
+
+def targets_lines(record: dict) -> list[str]:
+    """The targets table (:func:`.targets.judge`): measured value, target, verdict."""
+    gpu = record["device"].get("type") == "cuda"
+    lines = ["", "## Targets", "", "| target | measured | target | verdict | from |", "|---|---:|---:|---|---|"]
+    for row in judge(record):
+        limit = _target_value({**row, "value": row["threshold"]})
+        if row["value"] is None:
+            verdict = "not measured"
+        elif row["met"] is None:
+            verdict = "not judged" + ("" if gpu else " off a GPU")
+        else:
+            verdict = VERDICT[row["met"]]
+        lines.append(f"| {row['what']} | {_target_value(row)} | {'<=' if row['at_most'] else '>='} {limit} | {verdict} | {_cell(row['detail'])} |")
+    return lines
+
+
+def brief(record: dict) -> str:
+    """The header, the parts' table and the targets: what a terminal should show last."""
+    return "\n".join(header(record) + targets_lines(record)) + "\n"
+
+
 def markdown(record: dict) -> str:
     """The summary as Markdown: the header, the parts' table and a section per part with results."""
     parts = record["parts"]
@@ -138,7 +170,7 @@ def markdown(record: dict) -> str:
     def results(name: str) -> dict:
         return parts.get(name, {}).get("results") or {}
 
-    lines = header(record)
+    lines = header(record) + targets_lines(record)
     lines += build_lines(results("build"))
     lines += tests_lines(results("tests"))
     lines += bench_lines(results("bench"))
