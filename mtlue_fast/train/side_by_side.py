@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -103,14 +102,16 @@ def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, l
         return
     log(f"training {len(jobs)} networks side by side: {processes} processes of {threads} thread{'s' if threads > 1 else ''}")
     context = multiprocessing.get_context("spawn")
+    stop = context.Event()  # set: every training process exits at once
     with ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(threads, os.getpid())
+        max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(threads, os.getpid(), stop)
     ) as pool:
         try:
             futures = [pool.submit(_run_job, job) for job in jobs]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C: without this the queued jobs would still start, and the caller wait for them
-            _stop_now(pool)
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)  # the processes are gone; waiting keeps the exit quiet
             raise
         failed = next((f for f in done if f.exception() is not None), None)
         if failed is None:
@@ -125,29 +126,21 @@ def train_side_by_side(jobs: Sequence[TrainJob], processes: int, threads: int, l
     raise error
 
 
-def _stop_now(pool: ProcessPoolExecutor) -> None:
-    """Terminate the running jobs (SIGTERM) and cancel the others. The executor then finds its
-    processes gone and winds down; waiting for that keeps its exit-time clean-up quiet."""
-    workers = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public handle before 3.14
-    for worker in workers:
-        worker.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-#: How often a training process checks that the caller is still alive (seconds).
+#: How often a training process checks that the caller is still alive and has not asked it to stop (seconds).
 PARENT_POLL_SECONDS = 0.5
 
 
-def _start_worker(threads: int, parent: int) -> None:
+def _start_worker(threads: int, parent: int, stop) -> None:
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops us
-    threading.Thread(target=_exit_without_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_exit_when_stopped, args=(parent, stop), name="parent-watch", daemon=True).start()
 
 
-def _exit_without_parent(parent: int) -> None:
-    """End this process once ``parent`` is gone (re-parented): the caller was killed, nobody reads our result."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_SECONDS)
+def _exit_when_stopped(parent: int, stop) -> None:
+    """End this process once the caller sets ``stop`` (interrupted) or ``parent`` is gone
+    (re-parented: the caller was killed, nobody reads our result)."""
+    while os.getppid() == parent and not stop.wait(PARENT_POLL_SECONDS):
+        pass
     os._exit(1)
 
 
