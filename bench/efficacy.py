@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtlue_fast.config import VICTIM_RECIPE
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("chestxray", "celeba", "utkface")
 #: A task's metric within this of chance counts as not learned (clean) or as inverted when below it (protected).
@@ -86,7 +88,7 @@ def summarize_run(out: Path, dataset: str, cache_root: Path) -> dict:
         entry.update({
             "metric": report["metric"], "victim_seeds": [v["seed"] for v in report["victims"]],
             "surrogate": report["surrogate"],
-            "victims": {k: report.get(k) for k in ("victim", "backbone", "weighting", "width", "epochs", "defense")},
+            "victims": {k: report.get(k) for k in ("victim", *VICTIM_RECIPE, "defense")},
             "clean_mean": report["clean"]["mean"],
             "protected_mean": report["protected"]["mean"], "drops": drops, "drop_mean": statistics.fmean(drops),
             "drop_std": statistics.stdev(drops) if len(drops) > 1 else None, "drop_min": min(drops),
