@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_runtime.h>
@@ -103,6 +104,46 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// The bits of a 16-byte pack as four 32-bit words, little-endian as in memory: element e fills
+// bytes [e * sizeof(T), (e + 1) * sizeof(T)) of the 16.
+template <typename T, int N>
+__host__ __device__ __forceinline__ uint4 pack_words(const Pack<T, N>& v) {
+  static_assert(sizeof(T) * N == 16, "pack_words takes a 16-byte pack");
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if constexpr (sizeof(T) == 8) {
+      uint64_t b;
+      memcpy(&b, &v.v[e], 8);
+      w[2 * e] = static_cast<uint32_t>(b);
+      w[2 * e + 1] = static_cast<uint32_t>(b >> 32);
+    } else if constexpr (sizeof(T) == 4) {
+      memcpy(&w[e], &v.v[e], 4);
+    } else {
+      constexpr int kBits = 8 * static_cast<int>(sizeof(T));
+      std::conditional_t<sizeof(T) == 2, uint16_t, uint8_t> b;
+      memcpy(&b, &v.v[e], sizeof(T));
+      w[e * kBits / 32] |= static_cast<uint32_t>(b) << (e * kBits % 32);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// A pack stored to global memory, a 16-byte one as one st.global.v4. A plain store of a Pack (or
+// of a uint4) is split into N element stores once the compiler has scalarised the pack, as it
+// does in perturb_apply's tiled kernels (their SASS had no STG.E.128); the instruction is spelled
+// out here so the store stays one 16-byte access. .ci/check_cuda checks the PTX for it.
+template <typename T, int N>
+__device__ __forceinline__ void store_pack_global(T* p, const Pack<T, N>& v) {
+  if constexpr (sizeof(T) * N == 16) {
+    const uint4 w = pack_words(v);
+    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+        : "memory");
+  } else {
+    store_pack(p, v);
+  }
 }
 
 inline bool aligned_to(const void* p, int64_t bytes) {

@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<x_t, raw_t, 4>))
         ++row;
       }
     }
-    store_pack<raw_t, E>(os + dst.vec_begin + k * E, y);
+    store_pack_global<raw_t, E>(os + dst.vec_begin + k * E, y);
   }
   for (uint32_t s = threadIdx.x; s < dst.scalars(); s += kThreads) {
     const uint32_t at = dst.scalar(s);
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<x_t, raw_t, 3>))
 #pragma unroll
           for (int e = 0; e < E; ++e) y.v[e] = raw_t(0);
         }
-        store_pack<raw_t, E>(os + dst.vec_begin + k * E, y);
+        store_pack_global<raw_t, E>(os + dst.vec_begin + k * E, y);
       }
     }
   }
