@@ -248,7 +248,10 @@ def test_graphed_training_equals_eager(weighting):
 
 
 @pytest.mark.cuda
-def test_graphed_generator_step_equals_eager():
+@pytest.mark.parametrize("base,surrogates", [("tap", 1), ("sep", 3)])
+def test_graphed_generator_step_equals_eager(base, surrogates):
+    """The generator step replayed as a CUDA graph (the default on one GPU, TAP and SEP) gives the
+    eager step's losses and parameters."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from mtlue_fast.train.graphed import GraphedStep
@@ -258,7 +261,7 @@ def test_graphed_generator_step_equals_eager():
     images, labels = torch.from_numpy(fake.images).to(device), torch.from_numpy(fake.labels).to(device)
     runs = []
     for graph in (False, True):
-        step = _generator_step(device, "tap")
+        step = _generator_step(device, base, surrogates)
         step.augment = False  # random windows are drawn inside the step: eager and replayed draws differ
         if graph:
             step.optimizer = make_generator_optimizer(step.generator, step.config, capturable=True)
