@@ -5,7 +5,11 @@
 #include <cstring>
 #include <type_traits>
 
+#ifdef MTLUE_CUDA_HOST_EMULATION
+#include "host_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 namespace mtlue::cuda::detail {
 
@@ -139,8 +143,12 @@ template <typename T, int N>
 __device__ __forceinline__ void store_pack_global(T* p, const Pack<T, N>& v) {
   if constexpr (sizeof(T) * N == 16) {
     const uint4 w = pack_words(v);
+#ifdef MTLUE_CUDA_HOST_EMULATION
+    memcpy(p, &w, sizeof(w));
+#else
     asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
         : "memory");
+#endif
   } else {
     store_pack(p, v);
   }

@@ -24,9 +24,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -37,6 +34,7 @@
 #include "../common/message.h"
 #include "common.cuh"
 #include "launchers.h"
+#include "runtime.cuh"
 
 namespace mtlue::cuda {
 namespace {
@@ -190,7 +188,7 @@ struct Tiling {
 // Shared memory of a tile: kTileElems elements of raw_t plus room for the lead (< one vector).
 template <typename raw_t>
 __device__ __forceinline__ raw_t* tile_buffer() {
-  __shared__ alignas(16) unsigned char bytes[(kTileElems<raw_t> + kVec<raw_t>) * sizeof(raw_t)];
+  alignas(16) __shared__ unsigned char bytes[(kTileElems<raw_t> + kVec<raw_t>) * sizeof(raw_t)];
   return reinterpret_cast<raw_t*>(bytes);
 }
 
@@ -516,9 +514,9 @@ void perturb_apply_forward(const at::Tensor& x, const at::Tensor& raw, double ep
       dispatch_mode(mode, [&](auto mode_tag) {
         constexpr int kMode = decltype(mode_tag)::value;
         if (g.W > kTileElems<raw_t>) {
-          perturb_forward_wide<kMode, x_t, raw_t>
-              <<<wide_blocks(out.numel()), kThreads, 0, stream>>>(
-                  xp, rp, crop_ptr(crop), flip_ptr(flip), op, g, eps, errors_ptr(errors));
+          auto kernel = &perturb_forward_wide<kMode, x_t, raw_t>;
+          MTLUE_LAUNCH(kernel, wide_blocks(out.numel()), kThreads, stream)(
+              xp, rp, crop_ptr(crop), flip_ptr(flip), op, g, eps, errors_ptr(errors));
         } else {
           const Tiling tiling = make_tiling(g.h, g.W, kTileElems<raw_t>);
           // The output tile is counted in rows of w.
@@ -528,8 +526,8 @@ void perturb_apply_forward(const at::Tensor& x, const at::Tensor& raw, double ep
           auto kernel = vector_aligned<x_t, raw_t>(x, {&raw, &out})
                             ? &perturb_forward_tiled<kMode, kVec<raw_t>, x_t, raw_t>
                             : &perturb_forward_tiled<kMode, 1, x_t, raw_t>;
-          kernel<<<blocks, kThreads, 0, stream>>>(xp, rp, crop_ptr(crop), flip_ptr(flip), op, g,
-                                                  out_tiling, eps, errors_ptr(errors));
+          MTLUE_LAUNCH(kernel, blocks, kThreads, stream)(xp, rp, crop_ptr(crop), flip_ptr(flip), op, g,
+                                                         out_tiling, eps, errors_ptr(errors));
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -558,17 +556,17 @@ void perturb_apply_backward(const at::Tensor& grad_out, const at::Tensor& x, con
       dispatch_mode(mode, [&](auto mode_tag) {
         constexpr int kMode = decltype(mode_tag)::value;
         if (g.W > kTileElems<raw_t>) {
-          perturb_backward_wide<kMode, x_t, raw_t>
-              <<<wide_blocks(grad_raw.numel()), kThreads, 0, stream>>>(
-                  gp, xp, rp, crop_ptr(crop), flip_ptr(flip), op, g, eps, errors_ptr(errors));
+          auto kernel = &perturb_backward_wide<kMode, x_t, raw_t>;
+          MTLUE_LAUNCH(kernel, wide_blocks(grad_raw.numel()), kThreads, stream)(
+              gp, xp, rp, crop_ptr(crop), flip_ptr(flip), op, g, eps, errors_ptr(errors));
         } else {
           const Tiling tiling = make_tiling(g.H, g.W, kTileElems<raw_t>);
           const unsigned int blocks = checked_blocks(g.B * g.C * tiling.tiles);
           auto kernel = vector_aligned<x_t, raw_t>(x, {&raw, &grad_out, &grad_raw})
                             ? &perturb_backward_tiled<kMode, kVec<raw_t>, x_t, raw_t>
                             : &perturb_backward_tiled<kMode, 1, x_t, raw_t>;
-          kernel<<<blocks, kThreads, 0, stream>>>(gp, xp, rp, crop_ptr(crop), flip_ptr(flip), op,
-                                                  g, tiling, eps, errors_ptr(errors));
+          MTLUE_LAUNCH(kernel, blocks, kThreads, stream)(gp, xp, rp, crop_ptr(crop), flip_ptr(flip), op,
+                                                         g, tiling, eps, errors_ptr(errors));
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -1,0 +1,147 @@
+"""perturb_apply's CUDA kernels and launchers, built for the host and checked against the reference.
+
+``csrc/cuda/perturb_apply.cu`` compiles with a host C++ compiler when ``MTLUE_CUDA_HOST_EMULATION``
+is defined (``csrc/cuda/runtime.cuh``): every block's threads then run as host threads, with a
+real barrier for ``__syncthreads`` and one shared array per block. The launchers pick the kernels
+as on a GPU (tiled or wide, 16-byte vectors or element by element), so their indexing (tiles,
+16-byte runs and their heads and tails, windows, flips, the error buffer) is checked here on fresh
+random inputs without a GPU. What the emulation cannot show (speed, the device's memory model and
+arithmetic, the PTX) is left to the CUDA tests and to ``.ci/check_cuda``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlue_fast.ops import reference
+
+REPO = Path(__file__).resolve().parent.parent
+CSRC = REPO / "csrc"
+HARNESS = Path(__file__).resolve().parent / "cuda_host" / "perturb_apply_host.cpp"
+EPS = 8 / 255
+MODES = {"clamp": 0, "tanh": 1}
+RAW_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Crop slots of the error buffer (csrc/common/error_slots.h).
+CROP_COUNT, CROP_SAMPLE, CROP_TOP, CROP_LEFT = 0, 1, 2, 3
+
+
+def _digest() -> str:
+    digest = hashlib.sha256(HARNESS.read_bytes())
+    for path in sorted((CSRC / "cuda").glob("*")) + sorted((CSRC / "common").glob("*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The harness module (``forward``, ``backward``), built once per source digest and torch."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on PATH")
+    from torch.utils.cpp_extension import load
+
+    digest = _digest()
+    root = Path(os.environ.get("MTLUE_JIT_DIR", Path.home() / ".cache" / "mtlue_fast" / "jit"))
+    build = root / f"host-emulation-torch{torch.__version__}-{digest}".replace("+", "_")
+    build.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=f"mtlue_cuda_host_emulation_{digest}",
+        sources=[str(HARNESS)],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-std=c++20", "-O1", "-ffp-contract=off", "-Wno-unknown-pragmas"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+def _inputs(gen, batch, channels, height, width, raw_dtype, offset=0):
+    """uint8 x and a raw of ``raw_dtype`` starting ``offset`` elements into its buffer (an offset
+    that breaks 16-byte alignment sends the launcher to the element-by-element kernels)."""
+    x = torch.randint(0, 256, (batch, channels, height, width), generator=gen, dtype=torch.uint8)
+    buffer = (torch.randn(batch * channels * height * width + offset, generator=gen) * 0.05).to(raw_dtype)
+    # a few values beyond eps and beyond the image range, so the clamps' masks matter
+    buffer[torch.randint(0, buffer.numel(), (buffer.numel() // 20,), generator=gen)] *= 8
+    return x, buffer[offset:].view(batch, channels, height, width)
+
+
+def _windows(gen, batch, height, width, out_h, out_w):
+    crop = torch.stack([torch.randint(0, height - out_h + 1, (batch,), generator=gen),
+                        torch.randint(0, width - out_w + 1, (batch,), generator=gen)], 1)  # fmt: skip
+    return crop, torch.rand(batch, generator=gen) < 0.5
+
+
+def _reference(x, raw, mode, crop, flip, out_size, grad_out):
+    r = raw.detach().clone().requires_grad_(True)
+    y = reference.perturb_apply(x, r, EPS, MODES[mode], crop, flip, out_size)
+    y.backward(grad_out)
+    return y.detach(), r.grad
+
+
+def _check(kernels, gen, x, raw, mode, crop, flip, out_size):
+    grad_out = torch.randn(x.shape[0], x.shape[1], *out_size, generator=gen).to(raw.dtype)
+    out, errors = kernels.forward(x, raw, EPS, MODES[mode], crop, flip, *out_size)
+    grad_raw, errors_back = kernels.backward(grad_out, x, raw, EPS, MODES[mode], crop, flip)
+    want_out, want_grad = _reference(x, raw, mode, crop, flip, out_size, grad_out)
+    # outputs start as NaN: an element no thread wrote fails here
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(grad_raw, want_grad)
+    return errors, errors_back
+
+
+# (batch, channels, H, W, out h, w, raw offset): CelebA's 70x70 cache cropped to 64 (two tiles per
+# plane), ChestX-ray-like grey images, a window as wide as the image, windows whose rows start off
+# the 16-byte grid, the same unaligned (element-by-element kernels), and an image wider than a tile
+# (the wide kernels).
+LAYOUTS = {
+    "celeba-tiles": (3, 3, 70, 70, 64, 64, 0),
+    "grey": (2, 1, 40, 36, 32, 28, 0),
+    "full-width": (2, 3, 18, 20, 12, 20, 0),
+    "odd-sizes": (2, 2, 23, 29, 17, 13, 0),
+    "unaligned": (2, 3, 23, 29, 17, 13, 1),
+    "wider-than-a-tile": (1, 1, 3, 4200, 2, 4100, 0),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("raw_dtype", RAW_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_kernels_match_the_reference(kernels, gen, layout, raw_dtype, mode):
+    batch, channels, height, width, out_h, out_w, offset = LAYOUTS[layout]
+    x, raw = _inputs(gen, batch, channels, height, width, raw_dtype, offset)
+    crop, flip = _windows(gen, batch, height, width, out_h, out_w)
+    errors, errors_back = _check(kernels, gen, x, raw, mode, crop, flip, (out_h, out_w))
+    assert not errors.any() and not errors_back.any()
+
+
+@pytest.mark.parametrize("raw_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_centre_window_and_no_window(kernels, gen, raw_dtype):
+    """No crop tensor: the centred window; no flip tensor: no flip; out size = the image: no crop."""
+    x, raw = _inputs(gen, 2, 3, 70, 70, raw_dtype)
+    _check(kernels, gen, x, raw, "tanh", None, None, (64, 64))
+    _check(kernels, gen, x, raw, "clamp", None, None, (70, 70))
+
+
+@pytest.mark.parametrize("raw_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_window_outside_the_image_is_clamped_and_recorded(kernels, gen, raw_dtype):
+    """Sample 1's window starts beyond the image: the kernels use the window clamped into it (as the
+    reference does with the clamped crop) and record the first such sample in the error buffer."""
+    x, raw = _inputs(gen, 3, 3, 20, 24, raw_dtype)
+    crop, flip = _windows(gen, 3, 20, 24, 16, 16)
+    bad = crop.clone()
+    bad[1] = torch.tensor([9, 30])
+    grad_out = torch.randn(3, 3, 16, 16, generator=gen).to(raw_dtype)
+    out, errors = kernels.forward(x, raw, EPS, 0, bad, flip, 16, 16)
+    grad_raw, errors_back = kernels.backward(grad_out, x, raw, EPS, 0, bad, flip)
+    clamped = bad.clone()
+    clamped[1] = torch.tensor([4, 8])  # top <= 20 - 16, left <= 24 - 16
+    want_out, want_grad = _reference(x, raw, "clamp", clamped, flip, (16, 16), grad_out)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(grad_raw, want_grad)
+    for buffer in (errors, errors_back):
+        assert buffer[CROP_COUNT] >= 1 and buffer[CROP_SAMPLE] == 1
+        assert (buffer[CROP_TOP], buffer[CROP_LEFT]) == (9, 30)
