@@ -10,14 +10,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 
 #include "common.cuh"
 #include "launchers.h"
+#include "runtime.cuh"
 
 namespace mtlue::cuda {
 namespace {
@@ -193,17 +191,19 @@ void embedding_reg_forward_pairs(const at::Tensor& gram, const at::Tensor& task_
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "embedding_reg_forward_pairs", [&] {
     const int64_t* offsets = task_offsets.const_data_ptr<int64_t>();
     if (R > 0) {
-      norms_kernel<scalar_t><<<static_cast<unsigned int>(ceil_div(R, kRowThreads)), kRowThreads,
-                               0, stream>>>(gram.const_data_ptr<scalar_t>(), R,
-                                            norms.mutable_data_ptr<scalar_t>());
+      auto norms_of = &norms_kernel<scalar_t>;
+      MTLUE_LAUNCH(norms_of, static_cast<unsigned int>(ceil_div(R, kRowThreads)), kRowThreads, stream)(
+          gram.const_data_ptr<scalar_t>(), R, norms.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cos_rows_kernel<scalar_t><<<static_cast<unsigned int>(R), kRowThreads, 0, stream>>>(
+      auto cos_rows = &cos_rows_kernel<scalar_t>;
+      MTLUE_LAUNCH(cos_rows, static_cast<unsigned int>(R), kRowThreads, stream)(
           gram.const_data_ptr<scalar_t>(), norms.const_data_ptr<scalar_t>(), offsets, K, R,
           cos.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // Always launched so intra / inter are written (0 when R == 0).
-    pair_means_kernel<scalar_t><<<1, kFinalThreads, 0, stream>>>(
+    auto pair_means = &pair_means_kernel<scalar_t>;
+    MTLUE_LAUNCH(pair_means, 1u, kFinalThreads, stream)(
         partials.const_data_ptr<scalar_t>(), offsets, K, R, intra.mutable_data_ptr<scalar_t>(),
         inter.mutable_data_ptr<scalar_t>(), errors.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -222,7 +222,8 @@ void embedding_reg_backward_weights(const at::Tensor& grad_intra, const at::Tens
   const int64_t K = task_offsets.size(0) - 1;
 
   AT_DISPATCH_FLOATING_TYPES(cos.scalar_type(), "embedding_reg_backward_weights", [&] {
-    weights_kernel<scalar_t><<<static_cast<unsigned int>(R), kRowThreads, 0, stream>>>(
+    auto kernel = &weights_kernel<scalar_t>;
+    MTLUE_LAUNCH(kernel, static_cast<unsigned int>(R), kRowThreads, stream)(
         grad_intra.const_data_ptr<scalar_t>(), grad_inter.const_data_ptr<scalar_t>(),
         cos.const_data_ptr<scalar_t>(), norms.const_data_ptr<scalar_t>(),
         task_offsets.const_data_ptr<int64_t>(), K, R, weights.mutable_data_ptr<scalar_t>());

@@ -8,9 +8,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -20,6 +17,7 @@
 #include "../common/message.h"
 #include "common.cuh"
 #include "launchers.h"
+#include "runtime.cuh"
 
 namespace mtlue::cuda {
 namespace {
@@ -103,7 +101,7 @@ void quantize_export(const at::Tensor& x, const at::Tensor& delta, at::Tensor& p
                         aligned_to(q_ptr, 16);
     auto kernel = vector ? &quantize_export_kernel<true, scalar_t>
                          : &quantize_export_kernel<false, scalar_t>;
-    kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+    MTLUE_LAUNCH(kernel, static_cast<unsigned int>(blocks), kThreads, stream)(
         x_ptr, d_ptr, p_ptr, q_ptr, numel, errors.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
