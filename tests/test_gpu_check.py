@@ -113,7 +113,7 @@ def _judged(record_: dict) -> dict:
 
 
 def test_targets_are_judged_from_the_parts():
-    """Each target of the issue's table from the rows the parts write: the perturb_apply rows by
+    """Each target of docs/results.md ("GPU targets") from the rows the parts write: the perturb_apply rows by
     implementation, batch and raw dtype (the weakest size counts), the slowest weighting strategy,
     the SEP and decoding ratios, the test failures; None off a GPU and where nothing was measured."""
     ops_rows = [
