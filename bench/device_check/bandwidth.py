@@ -24,6 +24,13 @@ def bandwidth_fraction(nbytes: float, seconds: float, copy_bytes_per_second: flo
     return nbytes / seconds / copy_bytes_per_second
 
 
+def image_shape(size: str | None) -> tuple[int, int, int, int] | None:
+    """(batch, channels, side, crop) of a bench_ops.py image size name
+    (``celeba_2048x3x70_crop64`` -> (2048, 3, 70, 64)); None for other names."""
+    m = re.search(r"(\d+)x(\d+)x(\d+)_crop(\d+)", size or "")
+    return tuple(map(int, m.groups())) if m else None
+
+
 def op_bytes(op: str, size: str) -> int | None:
     """Bytes one benchmark call must move, from bench_ops.py's size names (None when unknown).
 
@@ -38,10 +45,10 @@ def op_bytes(op: str, size: str) -> int | None:
       not bandwidth-bound at these sizes; for reference only).
     """
     if op in ("perturb_apply", "quantize_export"):
-        m = re.search(r"(\d+)x(\d+)x(\d+)_crop(\d+)", size)
-        if not m:
+        shape = image_shape(size)
+        if shape is None:
             return None
-        batch, channels, side, crop = map(int, m.groups())
+        batch, channels, side, crop = shape
         full = batch * channels * side * side
         if op == "quantize_export":
             return 7 * full

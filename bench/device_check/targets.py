@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .bandwidth import image_shape
+
 #: perturb_apply: (impl, smallest batch, fraction of copy bandwidth). ``kernels``: the registered
 #: forward and backward ops called back to back; ``compiled``: the whole op call, autograd included.
 PERTURB_KERNELS = ("kernels", 2048, 0.75)
@@ -69,21 +71,13 @@ def _perturb(impl: str, min_batch: int, raw: str):
         rows = [r for r in (_results(parts, "bench").get("ops") or {}).get("rows", [])
                 if r.get("op") == "perturb_apply" and r.get("impl") == impl and r.get("raw") == raw
                 and r.get("passes") == "forward+backward" and r.get("fraction_of_copy") is not None
-                and _batch(r.get("size")) >= min_batch]  # fmt: skip
+                and (image_shape(r.get("size")) or (0,))[0] >= min_batch]  # fmt: skip
         if not rows:
             return None, "", None
         weakest = min(rows, key=lambda r: r["fraction_of_copy"])
         return weakest["fraction_of_copy"], f"weakest of {len(rows)}: {weakest['size']}", None
 
     return measure
-
-
-def _batch(size: str | None) -> int:
-    """The batch of a bench_ops size name (``celeba_2048x3x70_crop64`` -> 2048; 0 when unknown)."""
-    try:
-        return int(str(size).rsplit("_", 2)[-2].split("x")[0])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _weighting(parts: dict):
@@ -95,7 +89,7 @@ def _weighting(parts: dict):
     return None, "", None
 
 
-def _ratio(bench: str, faster: tuple[str, ...], slower: tuple[str, ...], label: str):
+def _ratio(bench: str, faster: tuple[str, ...], slower: tuple[str, ...]):
     """The best of ``faster`` over the best of ``slower`` (variants, or data roles), first group that has both."""
 
     def measure(parts: dict):
@@ -107,7 +101,7 @@ def _ratio(bench: str, faster: tuple[str, ...], slower: tuple[str, ...], label: 
             top, base = best(faster), best(slower)
             if top and base:
                 return top[0] / base[0], f"{top[1]} / {base[1]}, {group}", None
-        return None, label, None
+        return None, "", None
 
     return measure
 
@@ -139,9 +133,9 @@ TARGETS: tuple[Target, ...] = (
       for impl, batch, share in (PERTURB_KERNELS, PERTURB_CALL) for raw in ("float32", "bfloat16")),
     Target("weighting_step_vs_ew", "gradient weighting step / ew step (slowest strategy)", 1.3, True, "x", _weighting),
     Target("sep_shared_vs_per_checkpoint", "SEP shared pass vs a pass per checkpoint (15)", 5.0, False, "x",
-           _ratio("generator", ("shared pass",), ("pass per checkpoint",), "")),
+           _ratio("generator", ("shared pass",), ("pass per checkpoint",))),
     Target("gpu_decode_vs_cpu_pipeline", "CelebA cache decoding, best GPU decoder / CPU pipeline", 3.0, False, "x",
-           _ratio("data", ("gpu",), ("cpu-pipeline",), "")),
+           _ratio("data", ("gpu",), ("cpu-pipeline",))),
     Target("sync_free_failures", "per-step paths under set_sync_debug_mode('error'): failed tests", 0.0, True, "tests",
            _tests("tests/test_sync_free.py")),
     Target("cuda_test_failures", "CUDA tests (parity, messages, loader, graphs): failed tests", 0.0, True, "tests", _tests(None)),
