@@ -16,11 +16,11 @@
 //             staged grad_out, and are zero outside the window (x and raw are read only in the
 //             window's rows).
 //
-// The sample's window and flip are read once per thread from a block-uniform address. A window
-// outside the image is clamped into it, so nothing is ever read outside the tensors, and recorded
-// in the device's error buffer (launchers.h). Each thread keeps kUnroll vectors of every input in
-// flight before it computes. Images wider than a tile (kTileElems) take a plain element-wise
-// kernel instead.
+// The sample's window and flip are read once per block, by its first thread, and handed to the
+// others through shared memory. A window outside the image is clamped into it, so nothing is ever
+// read outside the tensors, and recorded in the device's error buffer (launchers.h). Each thread
+// keeps kUnroll vectors of every input in flight before it computes. Images wider than a tile
+// (kTileElems) take a plain element-wise kernel instead.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -149,6 +149,18 @@ __device__ __forceinline__ Window window_of(int64_t b, const int64_t* __restrict
   return Window{top, left, flip != nullptr && flip[b]};
 }
 
+// The window of the block's sample b, read (and clamped, and reported) by thread 0 alone and handed
+// to the other threads through shared memory. Contains __syncthreads: every thread of the block
+// must call it, once.
+__device__ __forceinline__ Window block_window(int64_t b, const int64_t* __restrict__ crop,
+                                               const bool* __restrict__ flip, const Geometry& g,
+                                               bool reporter, int64_t* __restrict__ errors) {
+  __shared__ Window shared;
+  if (threadIdx.x == 0) shared = window_of(b, crop, flip, g, reporter, errors);
+  __syncthreads();
+  return shared;
+}
+
 // A run of n elements starting at element `start` of a tensor, relative to base = start - lead
 // (the 16-byte boundary at or before it): elements [lead, vec_begin) and [vec_end, lead + n) are
 // moved one by one, [vec_begin, vec_end) as whole vectors of E.
@@ -205,8 +217,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<x_t, raw_t, 4>))
   const int64_t plane = blockIdx.x / tiling.tiles;
   const int64_t tile = blockIdx.x - plane * tiling.tiles;
   const int64_t b = plane / g.C;
-  const Window win = window_of(b, crop, flip, g, threadIdx.x == 0 && tile == 0 && plane == b * g.C,
-                               errors);
+  const Window win = block_window(b, crop, flip, g, tile == 0 && plane == b * g.C, errors);
   const uint32_t i0 = static_cast<uint32_t>(tile) * tiling.rows;
   const uint32_t rows = min(tiling.rows, static_cast<uint32_t>(g.h) - i0);
   const uint32_t W = static_cast<uint32_t>(g.W), w = static_cast<uint32_t>(g.w);
@@ -290,8 +301,7 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<x_t, raw_t, 3>))
   const int64_t plane = blockIdx.x / tiling.tiles;
   const int64_t tile = blockIdx.x - plane * tiling.tiles;
   const int64_t b = plane / g.C;
-  const Window win = window_of(b, crop, flip, g, threadIdx.x == 0 && tile == 0 && plane == b * g.C,
-                               errors);
+  const Window win = block_window(b, crop, flip, g, tile == 0 && plane == b * g.C, errors);
   const uint32_t r0 = static_cast<uint32_t>(tile) * tiling.rows;
   const uint32_t rows = min(tiling.rows, static_cast<uint32_t>(g.H) - r0);
   const uint32_t W = static_cast<uint32_t>(g.W), w = static_cast<uint32_t>(g.w);
