@@ -524,6 +524,19 @@ def test_markdown_of_a_run():
     assert "| the paper's CelebA job, one GPU | - | <= 360 s (6.0 min) | not measured |" in text
 
 
+def test_a_given_commit_is_recorded_beside_the_checkouts(monkeypatch):
+    """--commit names the tree that ran where the folder's .git is missing or stale (a copy of a
+    checkout); the folder's own HEAD stays in the record and the summary says both."""
+    monkeypatch.setattr(record, "REPO", Path("/"))  # not a git checkout
+    assert record.git_revision() == {"commit": None, "dirty": None, "checkout_commit": None}
+    assert record.git_revision("f00d")["commit"] == "f00d"
+    git = {"commit": "f00d", "dirty": None, "checkout_commit": "beef"}
+    rec = {"date": "2026-01-01", "command": "c", "seconds": 1.0, "exit_status": 0,
+           "device": {"type": "cpu", "name": "C", "cpu": "C", "cores": 2}, "versions": {}, "git": git,
+           "parts": {k: {"status": "skipped"} for k in PARTS}}  # fmt: skip
+    assert "- commit f00d (given; the folder's .git names beef)" in summary.header(rec)
+
+
 def test_machine_record_without_an_installed_package(tmp_path):
     """Before the build part the package may not be installed: the device record must not need it.
     A package that fails to import stands in for the missing one."""

@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     for name in PARTS:
         p.add_argument(f"--budget-{name}", type=positive, metavar="SECONDS",
                        help=f"time limit of part {name} (default {GPU_BUDGETS[name]}, with --cpu {CPU_BUDGETS[name]})")  # fmt: skip
+    p.add_argument("--commit", metavar="SHA", help="the commit of the tree being checked, recorded as given (for a copy of a "
+                   "checkout whose .git is missing or stale; default the checkout's HEAD)")
     p.add_argument("--no-build", action="store_true", help="part build: probe the installed package, do not build")
     p.add_argument("--arch-list", help="part build: TORCH_CUDA_ARCH_LIST (default the GPU's capability, e.g. 9.0)")
     p.add_argument("--benches", type=comma_list(BENCHES, "--benches"), default=list(BENCHES), help=f"part bench: subset of {','.join(BENCHES)}")
@@ -142,7 +144,7 @@ def new_record(args: argparse.Namespace, argv: list[str], device: str, dev: dict
         "mode": device,
         "device": dev,
         "versions": record.versions(device),
-        "git": record.git_revision(),
+        "git": record.git_revision(args.commit),
         "budgets": budgets(args),
         "within_s": args.within,
         "parts": {name: {"status": "pending"} for name in PARTS},

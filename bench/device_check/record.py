@@ -66,15 +66,18 @@ def driver_version() -> str | None:
         return None
 
 
-def git_revision() -> dict:
-    """``{"commit", "dirty"}`` of the checkout holding this script; None for both outside one."""
+def git_revision(given: str | None = None) -> dict:
+    """``{"commit", "dirty", "checkout_commit"}``: the checkout holding this script (None for each
+    outside one); ``commit`` is ``given`` where one is given (``--commit``: a copy of a checkout whose
+    ``.git`` is missing or stale), else the checkout's."""
     try:
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
 
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+        checkout, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
     except Exception:  # noqa: BLE001 - no git, not a checkout
-        return {"commit": None, "dirty": None}
+        checkout, dirty = None, None
+    return {"commit": given or checkout, "dirty": None if given else dirty, "checkout_commit": checkout}
 
 
 def device_record(device: str) -> dict:

@@ -33,6 +33,8 @@ def header(record: dict) -> list[str]:
     software += f", cuDNN {ver.get('cudnn')}, driver {ver.get('driver')})" if gpu else ")"
     software += f", Python {ver.get('python')}, pytest-benchmark {ver.get('pytest_benchmark')}"
     commit = f"- commit {git.get('commit') or 'unknown (not a git checkout)'}" + (" with uncommitted changes" if git.get("dirty") else "")
+    if git.get("commit") and git.get("checkout_commit") not in (None, git["commit"]):
+        commit += f" (given; the folder's .git names {git['checkout_commit']})"
     lines = [f"# Device check: {dev.get('name')} ({record['date']})", "",
              f"`{record['command']}`: {record['seconds']:.0f} s, exit status {record['exit_status']}.", "",
              device, software, commit, "", "| part | status | seconds | budget s | note |", "|---|---|---:|---:|---|"]  # fmt: skip
