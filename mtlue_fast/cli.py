@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import dist
+from . import dist, startup_interrupt
 from .config import ConfigError
 from .data.records import DatasetFormatError
 
@@ -42,6 +42,7 @@ def resolve_device(name: str) -> torch.device:
 def run_command(body: Callable[[], int], *, interrupted: str) -> int:
     """``body()``'s exit status, with the package's errors printed as one line (see the module
     docstring); ``interrupted`` is printed after Ctrl-C. The process group is torn down at the end."""
+    startup_interrupt.started()
     try:
         return body()
     except USER_ERRORS as err:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+from . import startup_interrupt  # noqa: F401 - before torch: Ctrl-C while it loads prints one line
+
 import torch
 
 

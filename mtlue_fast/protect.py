@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import startup_interrupt  # noqa: F401 - before torch: Ctrl-C while it loads prints one line
+
 import yaml
 
 from . import config as config_module

@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import startup_interrupt  # noqa: F401 - before torch: Ctrl-C while it loads prints one line
+
 import torch
 import yaml
 
