@@ -196,7 +196,10 @@ def test_embedding_reg_matches_the_reference(kernels, gen, dtype, sizes):
     tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
     torch.testing.assert_close(intra, want_intra.detach(), **tol)
     torch.testing.assert_close(inter, want_inter.detach(), **tol)
-    torch.testing.assert_close(grad, t.grad, **tol)
+    # The floored row's gradient is 1/1e-8 times its unit vector's: rounding there is relative to
+    # that row's largest element, not to each element (they cancel to any size). Other rows: scale 1.
+    scale = t.grad.abs().amax(dim=1, keepdim=True).clamp_min(1)
+    torch.testing.assert_close(grad / scale, t.grad / scale, **tol)
     assert not errors.any() and not cos.isnan().any()
 
 
