@@ -7,8 +7,8 @@ check: each part then gets its weight's share (:data:`WITHIN_WEIGHTS`) of the ti
 starts, at most its budget, so time an early part did not use goes to the later ones. Each part's
 results go to ``<out>/<part>.json`` (``paper-scale``: the script's own ``<out>/paper_scale.json``);
 ``<out>/summary.json`` and ``<out>/summary.md`` are rewritten after every part, and with
-``--archive FILE`` so is one ``.tar.gz`` of the whole results folder (for a machine from which only
-a few files come back), so a check stopped from outside still leaves what it did. Logs:
+``--archive FILE`` so is one ``.tar.gz`` of the whole results folder (the results as one file to
+copy off a remote GPU host), so a check stopped from outside still leaves what it did. Logs:
 ``<out>/logs/``. The header, the parts and the targets are printed last.
 
 Exit status: 0 when every selected part finished ok (or had nothing to run here), 1 when one
