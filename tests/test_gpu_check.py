@@ -164,7 +164,7 @@ def test_targets_are_judged_from_the_parts():
     assert all(r["met"] is None for r in targets.judge(_record({"bench": bench, "paper-scale": paper, "tests": tests}, gpu=False)))
 
 
-def test_target_thresholds_match_the_paper_scale_script():
+def test_the_paper_scale_script_judges_the_tables_thresholds():
     script = _load("paper_scale_script_under_test", REPO / "bench" / "paper_scale.py")
     thresholds = {t.name: t.threshold for t in targets.TARGETS}
     assert {name: thresholds[name] for name in script.TARGETS} == script.TARGETS
