@@ -8,7 +8,7 @@ JPEGs are laid out as the dataset (``img_align_celeba/`` and its two annotation 
 ``test_cache_build`` times :func:`mtlue_fast.data.build_cache` itself (decode, crop, resize, the
 memory-mapped arrays, the manifest) from a fresh cache folder each round.
 
-Decoders (``extra_info["decoder"]``): ``pil-1thread`` (Pillow, one file after the other), ``pil``
+Decoders (``extra_info["variant"]``): ``pil-1thread`` (Pillow, one file after the other), ``pil``
 (Pillow on the usable cores, at most 8), ``dali-cpu`` (DALI's CPU pipeline), ``dali-gpu`` (DALI's
 mixed decoder) and ``torchvision-cuda`` (nvJPEG through ``torchvision.io.decode_jpeg``). The CPU
 pipeline is what ``decoder="auto"`` takes without a GPU (``dali-cpu`` where DALI is installed, else
@@ -74,10 +74,6 @@ def image_files(tmp_path_factory) -> dict[str, list[str]]:
     return files
 
 
-def _gpu_jpeg() -> bool:
-    return torch.cuda.is_available() and gpu_decode.available()
-
-
 _NO_GPU = not torch.cuda.is_available()
 DECODERS = [
     "pil-1thread",
@@ -96,9 +92,16 @@ def make_decoder(name: str):
         return PilDecoder()
     if name.startswith("dali"):
         return dali.DaliDecoder(name.removeprefix("dali-"))
-    if not _gpu_jpeg():
-        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    reason = gpu_decode.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"torchvision cannot decode JPEGs on this GPU: {reason}")
     return gpu_decode.TorchvisionDecoder("cuda")
+
+
+def _check_no_fallbacks(decoder) -> None:
+    """A GPU decoder that handed its files to PIL would be timed as PIL: count the fallbacks."""
+    fallbacks = getattr(decoder, "pil_fallbacks", 0)
+    assert fallbacks == 0, f"{decoder.name}: {fallbacks} files went to PIL; the timing is not the GPU decoder's"
 
 
 def _role(name: str) -> str:
@@ -118,8 +121,9 @@ def test_cache_decode(benchmark, image_files, kind, decoder_name):
     paths = image_files[kind]
     decoder.decode(paths[:8], KINDS[kind])  # builds the DALI pipeline / nvJPEG state outside the timing
     benchmark.group = f"cache decode {kind}"
-    benchmark.extra_info.update(images=len(paths), decoder=decoder.name, role=_role(decoder_name), kind="data")
+    benchmark.extra_info.update(images=len(paths), variant=decoder_name, decoder=decoder.name, role=_role(decoder_name), kind="data")
     benchmark.pedantic(lambda: decoder.decode(paths, KINDS[kind]), rounds=3, warmup_rounds=1)
+    _check_no_fallbacks(decoder)
 
 
 @pytest.mark.parametrize("decoder_name", DECODERS)
@@ -138,8 +142,10 @@ def test_cache_build(benchmark, image_files, tmp_path, decoder_name):
         build_cache("celeba", root, "train", cache_dir, decoder=decoder, progress=False)
 
     benchmark.group = "cache build celeba 70x70"
-    benchmark.extra_info.update(images=len(image_files["celeba_jpeg"]), decoder=decoder.name, role=_role(decoder_name), kind="data")
+    benchmark.extra_info.update(images=len(image_files["celeba_jpeg"]), variant=decoder_name, decoder=decoder.name,
+                                role=_role(decoder_name), kind="data")  # fmt: skip
     benchmark.pedantic(build, setup=fresh, rounds=3, warmup_rounds=1)
+    _check_no_fallbacks(decoder)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])

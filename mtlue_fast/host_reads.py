@@ -8,6 +8,12 @@ graph. On the CPU these reads cost nothing, so a CPU test cannot see them by tim
 it (reads made inside PyTorch itself, such as the CPU optimiser's step counter, are not counted; on
 a GPU ``torch.cuda.set_sync_debug_mode("error")`` covers those).
 
+The other direction is counted too where a CPU run can see it: ``torch.tensor(data, device=...)``
+and ``torch.as_tensor(data, device=...)`` of host data (lists, numbers, arrays) make a copy from
+pageable host memory, which on a GPU waits for the device as a read does. (A ``.to(device)`` of a
+host tensor is the same copy, but on the CPU it is a no-op indistinguishable from moving a tensor
+that is already there; the GPU tests catch those.)
+
     with count_host_reads() as reads:
         step(images, labels)
     assert not reads, reads.where()
@@ -25,6 +31,8 @@ import torch
 
 _PACKAGE = str(Path(__file__).resolve().parent)
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__array__")
+#: Functions of ``torch`` that copy host data to a device when given ``device=``.
+FACTORIES = ("tensor", "as_tensor")
 
 
 class HostReads(Counter):
@@ -46,7 +54,8 @@ def _caller_in_package() -> str | None:
 
 @contextlib.contextmanager
 def count_host_reads() -> Iterator[HostReads]:
-    """Within the block, count calls of :data:`READS` on tensors made directly by this package's code."""
+    """Within the block, count calls of :data:`READS` on tensors, and of :data:`FACTORIES` with host data
+    and a device, made directly by this package's code."""
     reads = HostReads()
     originals = {name: getattr(torch.Tensor, name) for name in READS if hasattr(torch.Tensor, name)}
 
@@ -60,10 +69,26 @@ def count_host_reads() -> Iterator[HostReads]:
         counted.__name__ = name
         return counted
 
+    def wrap_factory(name, original):
+        def counted(data, *args, **kwargs):
+            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+                place = _caller_in_package()
+                if place is not None:
+                    reads[f"{place} torch.{name}(host data, device=...)"] += 1
+            return original(data, *args, **kwargs)
+
+        counted.__name__ = name
+        return counted
+
+    factories = {name: getattr(torch, name) for name in FACTORIES}
     for name, original in originals.items():
         setattr(torch.Tensor, name, wrap(name, original))
+    for name, original in factories.items():
+        setattr(torch, name, wrap_factory(name, original))
     try:
         yield reads
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        for name, original in factories.items():
+            setattr(torch, name, original)

@@ -73,3 +73,22 @@ def test_errors_and_stop_rules():
     assert not Objective("sep", CLASSES).should_stop(math.nan)
     with pytest.raises(ValueError, match="base method"):
         Objective("pgd", CLASSES)
+
+
+@pytest.mark.parametrize("base", ["em", "tap", "sep"])
+def test_loss_copies_its_constants_to_the_device_once(gen, monkeypatch, base):
+    """The per-task signs, mask and class counts reach the outputs' device on the first call only: a
+    copy from host memory on every generator step would wait for the GPU and break graph capture."""
+    logits, labels = _batch(gen)
+    objective = Objective(base, CLASSES)
+    first = objective.loss(logits, labels)
+    made = []
+    to, as_tensor, tensor = torch.Tensor.to, torch.as_tensor, torch.tensor
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: made.append("Tensor.to") or to(self, *a, **k))
+    monkeypatch.setattr(torch, "as_tensor", lambda data, *a, **k: made.append("as_tensor") or as_tensor(data, *a, **k)
+                        if not torch.is_tensor(data) else as_tensor(data, *a, **k))  # fmt: skip
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append("tensor") or tensor(*a, **k))
+    again = objective.loss(logits, labels)
+    monkeypatch.undo()
+    assert made == [], f"{base}: host-to-device copies on a later call: {made}"
+    torch.testing.assert_close(again, first)

@@ -92,6 +92,8 @@ def test_training_step_reads_nothing(weighting, device_name, graph):
         losses = parts.step(images, labels)
     assert not reads, f"{weighting}: host reads in the training step at {reads.where()}"
     assert losses.shape == (len(TASKS),)
+    if graph:  # a step that could not be captured runs eagerly: the check above would not see it
+        assert parts.step.graph is not None and parts.step.replays > 0, f"{weighting}: the step was not captured"
 
 
 @pytest.mark.parametrize("device_name", _devices())
@@ -140,6 +142,20 @@ def test_generator_step_reads_nothing(base, surrogates, device_name):
     with no_sync(device) as reads:
         step(images, labels)
     assert not reads, f"{base}: host reads in the generator step at {reads.where()}"
+
+
+def test_host_data_copied_to_a_device_is_counted():
+    """``torch.as_tensor(list, device=...)`` in the package's code is counted (on a GPU it is a copy
+    from pageable memory that waits for the device); the same call on a tensor is not."""
+    from mtlue_fast.ue.objectives import shifted_labels
+
+    labels = torch.zeros(4, 3, dtype=torch.int64)
+    with count_host_reads() as reads:
+        shifted_labels(labels, (2, 9, 2))
+    assert list(reads.values()) == [1] and "as_tensor(host data" in reads.where()
+    with count_host_reads() as reads:
+        shifted_labels(labels, torch.tensor([2, 9, 2]))
+    assert not reads
 
 
 # ------------------------------------------------------------------------------ loader and export
@@ -218,6 +234,7 @@ def _params(model):
 
 
 @pytest.mark.cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("weighting", ["ew", "uw", "mgda"])  # no random draws inside the step
 def test_graphed_training_equals_eager(weighting):
     """Eight steps replayed as a CUDA graph (fp32) give the eager steps' losses and weights, through a
@@ -248,6 +265,7 @@ def test_graphed_training_equals_eager(weighting):
 
 
 @pytest.mark.cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("base,surrogates", [("tap", 1), ("sep", 3)])
 def test_graphed_generator_step_equals_eager(base, surrogates):
     """The generator step replayed as a CUDA graph (the default on one GPU, TAP and SEP) gives the
@@ -269,6 +287,7 @@ def test_graphed_generator_step_equals_eager(base, surrogates):
         torch.manual_seed(0)
         losses = [step(images, labels) for _ in range(6)]
         runs.append((torch.stack(losses), _params(step.generator)))
+    assert step.replays == 6 - step.warmup, "the generator step was not captured"
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=2e-2, atol=1e-3)
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
@@ -289,3 +308,115 @@ def test_graphed_step_runs_another_shape_eagerly():
     assert parts.step.replays == replays and parts.step.graph is not None
     parts.step(images, labels)
     assert parts.step.replays == replays + 1
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_graphed_generator_step_with_random_windows_is_captured():
+    """The default TAP step (random crop windows and flips drawn inside the step) is captured and replayed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mtlue_fast.train.graphed import GraphedStep
+
+    device = torch.device("cuda")
+    fake = make_cache(16, 0)
+    images, labels = torch.from_numpy(fake.images).to(device), torch.from_numpy(fake.labels).to(device)
+    step = _generator_step(device, "tap")
+    assert step.augment
+    step.optimizer = make_generator_optimizer(step.generator, step.config, capturable=True)
+    step = GraphedStep(step)
+    losses = torch.stack([step(images, labels) for _ in range(8)])
+    assert step.replays == 8 - step.warmup and torch.isfinite(losses).all()
+    assert len(set(losses[step.warmup :].tolist())) > 1  # fresh windows every replay, not one baked in
+
+
+def _random_step(calls: list, sync_when_capturing: bool = False, sync_always: bool = False):
+    """A step with a random draw on the device: ``x * rand`` summed; optionally a host read."""
+
+    def step(images, labels):
+        calls.append(torch.cuda.is_current_stream_capturing())
+        out = (images * torch.rand_like(images)).sum()
+        if sync_always or (sync_when_capturing and torch.cuda.is_current_stream_capturing()):
+            out = out + float(out.item()) * 0  # a host read: illegal while capturing
+        return out
+
+    return step
+
+
+@pytest.mark.cuda
+def test_graphed_step_that_syncs_is_not_captured():
+    """The last warm-up call finds the host read, names its line, and no capture is tried."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mtlue_fast.train.graphed import GraphedStep
+
+    calls: list = []
+    step = GraphedStep(_random_step(calls, sync_always=True), label="syncing step")
+    x, y = torch.ones(64, device="cuda"), torch.zeros(1, device="cuda")
+    with pytest.warns(RuntimeWarning, match=r"syncing step: not replayed as a CUDA graph: it synchronises with the host \(.*test_sync_free\.py:\d+"):
+        for _ in range(step.warmup):
+            step(x, y)
+    for _ in range(3):
+        assert 0 < float(step(x, y)) < 64
+    assert step.failed and step.graph is None and not any(calls)
+
+
+@pytest.mark.cuda
+def test_failed_capture_leaves_cuda_usable():
+    """A capture that fails (here a host read only while capturing) is undone: the caller's stream is
+    current again, eager random draws work, and the step runs eagerly with a warning naming the cause."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mtlue_fast.train.graphed import GraphedStep
+
+    calls: list = []
+    step = GraphedStep(_random_step(calls, sync_when_capturing=True), label="breaking step")
+    x, y = torch.ones(64, device="cuda"), torch.zeros(1, device="cuda")
+    stream = torch.cuda.current_stream()
+    for _ in range(step.warmup):
+        step(x, y)
+    with pytest.warns(RuntimeWarning, match="breaking step: not replayed as a CUDA graph: the capture failed"):
+        out = step(x, y)
+    assert step.failed and step.graph is None and calls.count(True) == 1
+    assert torch.cuda.current_stream() == stream
+    assert 0 < float(out) < 64 and 0 < float(step(x, y)) < 64
+    assert torch.rand(4, device="cuda").shape == (4,)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_capturable_adam_keeps_its_learning_rate_tensors_on_load():
+    """``load_state_dict`` copies the saved learning rates into the optimiser's own tensors (a resumed
+    graphed run must keep the tensors the graph reads, on the device, for the schedule to reach it)."""
+    from mtlue_fast.train.graphed import capturable_adam
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = torch.nn.Linear(3, 2).to(device)
+    optimizer = capturable_adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], 1e-3, device)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1], 0.1)
+    own = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+    saved = optimizer.state_dict()
+    saved = {"state": saved["state"], "param_groups": [dict(g) for g in saved["param_groups"]]}
+    for group, value in zip(saved["param_groups"], (2e-4, 0.25)):
+        group["lr"] = torch.tensor(value)  # as read back with map_location="cpu"
+    optimizer.load_state_dict(saved)
+    for (lr, initial), group, value in zip(own, optimizer.param_groups, (2e-4, 0.25)):
+        assert group["lr"] is lr and group["initial_lr"] is initial and lr.device.type == device.type
+        assert float(lr) == pytest.approx(value)
+    scheduler.step()  # the schedule writes into the same tensors
+    assert float(own[1][0]) == pytest.approx(0.025)
+
+
+def test_capture_failure_names_the_first_cause():
+    """``capture_end`` reports a broken capture after the call that broke it raised: the warning puts
+    that call's error first."""
+    from mtlue_fast.train.graphed import _causes
+
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as err:
+        assert _causes(err) == ("RuntimeError: operation not permitted when stream is capturing; then "
+                                "RuntimeError: operation failed due to a previous error during capture")  # fmt: skip
+    assert _causes(ValueError("alone")) == "ValueError: alone"

@@ -15,7 +15,8 @@ DALI quirks handled here (DALI 2.4, nvImageCodec 0.9):
   fresh pipeline after each failure, and files DALI cannot decode are retried with PIL (so a format
   DALI lacks still decodes; a corrupt file fails there too and is reported);
 * nvJPEG (the mixed decoder) may decode a JPEG cut short without an error: JPEGs without an
-  end-of-image marker near their end go to PIL instead, which rejects a truncated file;
+  end-of-image marker near their end go to PIL instead, which rejects a truncated file; so do
+  CMYK and YCCK JPEGs, whose conversion to RGB is PIL's in every decoder;
 * a zero-length sample makes ``external_source`` itself fail ("Attempted to peek the data batch that
   doesn't exist"): empty files are rejected before they reach DALI;
 * ``fn.peek_image_shape`` reports 3 channels even for grayscale files (only H and W are used).
@@ -34,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .decode import PilDecoder, default_threads, error_text, is_complete_jpeg, looks_like_jpeg, read_encoded
+from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, looks_like_jpeg, read_encoded
 from .specs import ResizeSpec
 
 
@@ -175,31 +176,31 @@ class DaliDecoder:
             return out, errors
 
         def read(chunk: list[int]) -> tuple[list[int], list[np.ndarray], list[int]]:
-            """The chunk's bytes for DALI, and the JPEGs cut short (for PIL, which rejects them)."""
-            index, blobs, short = [], [], []
+            """The chunk's bytes for DALI, and the JPEGs for PIL: cut short (PIL rejects them), or CMYK."""
+            index, blobs, for_pil = [], [], []
             for i in chunk:
                 try:
                     blob = read_encoded(paths[i])
                 except Exception as err:  # missing, unreadable or empty
                     errors[i] = error_text(err)
                     continue
-                if looks_like_jpeg(blob) and not is_complete_jpeg(blob):
-                    short.append(i)
+                if looks_like_jpeg(blob) and not is_gpu_jpeg(blob):
+                    for_pil.append(i)
                     continue
                 index.append(i)
                 blobs.append(blob)
-            return index, blobs, short
+            return index, blobs, for_pil
 
         # Read the next chunk's files in a thread while DALI decodes the current one.
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(read, chunks[0])
             for k in range(len(chunks)):
-                index, blobs, short = ahead.result()
+                index, blobs, for_pil = ahead.result()
                 if k + 1 < len(chunks):
                     ahead = reader.submit(read, chunks[k + 1])
                 if index:
                     self._decode_batch(index, blobs, paths, resize, out, errors)
-                for i in short:
+                for i in for_pil:
                     self._decode_with_pil(i, paths, resize, out, errors)
         return out, errors
 

@@ -75,6 +75,43 @@ def is_complete_jpeg(blob: np.ndarray) -> bool:
     return bool(np.any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9)))
 
 
+# Start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8 and DAC CC) and the markers without a length.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}
+
+
+def jpeg_components(blob: np.ndarray) -> int | None:
+    """The number of colour components in the JPEG's frame header (1 grayscale, 3 YCbCr or RGB,
+    4 CMYK or YCCK), or None when the bytes are not a JPEG or end before the header."""
+    if not looks_like_jpeg(blob):
+        return None
+    data = blob.tobytes() if isinstance(blob, np.ndarray) else bytes(blob)
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        if marker in _SOF_MARKERS:
+            return data[pos + 9] if pos + 9 < len(data) else None
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
+def is_gpu_jpeg(blob: np.ndarray) -> bool:
+    """Whether the GPU decoders are given ``blob``: a complete JPEG (:func:`is_complete_jpeg`) of one
+    or three components. CMYK and YCCK JPEGs (rare) go to PIL, whose conversion to RGB is the
+    reference; what nvJPEG makes of them is not relied on."""
+    return is_complete_jpeg(blob) and jpeg_components(blob) in (1, 3)
+
+
 def error_text(err: BaseException) -> str:
     """How a decoding failure is reported in ``errors``."""
     return f"{type(err).__name__}: {err}"

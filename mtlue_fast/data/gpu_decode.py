@@ -7,11 +7,11 @@ contract and the geometry of ``decode.py``: ``decode(paths, resize) -> (images, 
 PIL's ``convert("L")``.
 
 - Files are read on host threads, one batch ahead of the decoder.
-- JPEG files (the SOI marker first, the EOI marker within the last KiB) are decoded in batches by
-  ``torchvision.io.decode_jpeg(list_of_tensors, device=...)`` into RGB; the grayscale conversion,
-  crop and resize run on the device, batched over images of the same size, and each batch is
-  copied to the host once.
-- Anything else (PNG, NYUv2's ``.npy``, a JPEG cut short, not an image) is decoded by PIL
+- JPEG files (the SOI marker first, the EOI marker within the last KiB, one or three components)
+  are decoded in batches by ``torchvision.io.decode_jpeg(list_of_tensors, device=...)`` into RGB;
+  the grayscale conversion, crop and resize run on the device, batched over images of the same size,
+  and each batch is copied to the host once.
+- Anything else (PNG, NYUv2's ``.npy``, a JPEG cut short, a CMYK JPEG, not an image) is decoded by PIL
   (``PilDecoder.decode_one``) on the host; a corrupt file fails there and is reported.
 - A batch the GPU decoder rejects is redone file by file; a file it rejects alone is retried with
   PIL (counted in ``pil_fallbacks``) and reported when PIL fails too.
@@ -19,8 +19,11 @@ PIL's ``convert("L")``.
 The resize is ``interpolate(mode="bilinear", antialias=True)`` on float32, which computes PIL's
 antialiased bilinear filter (the triangle kernel widened by the downscale factor, its weights
 renormalised where it leaves the image), rounded to uint8: within one grey level of PIL on the same
-decoded pixels. nvJPEG's inverse DCT and chroma upsampling differ a little from libjpeg's, which
-adds a few levels at sharp colour edges.
+decoded pixels. nvJPEG differs from libjpeg (PIL's decoder) in its inverse DCT and, for colour
+JPEGs with subsampled chroma (most photographs), in how it upsamples the chroma: libjpeg smooths it
+("fancy upsampling"), nvJPEG does not. After the crop and the downscale this is a fraction of a
+grey level on average, but tens of levels on a few pixels at sharp colour edges (docs/method.md,
+section 2.6).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import PilDecoder, default_threads, error_text, is_complete_jpeg, read_encoded
+from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, read_encoded
 from .specs import ResizeSpec
 
 #: ``decode_fn(blobs) -> images``: 1-D uint8 CPU tensors (encoded JPEGs) -> uint8 ``[3, H, W]``
@@ -44,12 +47,14 @@ DecodeFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 # PIL's ITU-R 601-2 luma in 16-bit fixed point: L = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
 _LUMA = (19595, 38470, 7471)
 
+_PROBE_COLOUR = (200, 30, 90)  # RGB of the probe's image
 
-@functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether torchvision decodes JPEGs on this machine's GPU (probed once with a tiny image)."""
+
+def probe() -> str | None:
+    """Decode a tiny JPEG of one colour with torchvision on the current GPU: None when that works
+    (right shape, device and colour), else why not, in words."""
     if not torch.cuda.is_available():
-        return False
+        return "no CUDA device (torch.cuda.is_available() is False)"
     try:
         from PIL import Image
 
@@ -59,12 +64,28 @@ def available() -> bool:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         buffer = io.BytesIO()
-        Image.new("RGB", (16, 8), (200, 30, 90)).save(buffer, format="JPEG")
+        Image.new("RGB", (16, 8), _PROBE_COLOUR).save(buffer, format="JPEG")
         blob = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
         (image,) = decode_jpeg([blob], mode=ImageReadMode.RGB, device="cuda")
-        return tuple(image.shape) == (3, 8, 16) and image.device.type == "cuda"
-    except Exception:  # no torchvision, a CPU-only build, no nvJPEG: the caller falls back
-        return False
+    except Exception as err:  # no torchvision, a CPU-only build, no nvJPEG: the caller falls back
+        return f"torchvision.io.decode_jpeg(device='cuda') failed: {error_text(err)}"
+    if tuple(image.shape) != (3, 8, 16) or image.device.type != "cuda":
+        return f"decode_jpeg(device='cuda') returned shape {tuple(image.shape)} on {image.device}, expected (3, 8, 16) on cuda"
+    colour = image.float().mean(dim=(1, 2)).cpu()
+    if (colour - torch.tensor(_PROBE_COLOUR, dtype=torch.float32)).abs().max() > 8:
+        return f"decode_jpeg(device='cuda') decoded the colour {_PROBE_COLOUR} as {tuple(round(v) for v in colour.tolist())}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def why_unavailable() -> str | None:
+    """:func:`probe`'s answer, probed once per process."""
+    return probe()
+
+
+def available() -> bool:
+    """Whether torchvision decodes JPEGs on this machine's GPU (probed once with a tiny image)."""
+    return why_unavailable() is None
 
 
 def to_gray(rgb: torch.Tensor) -> torch.Tensor:
@@ -127,6 +148,11 @@ class TorchvisionDecoder:
         import_torchvision()
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.device.type == "cuda":
+            # torchvision allocates the outputs on the current stream but writes them from a stream
+            # of its own that does not wait for this one: memory the allocator hands out may still be
+            # read by kernels queued here. Waiting for them first costs little (one wait per batch).
+            torch.cuda.current_stream(self.device).synchronize()
         return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device))
 
     # -- the contract ------------------------------------------------------------------------
@@ -146,7 +172,7 @@ class TorchvisionDecoder:
                 blob = read_encoded(paths[i])
             except Exception as err:  # missing, unreadable or empty
                 return err
-            return blob if is_complete_jpeg(blob) else None
+            return blob if is_gpu_jpeg(blob) else None
 
         with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
             ahead: list[Future] = [pool.submit(read, i) for i in batches[0]]

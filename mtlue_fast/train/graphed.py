@@ -17,11 +17,19 @@ the package's steps do:
 The first ``warmup`` calls run eagerly on a side stream (as the capture requires: lazy state such as
 the optimiser's moments and cuDNN's algorithm choice is created outside the graph); the next call
 captures and replays. A batch of another shape or dtype (the last, smaller batch of an epoch) runs
-eagerly. If the capture fails, the step warns once and runs eagerly from then on.
+eagerly.
+
+A step that synchronises with the host cannot be captured, and a failed capture can leave CUDA state
+behind (the capture stream current, the random generator marked as capturing). So the last warm-up
+call runs under ``torch.cuda.set_sync_debug_mode("warn")``: a synchronising call there (a host read,
+a copy from pageable host memory) means no capture is tried, and the warning names the line that
+made it. If the capture fails anyway, that state is undone. Either way the step warns once and runs
+eagerly from then on.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -32,10 +40,38 @@ __all__ = ["GraphedStep", "capturable_adam"]
 
 def capturable_adam(groups: list[dict], lr: float, device: torch.device, **kwargs) -> torch.optim.Adam:
     """``Adam`` whose step can be captured: ``capturable=True``, fused, and every group's learning rate
-    a 0-dim tensor on ``device`` (LR schedulers then update it in place)."""
+    a 0-dim tensor on ``device`` (LR schedulers then update it in place).
+
+    ``load_state_dict`` keeps those tensors: it copies the saved values into them. (By default it
+    puts the saved tensors in their place: read with ``map_location="cpu"`` they live on the host,
+    where the fused step reads them back on every call, and a graph captured with them never sees
+    the schedule's changes.)"""
     for group in groups:
         group["lr"] = torch.tensor(float(group.get("lr", lr)), dtype=torch.float32, device=device)
-    return torch.optim.Adam(groups, lr=torch.tensor(float(lr), device=device), capturable=True, fused=True, **kwargs)
+    optimizer = torch.optim.Adam(groups, lr=torch.tensor(float(lr), device=device), capturable=True, fused=True, **kwargs)
+    _keep_tensor_hyperparameters(optimizer)
+    return optimizer
+
+
+def _keep_tensor_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` copy the saved values of tensor-valued group entries (the
+    learning rate, the scheduler's ``initial_lr``) into the tensors already there."""
+    kept: list[dict[str, torch.Tensor]] = []
+
+    def before(opt, state_dict):
+        kept[:] = [{k: v for k, v in group.items() if isinstance(v, torch.Tensor)} for group in opt.param_groups]
+
+    def after(opt):
+        for group, tensors in zip(opt.param_groups, kept):
+            for key, tensor in tensors.items():
+                if key in group:
+                    with torch.no_grad():
+                        tensor.copy_(torch.as_tensor(group[key], dtype=tensor.dtype))
+                    group[key] = tensor
+        kept.clear()
+
+    optimizer.register_load_state_dict_pre_hook(before)
+    optimizer.register_load_state_dict_post_hook(after)
 
 
 def _structure(value) -> tuple:
@@ -97,9 +133,18 @@ class GraphedStep:
             self.replays += 1
             return _clone(self.static_out)
         self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls < self.warmup:
             return self._side_stream(images, labels)
+        if self.calls == self.warmup:
+            out, syncs = _watching_syncs(lambda: self._side_stream(images, labels))
+            if syncs:
+                self._give_up(f"it synchronises with the host ({'; '.join(syncs)})")
+            return out
         return self._capture(images, labels, key)
+
+    def _give_up(self, why: str) -> None:
+        self.failed = True
+        warnings.warn(f"{self.label}: not replayed as a CUDA graph: {why}; running the step eagerly", RuntimeWarning, stacklevel=4)
 
     def _side_stream(self, images, labels):
         if self.side is None:
@@ -115,20 +160,19 @@ class GraphedStep:
     def _capture(self, images, labels, key):
         self.static_in = (_clone(images), _clone(labels))
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(images.device)
         try:
             torch.cuda.synchronize(images.device)
             # thread_local: a loader thread pinning host memory meanwhile does not spoil the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_out = self.fn(*self.static_in)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step
-            self.failed = True
             self.static_in = self.static_out = None
+            _recover_from_failed_capture(images.device, stream)
             optimizer = getattr(self.fn, "optimizer", None)
             if optimizer is not None:  # gradients allocated by the failed capture must not be used
                 optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"{self.label}: CUDA graph capture failed ({type(err).__name__}: {err}); "
-                          "running the step eagerly", RuntimeWarning, stacklevel=3)  # fmt: skip
-            torch.cuda.synchronize(images.device)
+            self._give_up(f"the capture failed ({_causes(err)})")
             return self.fn(images, labels)
         self.graph, self.key = graph, key
         _copy_into(self.static_in[0], images)
@@ -136,3 +180,57 @@ class GraphedStep:
         graph.replay()  # the capture itself ran nothing: this is the step for this batch
         self.replays += 1
         return _clone(self.static_out)
+
+
+def _watching_syncs(call: Callable):
+    """``(call(), syncs)``: ``syncs`` the places (``file:line``) of the synchronising CUDA calls made by
+    this thread during ``call``, as ``torch.cuda.set_sync_debug_mode("warn")`` reports them."""
+    syncs: list[str] = []
+    thread = threading.get_ident()
+    previous_mode = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, *args, **kwargs):
+            if "synchronizing CUDA operation" in str(message) and threading.get_ident() == thread:
+                syncs.append(f"{filename}:{lineno}")
+            else:
+                show(message, category, filename, lineno, *args, **kwargs)
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = call()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous_mode)
+    return out, list(dict.fromkeys(syncs))
+
+
+def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Undo what a capture that raised leaves behind: ``torch.cuda.graph`` ends the capture before it
+    restores the caller's stream, so a failed end leaves the capture stream current; and the random
+    generators may still count themselves as capturing, which a later eager random call rejects.
+    An empty capture, begun and ended cleanly, resets them."""
+    torch.cuda.set_stream(stream)
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass  # the error of the failed capture, reported again: already reported by the caller
+    try:
+        with warnings.catch_warnings(), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            warnings.filterwarnings("ignore", message=".*CUDA Graph is empty.*")
+    except RuntimeError:
+        pass
+    torch.cuda.set_stream(stream)
+
+
+def _causes(err: BaseException) -> str:
+    """The error and the errors it was raised from or while handling, first cause first: a failed
+    capture is usually reported by ``capture_end``, after the call that broke it raised."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "; then ".join(reversed(chain))

@@ -28,9 +28,11 @@ from ..mtl.losses import ClassificationLoss, DenseLoss, output_layout
 STOP_RULES = {"em": (0.01, 100), "tap": (0.9, 100), "sep": (0.99, 50)}
 
 
-def shifted_labels(labels: torch.Tensor, num_classes: Sequence[int]) -> torch.Tensor:
-    """TAP's targets ``[B, K]``: ``1 - y`` for binary tasks, ``(y + floor(C/2)) mod C`` otherwise."""
-    classes = torch.as_tensor(list(num_classes), device=labels.device)
+def shifted_labels(labels: torch.Tensor, num_classes: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """TAP's targets ``[B, K]``: ``1 - y`` for binary tasks, ``(y + floor(C/2)) mod C`` otherwise.
+    ``num_classes``: ``[K]`` ints, best a tensor already on the labels' device (a sequence is copied
+    there on every call)."""
+    classes = torch.as_tensor(num_classes, device=labels.device)
     return (labels + classes // 2) % classes
 
 
@@ -66,6 +68,9 @@ class Objective:
         mask = torch.zeros(k)
         mask[chosen] = 1.0
         self._mask = mask
+        # Copies of the per-task constants on each device used: copied once, not on every step
+        # (a copy from pageable host memory waits for the device, and cannot be captured in a graph).
+        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         if dense:
             self._loss = DenseLoss()
             return
@@ -89,17 +94,28 @@ class Objective:
     def max_passes(self) -> int:
         return STOP_RULES[self.base][1]
 
+    def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """``mask``, ``true_sign``, ``target_sign`` (float ``[K]``) and ``classes`` (int64 ``[K]``) on ``device``."""
+        constants = self._on_device.get(device)
+        if constants is None:
+            host = {"mask": self._mask, "classes": torch.tensor(self.num_classes, dtype=torch.int64)}
+            if not self.dense:
+                host.update(true_sign=self._true_sign, target_sign=self._target_sign)
+            constants = self._on_device[device] = {name: t.to(device) for name, t in host.items()}
+        return constants
+
     def loss(self, outputs, labels) -> torch.Tensor:
         """Scalar ``L_base`` for one surrogate's outputs (fused logits, or a dict for dense)."""
         if self.dense:
             per_task = self._loss(outputs, labels)
-            mask = self._mask.to(per_task.device)
+            mask = self._constants(per_task.device)["mask"]
             return (per_task * mask).sum() * (1.0 if self.base == "em" else -1.0)
         true_losses = self._loss(outputs, labels)
-        total = (self._true_sign.to(true_losses.device) * true_losses).sum()
+        constants = self._constants(true_losses.device)
+        total = (constants["true_sign"] * true_losses).sum()
         if self._uses_targets:
-            target_losses = self._loss(outputs, shifted_labels(labels, self.num_classes))
-            total = total + (self._target_sign.to(target_losses.device) * target_losses).sum()
+            target_losses = self._loss(outputs, shifted_labels(labels, constants["classes"]))
+            total = total + (constants["target_sign"] * target_losses).sum()
         return total
 
     def ensemble_loss(self, outputs_per_model: Sequence, labels) -> torch.Tensor:

@@ -40,7 +40,7 @@ class GenerateConfig:
         surrogate_bf16: TAP's and SEP's frozen surrogates cast to bf16 once, instead of autocast
             casting every checkpoint's weights at every step (``"auto"``: CUDA with ``amp``).
         cuda_graph: replay the whole generator step as one CUDA graph (``"auto"``: CUDA with one
-            process, no ``compile``, TAP or SEP; see :mod:`mtlue_fast.train.graphed`).
+            process, no ``compile``, TAP or SEP; never with EM; see :mod:`mtlue_fast.train.graphed`).
         seed: generator initialisation, data order, augmentation, stop subset.
     """
 
@@ -91,6 +91,10 @@ class GenerateConfig:
         for name in ("batch_size", "stop_subset"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate config field {name!r} must be >= 1, got {getattr(self, name)!r}")
+        if self.cuda_graph is True and self.base == "em":
+            raise ValueError("generate config field 'cuda_graph' cannot be true with base 'em': EM trains its "
+                             "surrogate between passes, and the generator step's backward fills the surrogate's "
+                             "gradients, which live outside a graph's memory (use 'auto' or false)")  # fmt: skip
 
     def use_cuda_graph(self, device_type: str, distributed: bool) -> bool:
         """Whether the generator step is replayed as a CUDA graph on ``device_type``."""
