@@ -34,6 +34,10 @@ uploading the resident data, cuDNN's first calls, the CUDA-graph capture: the wa
 its share of steady work) and the per-epoch (per-pass) writes and stop tests. The top-level
 ``full_job_seconds`` is the sum of the stages'. Process start-up, imports and CUDA's initialisation
 are not counted. The targets on one H200 are printed beside the figures, never asserted.
+
+With ``--out`` the JSON is written after every stage with ``"complete": false`` (the stages so far,
+no totals, no verdicts) and once more, complete, at the end: a run stopped partway keeps what it
+measured.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from device_check.targets import PAPER_SCALE as TARGETS  # noqa: E402 - the thre
 
 from mtlue_fast import config as config_module
 from mtlue_fast import machine, ops
+from mtlue_fast.fileio import atomic_path
 from mtlue_fast.data import build_cache
 from mtlue_fast.data.cache import Cache, resolve_decoder
 from mtlue_fast.data.loader import DeviceBatches
@@ -461,7 +466,10 @@ def samples_per_epoch(n: int, batch_size: int) -> int:
 # ---------------------------------------------------------------------------- the job
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None) -> dict:
+    """Time every stage; return the result (see the module docstring). ``on_stage`` is given the
+    result so far (``complete`` false, ``full_job_seconds`` None) after each stage, so that a run
+    stopped or failed partway still leaves what it measured."""
     cfg = resolve_config(args)
     smoke = args.cpu
     defaults = CPU_SMOKE_RUN if smoke else PAPER_RUN
@@ -489,19 +497,31 @@ def run(args: argparse.Namespace) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     progress = lambda text: print(f"paper_scale: {text}", file=sys.stderr, flush=True)  # noqa: E731
 
+    stages: dict[str, dict] = {}
+    context = dict(args=args, cfg=cfg, device=device, smoke=smoke, passes=passes, surrogate_cfg=surrogate_cfg,
+                   victim_cfg=victim_cfg, size=size, started=started, train_n=train_n, test_n=test_n,
+                   cache_images=cache_images, chunk=chunk, steps=steps, warmup=warmup, export_batch=export_batch)  # fmt: skip
+
+    def result(measured: dict, complete: bool = True) -> dict:
+        return _result_so_far(stages=measured, complete=complete, **context)
+
+    def report() -> None:
+        if on_stage is not None:
+            on_stage(result(stages, complete=False))
+
     with tempfile.TemporaryDirectory(prefix="paper-scale-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        stages: dict[str, dict] = {}
-        peaks: list[int] = []
 
         progress(f"cache build: {cache_images} JPEGs of {SOURCE_SIZE[1]}x{SOURCE_SIZE[0]} -> {size[0]}x{size[1]}")
         stages["cache_build"] = time_cache_build(cfg, work, cache_images, chunk, min(64, cache_images), device)
+        report()
 
         progress(f"synthetic caches: {train_n} + {test_n} images of 3x{size[0]}x{size[1]}")
         train_cache = synthetic_cache(work / "train", train_n, size, seed=1)
         test_cache = synthetic_cache(work / "test", test_n, size, seed=2)
         crop = tuple(cfg.data.crop) if cfg.data.crop else None
         view, test_view = select_tasks(train_cache, None, crop), select_tasks(test_cache, None, crop)
+        context["crop"] = view.crop
 
         progress(f"surrogate: {steps} steps of {surrogate_cfg.batch_size}")
         sur, _ = time_training(view, test_view, surrogate_cfg, device, steps, warmup, work / "surrogate", evaluate_too=False)
@@ -509,6 +529,7 @@ def run(args: argparse.Namespace) -> dict:
         stages["surrogate"] = stage(sur, full_images=surrogate_cfg.epochs * epoch_images, setup_seconds=sur["setup"],
                                     periods=surrogate_cfg.epochs, period_seconds=sur["epoch_seconds"], steps=steps,
                                     batch_size=surrogate_cfg.batch_size, peak_bytes=sur["peak"], epochs=surrogate_cfg.epochs)  # fmt: skip
+        report()
 
         progress(f"victim: {steps} steps of {victim_cfg.batch_size}, then the test evaluation")
         vic, ev = time_training(view, test_view, victim_cfg, device, steps, warmup, work / "victim", evaluate_too=True)
@@ -522,6 +543,7 @@ def run(args: argparse.Namespace) -> dict:
         stages["evaluation"] = stage(ev, full_images=evals * TEST_IMAGES, setup_seconds=ev["setup"], instances=3,
                                      steps=ev["steps"], batch_size=victim_cfg.batch_size, peak_bytes=ev["peak"],
                                      evaluations=evals, measured_as="victim")  # fmt: skip
+        report()
 
         progress(f"generator ({cfg.generate.base}): {steps} steps of {cfg.generate.batch_size}")
         gen, generator_file = time_generator(cfg, train_cache, device, steps, warmup, work / "generator")
@@ -530,36 +552,48 @@ def run(args: argparse.Namespace) -> dict:
                                     period_seconds=gen["pass_seconds"], steps=steps, batch_size=cfg.generate.batch_size,
                                     peak_bytes=gen["peak"], passes=passes, surrogates=gen["surrogates"],
                                     stop_subset=gen["stop_subset"])  # fmt: skip
+        report()
 
         progress(f"export: {steps} batches of {export_batch}")
         exp = time_export(generator_file, train_cache, device, steps, warmup, work / "export")
         stages["export"] = stage(exp, full_images=TRAIN_IMAGES, setup_seconds=exp["setup"], steps=exp["steps"],
                                  batch_size=export_batch, peak_bytes=exp["peak"])  # fmt: skip
-        peaks = [s["peak_gpu_memory_bytes"] for s in stages.values() if s["peak_gpu_memory_bytes"] is not None]
 
-    stages = {name: stages[name] for name in STAGES}
-    total = sum(s["full_job_seconds"] for s in stages.values())
+    return result(stages)
+
+
+def _result_so_far(*, stages: dict, complete: bool, **context) -> dict:
+    """The result from the stages measured so far; the totals and the targets only when ``complete``."""
+    args, cfg, device, smoke, passes = context["args"], context["cfg"], context["device"], context["smoke"], context["passes"]
+    peaks = [s["peak_gpu_memory_bytes"] for s in stages.values() if s["peak_gpu_memory_bytes"] is not None]
+    stages = {name: stages[name] for name in STAGES if name in stages}
+    total = sum(s["full_job_seconds"] for s in stages.values()) if complete else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_model()
-    measured = {"full_job_seconds": total, "victim_images_per_second": stages["victim_clean"]["images_per_second"],
-                "generator_images_per_second": stages["generator"]["images_per_second"]}  # fmt: skip
+    rate = lambda name: stages[name]["images_per_second"] if name in stages else None  # noqa: E731
+    measured = {"full_job_seconds": total, "victim_images_per_second": rate("victim_clean"),
+                "generator_images_per_second": rate("generator")}  # fmt: skip
     changed = changed_paper_settings(cfg)
     paper = not smoke and not changed and passes == GENERATOR_PASSES
     targets = {
         name: {"target": target, "measured": measured[name],
-               "met": (measured[name] <= target if name == "full_job_seconds" else measured[name] >= target) if paper else None}
+               "met": None if not paper or measured[name] is None else
+                      measured[name] <= target if name == "full_job_seconds" else measured[name] >= target}
         for name, target in TARGETS.items()
     }  # fmt: skip
+    surrogate_cfg, victim_cfg, size = context["surrogate_cfg"], context["victim_cfg"], context["size"]
     return {
         "scale": "cpu-smoke" if smoke else "paper",
+        "complete": complete,
+        "stages_measured": ",".join(stages),
         "paper_settings_changed": changed,
         "full_job_seconds": total,
-        "full_job_minutes": total / 60,
+        "full_job_minutes": None if total is None else total / 60,
         "victim_images_per_second": measured["victim_images_per_second"],
         "generator_images_per_second": measured["generator_images_per_second"],
         "device": device_name,
         "device_type": device.type,
         "peak_gpu_memory_bytes": max(peaks) if peaks else None,
-        "date": started,
+        "date": context["started"],
         "command": " ".join(getattr(args, "command", [])),
         "git_revision": machine.git_revision(),
         "versions": {**machine.versions(), "platform": platform.platform()},
@@ -567,10 +601,11 @@ def run(args: argparse.Namespace) -> dict:
         "targets": targets,
         "settings": {
             "dataset": DATASET, "train_images": TRAIN_IMAGES, "test_images": TEST_IMAGES,
-            "images_in_memory": {"train": train_n, "test": test_n}, "cache_resolution": list(size),
-            "crop": list(view.crop), "source_jpeg_size": [SOURCE_SIZE[1], SOURCE_SIZE[0]], "cache_images": cache_images,
-            "cache_chunk": chunk, "steps": steps, "warmup": warmup, "generator_passes": passes,
-            "export_batch_size": export_batch, "set": list(args.set), "train": surrogate_cfg.to_dict(),
+            "images_in_memory": {"train": context["train_n"], "test": context["test_n"]}, "cache_resolution": list(size),
+            "crop": list(context["crop"]) if context.get("crop") else None, "source_jpeg_size": [SOURCE_SIZE[1], SOURCE_SIZE[0]],
+            "cache_images": context["cache_images"], "cache_chunk": context["chunk"], "steps": context["steps"],
+            "warmup": context["warmup"], "generator_passes": passes, "export_batch_size": context["export_batch"],
+            "set": list(args.set), "train": surrogate_cfg.to_dict(),
             "victims": victim_cfg.to_dict(), "generate": cfg.generate.to_dict(), "decoder": cfg.data.decoder,
             "train_switches": surrogate_cfg.resolved(device), "victim_switches": victim_cfg.resolved(device),
         },  # fmt: skip
@@ -601,18 +636,24 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2, sort_keys=False)
+    out = Path(args.out) if args.out else None
+    # With --out the JSON is rewritten after every stage ("complete": false until the last), so a
+    # run stopped at a time limit or failing in a late stage keeps the stages it measured.
+    result = run(args, on_stage=(lambda partial: _write(out, partial)) if out else None)
     print(summary(result), file=sys.stderr, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    if out:
+        _write(out, result)
         print(f"paper_scale: wrote {out}", file=sys.stderr)
     else:
-        print(text)
+        print(json.dumps(result, indent=2, sort_keys=False))
     return 0
 
 

@@ -29,7 +29,7 @@ def smoke(paper_scale, tmp_path_factory) -> dict:
 
 
 def test_smoke_json(smoke):
-    assert smoke["scale"] == "cpu-smoke" and smoke["device_type"] == "cpu"
+    assert smoke["scale"] == "cpu-smoke" and smoke["device_type"] == "cpu" and smoke["complete"] is True
     assert isinstance(smoke["device"], str) and smoke["device"]
     assert smoke["peak_gpu_memory_bytes"] is None
     assert {"torch", "python", "mtlue_fast"} <= set(smoke["versions"]) and smoke["versions"]["torch"]
@@ -87,3 +87,23 @@ def test_bad_arguments(paper_scale):
         paper_scale.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit, match="generate.base=em"):
         paper_scale.resolve_config(paper_scale.parse_args(["--cpu", "--set", "generate.base=em"]))
+
+
+def test_a_run_stopped_partway_keeps_the_stages_it_measured(paper_scale, tmp_path, monkeypatch):
+    """The JSON is rewritten after every stage: stopped during the export (as by a time limit's
+    SIGINT), the file holds the stages before it, marked incomplete, without totals or verdicts."""
+    out = tmp_path / "result.json"
+
+    def interrupted(*args, **kwargs):
+        assert "generator" in json.loads(out.read_text())["stages"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paper_scale, "time_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        paper_scale.main(["--cpu", "--out", str(out), "--workdir", str(tmp_path)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and partial["full_job_seconds"] is None
+    assert set(partial["stages"]) == set(STAGES) - {"export"}
+    assert partial["stages_measured"] == ",".join(s for s in STAGES if s != "export")
+    assert all(t["met"] is None for t in partial["targets"].values())
+    assert partial["victim_images_per_second"] == partial["stages"]["victim_clean"]["images_per_second"]

@@ -61,6 +61,7 @@ def _build(ctx: Context, deadline: float, env_extra: dict, results: dict) -> Non
         results["build_inplace"] = {**proc.brief(), "log_tail": "\n".join(proc.tail.splitlines()[-40:])}
         ctx.repo_on_path = proc.rc == 0  # not installed: the children import it from the source tree
     if proc.rc != 0:
+        ctx.no_jit = True  # the later parts' children would each spend a minute compiling the ops
         raise PartFailed(f"build {proc.why()}; see build.log_tail", results)
 
 

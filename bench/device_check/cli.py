@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminated)
+    # Started with SIGINT ignored (a background job), the children would inherit that and ignore the
+    # SIGINT that ends them at their time limit, then die of SIGKILL without writing their results.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     device = "cpu" if args.cpu else "cuda"
@@ -210,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         rec["seconds"] = round(time.monotonic() - start, 1)
         rec["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         write_json(out / "summary.json", rec)
-        (out / "summary.md").write_text(markdown(rec))
+        try:  # a bug in the rendering must not cost the results or the archive
+            text = markdown(rec)
+        except Exception as err:  # noqa: BLE001
+            text = f"# summary not rendered\n\n{type(err).__name__}: {err}\n\nThe results are in summary.json.\n"
+        (out / "summary.md").write_text(text)
         if args.archive:
             write_archive(out, args.archive.resolve())
 

@@ -21,9 +21,12 @@ from pathlib import Path
 from . import junit
 from .runner import Context, PartFailed, progress, shares, time_left
 
-TESTS_GPU = ["tests", "-m", "cuda", "--ignore=tests/test_compile.py"]
-TESTS_GPU_COMPILE = ["tests/test_compile.py", "-m", "cuda"]
-TESTS_GPU_DALI = ["tests/test_dali.py", "-m", "not slow"]
+# A file that fails to import must not keep the others from running; a test hung in the driver is
+# named in the log (its stack dumped) after a minute.
+ROBUST = ["--continue-on-collection-errors", "-o", "faulthandler_timeout=60"]
+TESTS_GPU = ["tests", "-m", "cuda", "--ignore=tests/test_compile.py", *ROBUST]
+TESTS_GPU_COMPILE = ["tests/test_compile.py", "-m", "cuda", *ROBUST]
+TESTS_GPU_DALI = ["tests/test_dali.py", "-m", "not slow", *ROBUST]
 TESTS_CPU = [
     "tests/test_perturb_apply.py", "tests/test_quantize_export.py", "tests/test_embedding_reg.py",
     "tests/test_cuda_parity.py", "-k", "(cpu and matches_reference) or cuda_parity",

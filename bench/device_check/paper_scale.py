@@ -52,6 +52,11 @@ def part_paper_scale(ctx: Context, deadline: float) -> dict:
             results["summary"] = {"unreadable": str(err)}
         else:
             results["summary"] = scalars(data)
+            stages = data.get("stages") if isinstance(data, dict) else None
+            if isinstance(stages, dict):  # images/s of each stage measured (all of them, or those before a stop)
+                results["stage_images_per_second"] = {
+                    name: s.get("images_per_second") for name, s in stages.items() if isinstance(s, dict)
+                }
             # the script's own verdicts: judged only at the paper's settings
             results["targets"] = data.get("targets") if isinstance(data, dict) else None
             results["paper_settings_changed"] = data.get("paper_settings_changed") if isinstance(data, dict) else None

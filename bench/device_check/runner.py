@@ -23,6 +23,8 @@ BENCH = REPO / "bench"
 
 #: Seconds a child gets between SIGINT and SIGKILL.
 GRACE = 10
+#: Seconds waited for a child after SIGKILL before it is given up as stuck.
+KILL_WAIT = 30
 
 
 @dataclass
@@ -107,7 +109,9 @@ def run_logged(command: list[str], timeout: float, log: Path, env: dict | None =
 
 
 def _stop(proc: subprocess.Popen) -> int:
-    for sig, wait in ((signal.SIGINT, GRACE), (signal.SIGKILL, None)):
+    """SIGINT to the child's process group, SIGKILL after :data:`GRACE` s; its exit status, or
+    ``-SIGKILL`` when it is still there :data:`KILL_WAIT` s after that (stuck in the driver)."""
+    for sig, wait in ((signal.SIGINT, GRACE), (signal.SIGKILL, KILL_WAIT)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -116,7 +120,7 @@ def _stop(proc: subprocess.Popen) -> int:
             return proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
-    return proc.wait()
+    return -signal.SIGKILL
 
 
 @dataclass
@@ -132,6 +136,7 @@ class Context:
     info: dict | None = None  # mtlue_fast.info.collect() as the build part probed it
     notes: list[str] = field(default_factory=list)
     repo_on_path: bool = False  # after an in-place build that pip could not install
+    no_jit: bool = False  # after a failed build: children do not each try to compile the ops again
 
     @property
     def gpu(self) -> bool:
@@ -146,6 +151,9 @@ class Context:
         env["PYTHONPATH"] = os.pathsep.join([*first, str(BENCH), *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONSAFEPATH"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"  # a GPU host may have no network
+        if self.no_jit:
+            env["MTLUE_NO_JIT"] = "1"
         env.update(extra)
         return env
 

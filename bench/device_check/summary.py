@@ -111,7 +111,11 @@ def bench_lines(r: dict) -> list[str]:
 def paper_scale_lines(r: dict) -> list[str]:
     if not r.get("summary"):
         return []
-    return ["", "## Paper scale", "", f"`{r['json']}`:", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in r["summary"].items()]
+    lines = ["", "## Paper scale", "", f"`{r['json']}`:", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in r["summary"].items()]
+    rates = r.get("stage_images_per_second") or {}
+    if rates:
+        lines.append("- images/s per stage: " + ", ".join(f"{name} {_fmt(v, 0)}" for name, v in rates.items()))
+    return lines
 
 
 def pipeline_lines(r: dict) -> list[str]:
