@@ -11,8 +11,9 @@ the package's steps do:
 - no host reads (``mtlue_fast.host_reads``) and no data-dependent Python control flow;
 - the optimiser built with ``capturable=True`` and a tensor learning rate (:func:`capturable_adam`),
   so the schedule's changes reach the replayed kernels (a float would be baked into the graph);
-- it ends with ``optimizer.zero_grad(set_to_none=True)`` (the gradients the captured backward
-  allocates then live in the graph's memory and are overwritten by every replay).
+- it sets the gradients to None with ``optimizer.zero_grad(set_to_none=True)``, before its
+  backward or after its optimiser step (the gradients the captured backward allocates then live in
+  the graph's memory and are overwritten by every replay).
 
 The first ``warmup`` calls run eagerly on a side stream (as the capture requires: lazy state such as
 the optimiser's moments and cuDNN's algorithm choice is created outside the graph); the next call
@@ -97,7 +98,7 @@ class GraphedStep:
     """Run ``fn(images, labels) -> tensor`` as a replayed CUDA graph (see the module docstring).
 
     Args:
-        fn: the step; it must end by setting the gradients to None.
+        fn: the step; it must set the gradients to None (see the module docstring).
         warmup: eager calls before the capture (at least 1; 3 as in PyTorch's examples).
         label: names the step in the warning when capture fails.
     """

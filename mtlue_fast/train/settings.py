@@ -48,7 +48,8 @@ class TrainConfig:
             when it fits).
         host_augment: crop and flip on the host and copy each batch (the straightforward path).
         sync_every_step: read the loss to the host after every step (the straightforward path).
-        deterministic: ``torch.use_deterministic_algorithms(True)`` (bitwise-reproducible resume).
+        deterministic: ``torch.use_deterministic_algorithms(True)`` (bitwise-reproducible resume; sets
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set, as cuBLAS needs on a GPU).
     Several processes (torchrun):
         sync_bn: batch-norm statistics over the global batch, as one process computes them (true),
             or over each process's share (false: no communication inside the forward and the

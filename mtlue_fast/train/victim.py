@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -121,6 +122,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 def _deterministic(enabled: bool):
     previous = torch.are_deterministic_algorithms_enabled()
     if enabled:
+        # cuBLAS is deterministic only with a fixed workspace configuration; without it PyTorch
+        # raises at the first matrix product on a GPU. Read when cuBLAS first runs: set it early.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     try:
         yield
