@@ -23,6 +23,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_pending_gpu_errors(request):
+    """A CUDA test starts with no value errors recorded by the kernels (they are raised later, by
+    ``ops.raise_pending_errors``): one left by a test that failed before reading its own must not
+    fail the next ones too."""
+    if torch.cuda.is_available() and "cuda" in request.keywords:
+        try:
+            ops.raise_pending_errors("cuda")
+        except ValueError:
+            pass
+    yield
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     """A device whose compiled kernels must be present (a missing library fails, never skips)."""

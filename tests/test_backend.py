@@ -62,7 +62,7 @@ def test_broken_prebuilt_library_falls_back_to_jit(tmp_path, broken_library):
     result = run_probe(MTLUE_LIBRARY=broken_library, MTLUE_JIT_DIR=str(tmp_path / "jit"))
     assert result.returncode == 0, result.stderr
     assert "SOURCE jit CPU compiled" in result.stdout
-    assert "compiling the C++ ops once" in result.stderr
+    assert "compiling the C++" in result.stderr
     again = run_probe(MTLUE_LIBRARY=broken_library, MTLUE_JIT_DIR=str(tmp_path / "jit"))
     assert "SOURCE jit CPU compiled" in again.stdout
     assert "compiling" not in again.stderr  # cached: no second build

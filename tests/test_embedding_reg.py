@@ -171,7 +171,7 @@ def test_compiled_path_reads_no_values_back(gen, monkeypatch):
 
 @pytest.mark.cuda
 def test_cpu_offsets_for_a_cuda_table_are_checked_and_copied_once(gen):
-    table = torch.randn(6, 5, generator=gen, device="cuda")
+    table = torch.randn(6, 5, generator=gen).to("cuda")  # gen is a CPU generator
     offsets = offsets_of([2, 3, 1])
     first = ops.embedding_reg(table, offsets)
     copies = {key: entry[2] for key, entry in checks._copies.items()}
@@ -180,7 +180,7 @@ def test_cpu_offsets_for_a_cuda_table_are_checked_and_copied_once(gen):
     assert {key: entry[2] for key, entry in checks._copies.items()}.keys() == copies.keys()
     assert all(checks._copies[key][2] is copy for key, copy in copies.items())
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    offsets[1] = 3  # an in-place change is seen: checked again
+    offsets[1] = 5  # [0, 5, 5, 6]: an in-place change is seen, checked again, and refused
     with pytest.raises(ValueError, match="strictly increasing"):
         ops.embedding_reg(table, offsets)
 
