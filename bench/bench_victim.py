@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from mtlue_fast.train import TrainConfig, build_training, make_batches, select_tasks, train_epoch
+from mtlue_fast.train.graphed import graph_status
 
 NUM_TASKS = 40
 
@@ -63,7 +64,8 @@ def celeba_like(bench_device) -> ArrayCache:
 
 
 STRAIGHTFORWARD = dict(
-    amp=False, channels_last=False, fused_adam=False, compile=False, resident=False, host_augment=True, sync_every_step=True
+    amp=False, channels_last=False, fused_adam=False, compile=False, resident=False, host_augment=True, sync_every_step=True,
+    cuda_graph=False,
 )
 # The compiled path last: its cold inductor compile is the slowest setup, and a time-boxed run
 # (bench/gpu_check.py) should still measure the eager paths.
@@ -91,17 +93,18 @@ def run_epoch(cache: ArrayCache, device: torch.device, **overrides):
     def once():
         train_epoch(training.step, batches, next(epoch), device, config)
 
-    return once, size["batch_size"] * size["steps"]
+    return once, size["batch_size"] * size["steps"], training.step
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_victim_training(benchmark, celeba_like, bench_device, path):
     if path in GPU_ONLY and bench_device.type != "cuda":
         pytest.skip("CUDA graphs and the autotuned compile modes are measured on a GPU")
-    once, images = run_epoch(celeba_like, bench_device, **PATHS[path])
+    once, images, step = run_epoch(celeba_like, bench_device, **PATHS[path])
     benchmark.group = f"victim training resnet18 w{sizes(bench_device)['width']} b{sizes(bench_device)['batch_size']} 40 tasks {bench_device.type}"
     benchmark.extra_info.update(images=images, variant=path, kind="victim")
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["graph"] = graph_status(step)  # a graphed variant that fell back to eager says so
 
 
 # ``ew`` first: every other strategy's extra_info gets ``ratio_to_ew``, its median step over ew's.
@@ -125,11 +128,12 @@ def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
     (``ratio_to_ew`` in extra_info, when ew ran before it in the same pytest run)."""
     if space == "parameters" and bench_device.type == "cuda":
         pytest.skip("40 batched backward passes of the full network: memory-bound comparison, CPU only")
-    once, images = run_epoch(celeba_like, bench_device, weighting=name, grad_space=space)
+    once, images, step = run_epoch(celeba_like, bench_device, weighting=name, grad_space=space)
     benchmark.group = f"weighting step resnet18 40 tasks {bench_device.type}"
     variant = name if space == "representation" else f"{name} ({space})"
     benchmark.extra_info.update(images=images, variant=variant, kind="weighting")
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["graph"] = graph_status(step)
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     median = benchmark.stats.stats.median

@@ -73,7 +73,7 @@ from mtlue_fast.models import build_model
 from mtlue_fast.train import build_training, evaluate, make_batches, select_tasks
 from mtlue_fast.train import checkpoint
 from mtlue_fast.train import victim as victim_module
-from mtlue_fast.train.graphed import GraphedStep
+from mtlue_fast.train.graphed import GraphedStep, graph_status
 from mtlue_fast.ue import generate as generate_module
 from mtlue_fast.ue.export import export_generator
 from mtlue_fast.ue.generate import (
@@ -314,6 +314,7 @@ def time_training(view, test_view, config, device: torch.device, steps: int, war
     run["setup_and_warmup_seconds"] = time.perf_counter() - started - run["seconds"]
     run["setup"] = setup_beyond_work(started, run)
     run["peak"] = peak(device)
+    run["graph"] = graph_status(parts.step)
     run["steps_per_epoch"] = len(batches)
     # What train() does after every epoch besides the steps: the weighting's and the schedule's
     # epoch step, then rank 0's writes (metrics.jsonl, last.pt; kept weights every keep_every).
@@ -394,6 +395,7 @@ def time_generator(cfg, cache: Cache, device: torch.device, steps: int, warmup: 
     run["setup"] = setup_beyond_work(started, run)
     run["steps_per_pass"] = len(batches)
     run["surrogates"] = count
+    run["graph"] = graph_status(step)
     # After every pass: the schedule, the stop test on its fixed subset, the regularisers' values, last.pt.
     subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
     stop_test(generator, models, objective, view, subset, config, crop, device, amp)  # warm-up: eval-mode kernels
@@ -528,7 +530,8 @@ def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None
         epoch_images = samples_per_epoch(TRAIN_IMAGES, surrogate_cfg.batch_size)
         stages["surrogate"] = stage(sur, full_images=surrogate_cfg.epochs * epoch_images, setup_seconds=sur["setup"],
                                     periods=surrogate_cfg.epochs, period_seconds=sur["epoch_seconds"], steps=steps,
-                                    batch_size=surrogate_cfg.batch_size, peak_bytes=sur["peak"], epochs=surrogate_cfg.epochs)  # fmt: skip
+                                    batch_size=surrogate_cfg.batch_size, peak_bytes=sur["peak"], epochs=surrogate_cfg.epochs,
+                                    cuda_graph=sur["graph"])  # fmt: skip
         report()
 
         progress(f"victim: {steps} steps of {victim_cfg.batch_size}, then the test evaluation")
@@ -538,7 +541,7 @@ def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None
             stages[name] = stage(vic, full_images=victim_cfg.epochs * epoch_images, setup_seconds=vic["setup"],
                                  periods=victim_cfg.epochs, period_seconds=vic["epoch_seconds"], steps=steps,
                                  batch_size=victim_cfg.batch_size, peak_bytes=vic["peak"], epochs=victim_cfg.epochs,
-                                 measured_as="victim")  # fmt: skip
+                                 measured_as="victim", cuda_graph=vic["graph"])  # fmt: skip
         evals = evaluations(surrogate_cfg) + 2 * evaluations(victim_cfg)
         stages["evaluation"] = stage(ev, full_images=evals * TEST_IMAGES, setup_seconds=ev["setup"], instances=3,
                                      steps=ev["steps"], batch_size=victim_cfg.batch_size, peak_bytes=ev["peak"],
@@ -551,7 +554,7 @@ def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None
         stages["generator"] = stage(gen, full_images=passes * pass_images, setup_seconds=gen["setup"], periods=passes,
                                     period_seconds=gen["pass_seconds"], steps=steps, batch_size=cfg.generate.batch_size,
                                     peak_bytes=gen["peak"], passes=passes, surrogates=gen["surrogates"],
-                                    stop_subset=gen["stop_subset"])  # fmt: skip
+                                    stop_subset=gen["stop_subset"], cuda_graph=gen["graph"])  # fmt: skip
         report()
 
         progress(f"export: {steps} batches of {export_batch}")

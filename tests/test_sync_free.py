@@ -213,6 +213,18 @@ def test_graphed_step_passes_through_on_the_cpu():
         GraphedStep(lambda *a: None, warmup=0)
 
 
+def test_graph_status_says_what_became_of_the_graph():
+    from mtlue_fast.train.graphed import GraphedStep, graph_status
+
+    assert graph_status(lambda images, labels: images) is None  # not a graphed step
+    step = GraphedStep(lambda images, labels: images.sum())
+    assert graph_status(step) == "not captured yet"
+    step.failed = True
+    assert graph_status(step) == "not captured: ran eagerly"
+    step.failed, step.graph, step.replays = False, object(), 7
+    assert graph_status(step) == "replayed 7 times"
+
+
 def test_cuda_graph_switch_resolves_off_the_gpu_and_with_a_defence():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert TINY.resolved(cpu)["cuda_graph"] is False
@@ -223,6 +235,8 @@ def test_cuda_graph_switch_resolves_off_the_gpu_and_with_a_defence():
     assert GenerateConfig(base="em").use_cuda_graph("cuda", False) is False
     assert GenerateConfig(base="tap").use_cuda_graph("cuda", False) is True
     assert GenerateConfig(base="tap").use_cuda_graph("cuda", True) is False
+    with pytest.raises(ValueError, match="'cuda_graph' cannot be true with base 'em'"):
+        GenerateConfig(base="em", cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph"):
         TrainConfig(cuda_graph="sometimes")
     with pytest.raises(ValueError, match="cuda_graph"):

@@ -57,6 +57,9 @@ def part_paper_scale(ctx: Context, deadline: float) -> dict:
                 results["stage_images_per_second"] = {
                     name: s.get("images_per_second") for name, s in stages.items() if isinstance(s, dict)
                 }
+                results["stage_cuda_graph"] = {
+                    name: s["cuda_graph"] for name, s in stages.items() if isinstance(s, dict) and s.get("cuda_graph")
+                }
             # the script's own verdicts: judged only at the paper's settings
             results["targets"] = data.get("targets") if isinstance(data, dict) else None
             results["paper_settings_changed"] = data.get("paper_settings_changed") if isinstance(data, dict) else None

@@ -90,10 +90,10 @@ def _ratio(row: dict) -> str:
 def throughput_lines(summary: dict) -> list[str]:
     lines = []
     for group, rows in (summary.get("groups") or {}).items():
-        lines += ["", f"{group}:", "", "| variant | images/s | ratio | images/s per round |", "|---|---:|---:|---|"]
+        lines += ["", f"{group}:", "", "| variant | images/s | ratio | images/s per round | CUDA graph |", "|---|---:|---:|---|---|"]
         for v, r in sorted(rows.items(), key=lambda kv: -kv[1]["images_per_second"]):
             per_round = ", ".join(f"{x:,.0f}" for x in r.get("round_images_per_second", [])) or "-"
-            lines.append(f"| {v} | {r['images_per_second']:,.0f} | {_ratio(r)} | {per_round} |")
+            lines.append(f"| {v} | {r['images_per_second']:,.0f} | {_ratio(r)} | {per_round} | {_cell(r.get('graph')) or '-'} |")
     return lines
 
 
@@ -115,6 +115,9 @@ def paper_scale_lines(r: dict) -> list[str]:
     rates = r.get("stage_images_per_second") or {}
     if rates:
         lines.append("- images/s per stage: " + ", ".join(f"{name} {_fmt(v, 0)}" for name, v in rates.items()))
+    graphs = r.get("stage_cuda_graph") or {}
+    if graphs:
+        lines.append("- CUDA graph per stage: " + ", ".join(f"{name} {status}" for name, status in graphs.items()))
     return lines
 
 

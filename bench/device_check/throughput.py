@@ -26,7 +26,7 @@ def _groups(bench: dict) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
         row = {"images_per_second": extra["images"] / median, "median_s": median}
         if "round_medians" in b:  # several --rounds: images/s of each round
             row["round_images_per_second"] = [extra["images"] / m for m in b["round_medians"]]
-        for key in ("resident", "role"):
+        for key in ("resident", "role", "graph"):
             if key in extra:
                 row[key] = extra[key]
         groups[b["group"]][variant] = row

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["GraphedStep", "capturable_adam"]
+__all__ = ["GraphedStep", "capturable_adam", "graph_status"]
 
 
 def capturable_adam(groups: list[dict], lr: float, device: torch.device, **kwargs) -> torch.optim.Adam:
@@ -73,6 +73,17 @@ def _keep_tensor_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
 
     optimizer.register_load_state_dict_pre_hook(before)
     optimizer.register_load_state_dict_post_hook(after)
+
+
+def graph_status(step) -> str | None:
+    """What became of a step's CUDA graph, for benchmark records: ``"replayed N times"``,
+    ``"not captured: ran eagerly"`` (it synchronised, or its capture failed: warned), ``"not
+    captured yet"``; None for a step that is not a :class:`GraphedStep`."""
+    if not isinstance(step, GraphedStep):
+        return None
+    if step.failed:
+        return "not captured: ran eagerly"
+    return f"replayed {step.replays} times" if step.graph is not None else "not captured yet"
 
 
 def _structure(value) -> tuple:
@@ -174,6 +185,8 @@ class GraphedStep:
             if optimizer is not None:  # gradients allocated by the failed capture must not be used
                 optimizer.zero_grad(set_to_none=True)
             self._give_up(f"the capture failed ({_causes(err)})")
+            graph = None  # its memory pool goes with it
+        if self.failed:  # outside the handler: its traceback would keep the capture's tensors alive
             return self.fn(images, labels)
         self.graph, self.key = graph, key
         _copy_into(self.static_in[0], images)
