@@ -180,6 +180,8 @@ def test_dali_stream_celeba(benchmark, image_files):
     def epoch():
         for x, _ in stream:
             pass
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     benchmark.group = "dali stream celeba"
     benchmark.extra_info.update(images=stream.num_samples, device=device)
