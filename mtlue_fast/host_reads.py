@@ -57,38 +57,28 @@ def count_host_reads() -> Iterator[HostReads]:
     """Within the block, count calls of :data:`READS` on tensors, and of :data:`FACTORIES` with host data
     and a device, made directly by this package's code."""
     reads = HostReads()
-    originals = {name: getattr(torch.Tensor, name) for name in READS if hasattr(torch.Tensor, name)}
+    # (object, attribute, how the read is named, whether a call counts: (first argument, kwargs) -> bool)
+    patches = [(torch.Tensor, name, name, lambda first, kwargs: True) for name in READS if hasattr(torch.Tensor, name)]
+    patches += [(torch, name, f"torch.{name}(host data, device=...)",
+                 lambda first, kwargs: kwargs.get("device") is not None and not isinstance(first, torch.Tensor))
+                for name in FACTORIES]  # fmt: skip
 
-    def wrap(name, original):
-        def counted(self, *args, **kwargs):
-            place = _caller_in_package()
-            if place is not None:
-                reads[f"{place} {name}"] += 1
-            return original(self, *args, **kwargs)
-
-        counted.__name__ = name
-        return counted
-
-    def wrap_factory(name, original):
-        def counted(data, *args, **kwargs):
-            if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+    def wrap(original, label, counts):
+        def counted(first, *args, **kwargs):
+            if counts(first, kwargs):
                 place = _caller_in_package()
                 if place is not None:
-                    reads[f"{place} torch.{name}(host data, device=...)"] += 1
-            return original(data, *args, **kwargs)
+                    reads[f"{place} {label}"] += 1
+            return original(first, *args, **kwargs)
 
-        counted.__name__ = name
+        counted.__name__ = original.__name__
         return counted
 
-    factories = {name: getattr(torch, name) for name in FACTORIES}
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, wrap(name, original))
-    for name, original in factories.items():
-        setattr(torch, name, wrap_factory(name, original))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _, _ in patches]
+    for (owner, name, label, counts), (_, _, original) in zip(patches, originals):
+        setattr(owner, name, wrap(original, label, counts))
     try:
         yield reads
     finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-        for name, original in factories.items():
-            setattr(torch, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
