@@ -150,13 +150,15 @@ class GraphedStep:
         if self.calls == self.warmup:
             out, syncs = _watching_syncs(lambda: self._side_stream(images, labels))
             if syncs:
-                self._give_up(f"it synchronises with the host ({'; '.join(syncs)})")
+                self._give_up(f"it synchronises with the host ({'; '.join(syncs)})", stacklevel=3)
             return out
         return self._capture(images, labels, key)
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str, stacklevel: int = 4) -> None:
+        """Warn (at the step's caller) and run eagerly from now on."""
         self.failed = True
-        warnings.warn(f"{self.label}: not replayed as a CUDA graph: {why}; running the step eagerly", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{self.label}: not replayed as a CUDA graph: {why}; running the step eagerly", RuntimeWarning,
+                      stacklevel=stacklevel)  # fmt: skip
 
     def _side_stream(self, images, labels):
         if self.side is None:
@@ -173,19 +175,20 @@ class GraphedStep:
         self.static_in = (_clone(images), _clone(labels))
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream(images.device)
+        pool = torch.cuda.graph_pool_handle()  # named, so that a failed capture's pool can be released
         try:
             torch.cuda.synchronize(images.device)
             # thread_local: a loader thread pinning host memory meanwhile does not spoil the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.static_out = self.fn(*self.static_in)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager step
             self.static_in = self.static_out = None
-            _recover_from_failed_capture(images.device, stream)
+            _recover_from_failed_capture(images.device, stream, pool)
             optimizer = getattr(self.fn, "optimizer", None)
             if optimizer is not None:  # gradients allocated by the failed capture must not be used
                 optimizer.zero_grad(set_to_none=True)
             self._give_up(f"the capture failed ({_causes(err)})")
-            graph = None  # its memory pool goes with it
+            graph = None
         if self.failed:  # outside the handler: its traceback would keep the capture's tensors alive
             return self.fn(images, labels)
         self.graph, self.key = graph, key
@@ -203,7 +206,7 @@ def _watching_syncs(call: Callable):
     thread = threading.get_ident()
     previous_mode = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
+        warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
         show = warnings.showwarning
 
         def record(message, category, filename, lineno, *args, **kwargs):
@@ -221,18 +224,27 @@ def _watching_syncs(call: Callable):
     return out, list(dict.fromkeys(syncs))
 
 
-def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
-    """Undo what a capture that raised leaves behind: ``torch.cuda.graph`` ends the capture before it
-    restores the caller's stream, so a failed end leaves the capture stream current; and the random
-    generators may still count themselves as capturing, which a later eager random call rejects.
-    An empty capture, begun and ended cleanly, resets them."""
+def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream, pool) -> None:
+    """Undo what a capture that raised leaves behind. ``torch.cuda.graph`` ends the capture before it
+    restores the caller's stream, and a failed end skips the rest of its clean-up: the capture stream
+    stays current, the allocator keeps routing to the graph's private ``pool`` (never released), and
+    the random generators still count themselves as capturing, which a later eager random call
+    rejects. The stream is restored, the pool's routing ended and the pool released (where the end
+    had not done it), and an empty capture, begun and ended cleanly, resets the generators."""
     torch.cuda.set_stream(stream)
     try:
         torch.cuda.synchronize(device)
     except RuntimeError:
         pass  # the error of the failed capture, reported again: already reported by the caller
+    index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        with warnings.catch_warnings(), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch._C._cuda_endAllocateToPool(index, pool)
+    except RuntimeError:
+        pass  # the capture's end got that far: the graph releases its pool itself
+    else:
+        torch._C._cuda_releasePool(index, pool)
+    try:
+        with warnings.catch_warnings(), torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
             warnings.filterwarnings("ignore", message=".*CUDA Graph is empty.*")
     except RuntimeError:
         pass
