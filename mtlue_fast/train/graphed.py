@@ -237,10 +237,10 @@ def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream
     except RuntimeError:
         pass  # the error of the failed capture, reported again: already reported by the caller
     index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
+    try:  # private bindings (what torch.cuda.use_mem_pool calls): a torch without them keeps the pool
         torch._C._cuda_endAllocateToPool(index, pool)
-    except RuntimeError:
-        pass  # the capture's end got that far: the graph releases its pool itself
+    except Exception:  # noqa: BLE001 - RuntimeError: the capture's end got that far, the graph releases it
+        pass
     else:
         torch._C._cuda_releasePool(index, pool)
     try:
