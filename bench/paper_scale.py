@@ -504,12 +504,12 @@ def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None
                    victim_cfg=victim_cfg, size=size, started=started, train_n=train_n, test_n=test_n,
                    cache_images=cache_images, chunk=chunk, steps=steps, warmup=warmup, export_batch=export_batch)  # fmt: skip
 
-    def result(measured: dict, complete: bool = True) -> dict:
-        return _result_so_far(stages=measured, complete=complete, **context)
+    def result(complete: bool) -> dict:
+        return _result_so_far(stages=stages, complete=complete, **context)
 
     def report() -> None:
         if on_stage is not None:
-            on_stage(result(stages, complete=False))
+            on_stage(result(complete=False))
 
     with tempfile.TemporaryDirectory(prefix="paper-scale-", dir=args.workdir) as tmp:
         work = Path(tmp)
@@ -562,7 +562,7 @@ def run(args: argparse.Namespace, on_stage: Callable[[dict], None] | None = None
         stages["export"] = stage(exp, full_images=TRAIN_IMAGES, setup_seconds=exp["setup"], steps=exp["steps"],
                                  batch_size=export_batch, peak_bytes=exp["peak"])  # fmt: skip
 
-    return result(stages)
+    return result(complete=True)
 
 
 def _result_so_far(*, stages: dict, complete: bool, **context) -> dict:

@@ -370,6 +370,33 @@ def test_paper_scale_command_and_skip(tmp_path, monkeypatch):
         paper_scale.part_paper_scale(_ctx(tmp_path), time.monotonic() + 60)
 
 
+def test_failed_build_stops_the_later_children_compiling(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "run_logged", lambda command, timeout, log, env=None: runner.Proc(command, 1, False, 1.0, str(log)))
+    ctx = _ctx(tmp_path)
+    assert "MTLUE_NO_JIT" not in ctx.env()
+    with pytest.raises(runner.PartFailed, match="build"):
+        build.part_build(ctx, time.monotonic() + 600)
+    assert ctx.env()["MTLUE_NO_JIT"] == "1"
+
+
+def test_paper_scale_part_keeps_the_stages_of_a_stopped_run(tmp_path, monkeypatch):
+    """A script that wrote its JSON after two stages and then failed: the part fails, with the stages' rates and graphs."""
+    script = tmp_path / "stopped_paper_scale.py"
+    script.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "json.dump({'complete': False, 'full_job_seconds': None, 'stages': {'surrogate': {'images_per_second': 9.0, "
+                      "'cuda_graph': 'replayed 3 times'}, 'cache_build': {'images_per_second': 4.0}}}, open(out, 'w'))\n"
+                      "sys.exit(1)\n")  # fmt: skip
+    monkeypatch.setattr(paper_scale, "SCRIPT", script)
+    with pytest.raises(runner.PartFailed) as failed:
+        paper_scale.part_paper_scale(_ctx(tmp_path, "cpu"), time.monotonic() + 60)
+    results = failed.value.results
+    assert results["summary"] == {"complete": False}
+    assert results["stage_images_per_second"] == {"surrogate": 9.0, "cache_build": 4.0}
+    assert results["stage_cuda_graph"] == {"surrogate": "replayed 3 times"}
+    lines = summary.paper_scale_lines(results)
+    assert "- images/s per stage: surrogate 9, cache_build 4" in lines and "- CUDA graph per stage: surrogate replayed 3 times" in lines
+
+
 def test_paper_scale_part_runs_the_script(tmp_path, monkeypatch):
     script = tmp_path / "fake_paper_scale.py"
     script.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
@@ -490,6 +517,22 @@ def test_within_runs_the_parts_in_order_and_skips_what_has_no_time(tmp_path, mon
     assert cli.main(["--out", str(out), "--cpu", "--within", "20", "--parts", "tests,bench"]) == 0
     rec = json.loads((out / "summary.json").read_text())
     assert calls == [] and rec["parts"]["tests"]["status"] == "skipped" and rec["parts"]["tests"]["reason"].startswith("--within:")
+
+
+def test_a_summary_that_cannot_be_rendered_keeps_the_results_and_the_archive(tmp_path, monkeypatch):
+    for name in PARTS:
+        monkeypatch.setitem(cli.PART_FUNCTIONS, name, lambda ctx, deadline: {})
+
+    def broken(record):
+        raise KeyError("a bug in the rendering")
+
+    monkeypatch.setattr(cli, "markdown", broken)
+    out, archive = tmp_path / "out", tmp_path / "check.tar.gz"
+    assert cli.main(["--out", str(out), "--cpu", "--parts", "build", "--archive", str(archive)]) == 0
+    assert json.loads((out / "summary.json").read_text())["parts"]["build"]["status"] == "ok"
+    assert "summary not rendered" in (out / "summary.md").read_text() and "a bug in the rendering" in (out / "summary.md").read_text()
+    with tarfile.open(archive) as tar:
+        assert "out/summary.json" in tar.getnames()
 
 
 def test_run_part_records_failures_and_skips(tmp_path, monkeypatch):
