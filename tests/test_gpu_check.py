@@ -429,6 +429,45 @@ def test_pipeline_settings_are_valid_config(gpu, dataset):
         assert cfg.train.width == (1.0 if gpu else 0.25)
 
 
+# ----------------------------------------------------------------------------- children past their time limit
+
+
+def test_a_child_past_its_limit_gets_sigint_and_the_log_keeps_its_output(tmp_path):
+    child = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    start = time.monotonic()
+    proc = runner.run_logged(child, timeout=1.0, log=tmp_path / "child.log")
+    assert proc.timed_out and proc.why() == "timed out"
+    assert proc.rc != 0 and time.monotonic() - start < runner.GRACE
+    assert "started" in proc.tail
+
+
+def test_a_child_ignoring_sigint_is_killed_after_the_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "GRACE", 0.5)
+    child = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "print('ignoring', flush=True); time.sleep(60)"]  # fmt: skip
+    start = time.monotonic()
+    proc = runner.run_logged(child, timeout=1.0, log=tmp_path / "child.log")
+    assert proc.timed_out and proc.rc == -9
+    assert time.monotonic() - start < 10
+
+
+def test_a_child_that_survives_sigkill_is_given_up(monkeypatch):
+    """A process stuck in the driver (uninterruptible sleep) outlives SIGKILL; the check goes on."""
+    sent = []
+    monkeypatch.setattr(runner.os, "killpg", lambda pid, sig: sent.append(sig))
+    monkeypatch.setattr(runner, "GRACE", 0.01)
+    monkeypatch.setattr(runner, "KILL_WAIT", 0.01)
+
+    class Stuck:
+        pid = 12345
+
+        def wait(self, timeout=None):
+            raise subprocess.TimeoutExpired("stuck", timeout)
+
+    assert runner._stop(Stuck()) == -9
+    assert sent == [runner.signal.SIGINT, runner.signal.SIGKILL]
+
+
 # ----------------------------------------------------------------------------- options, record, summary
 
 
