@@ -248,14 +248,20 @@ def _train_job(rank: int, out: str, weighting: str) -> None:
     train(make_cache(128, 0), make_cache(48, 1), out, _config(weighting), crop=(32, 32))
 
 
-def _step_job(rank: int, out: str, weighting: str) -> None:
+def _step_job(rank: int, out: str, weighting: str, dense: bool = False) -> None:
     """One optimisation step's averaged gradients (what every rank applies), the weighting's own
-    parameters' too."""
-    from test_train import make_cache
+    parameters' too. ``dense``: NYUv2-shaped tasks, whose heads hold batch norms."""
+    from test_train import make_cache, make_dense_cache
 
     from mtlue_fast.train import build_training, make_batches, select_tasks
 
-    view = select_tasks(make_cache(128, 0), None, (32, 32))
+    if dense:
+        cache = make_dense_cache(64, 0)
+        # Every pixel labelled: a loss averaged over a rank's labelled pixels then over the ranks
+        # is then the mean over the whole batch's, as one process computes it.
+        cache.labels["seg"][cache.labels["seg"] < 0] = 0
+        cache.labels["depth"][cache.labels["depth"] == 0] = 1
+    view = select_tasks(cache if dense else make_cache(128, 0), None, (32, 32))
     config = _config(weighting)
     parts = build_training(view, config, "cpu")
     batches = make_batches(view, config, "cpu", train=True)
@@ -294,6 +300,17 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, weighting):
     for name, grad in one.items():
         scale = float(grad.abs().max()) + 1e-12
         assert float((two[name] - grad).abs().max()) <= 1e-4 * scale, name
+
+
+# Dense heads hold batch norms, synchronised too: the representation-space task gradients and
+# GradNorm's last-layer gradients cross them, so they run one backward per task as well.
+@pytest.mark.parametrize("weighting", ["pcgrad", "gradnorm"])
+def test_two_processes_take_the_same_dense_step_as_one(tmp_path, weighting):
+    spawn(_step_job, str(tmp_path / "two.pt"), weighting, True, reference=(str(tmp_path / "one.pt"), weighting, True))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name, grad in one.items():  # the bound of the test above, for the same reasons
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((two[name] - grad).abs().max()) <= 1e-4 * scale, (name, float((two[name] - grad).abs().max()) / scale)
 
 
 @pytest.mark.parametrize("weighting", ["ew", "pcgrad"])

@@ -51,9 +51,10 @@ class TaskGradients:
             ``"representation"``-space task gradients. None when the heads ran on ``encoded`` itself.
         encoded: the shared part's output that ``representation`` was detached from, or None.
         space: ``"representation"`` or ``"parameters"``.
-        batched: parameter-space gradients in one batched backward (default); False: one backward
-            per task, for a backbone whose backward communicates (synchronised batch norms under
-            ``torch.distributed``: a collective cannot run inside a batched backward).
+        batched: every per-task gradient in one batched backward (default); False: one backward
+            per task, for a network whose backward communicates (synchronised batch norms under
+            ``torch.distributed``, in the backbone or in dense heads: a collective cannot run
+            inside a batched backward).
     """
 
     def __init__(
@@ -91,30 +92,31 @@ class TaskGradients:
         if self.representation is not None:
             self.encoded.backward(self.representation.grad)
 
+    def _per_task(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[K, *input.shape]`` per input: the gradients of every task loss, zeros where an input
+        does not reach a loss. One batched backward of the K one-hot cotangents, or (``batched``
+        False) K ordinary backwards stacked the same way, each running the same collectives in the
+        same order on every rank."""
+        eye = torch.eye(self.num_tasks, dtype=self.losses.dtype, device=self.losses.device)
+        if self.batched:
+            grads = torch.autograd.grad(self.losses, inputs, eye, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        else:
+            per_task = [torch.autograd.grad(self.losses, inputs, row, retain_graph=True, allow_unused=True) for row in eye]
+            grads = [None if all(g is None for g in column) else torch.stack([torch.zeros_like(x) if g is None else g for g in column])
+                     for column, x in zip(zip(*per_task), inputs)]  # fmt: skip
+        return [torch.zeros(self.num_tasks, *x.shape, dtype=x.dtype, device=x.device) if g is None else g for g, x in zip(grads, inputs)]
+
     def task_grads(self) -> torch.Tensor:
         """``G [K, P]`` float32: row k is the gradient of ``losses[k]`` (computed once, cached)."""
         if self._grads is None:
-            eye = torch.eye(self.num_tasks, dtype=self.losses.dtype, device=self.losses.device)
             if self.space == "representation":
                 if self.representation is None:
                     raise ValueError("representation-space task gradients need representation and encoded")
-                (grad,) = torch.autograd.grad(
-                    self.losses, self.representation, eye, retain_graph=True, is_grads_batched=True
-                )
+                (grad,) = self._per_task([self.representation])
                 self._grads = grad.reshape(self.num_tasks, -1).float()
             else:
-                if self.batched:
-                    grads = torch.autograd.grad(
-                        self.losses, self.shared, eye, retain_graph=True, is_grads_batched=True, allow_unused=True
-                    )
-                else:  # K ordinary backwards of the one-hot cotangents, stacked like the batched one's [K, *shape]
-                    per_task = [torch.autograd.grad(self.losses, self.shared, row, retain_graph=True, allow_unused=True) for row in eye]
-                    grads = [torch.stack([torch.zeros_like(p) if g is None else g for g in column]) for column, p in zip(zip(*per_task), self.shared)]
-                rows = [
-                    (g if g is not None else torch.zeros(self.num_tasks, *p.shape, device=p.device)).reshape(self.num_tasks, -1)
-                    for g, p in zip(grads, self.shared)
-                ]
-                self._grads = torch.cat(rows, dim=1).float()
+                rows = [g.reshape(self.num_tasks, -1).float() for g in self._per_task(self.shared)]
+                self._grads = torch.cat(rows, dim=1)
                 world = dist.info().world_size
                 if world > 1:  # every rank's parameters are the same: average to the global gradient
                     self._grads = dist.all_reduce_sum(self._grads) / world
@@ -138,8 +140,7 @@ class TaskGradients:
 
     def layer_grads(self, weight: torch.Tensor) -> torch.Tensor:
         """``[K, *weight.shape]``: per-task gradients of one shared tensor (GradNorm's last layer)."""
-        eye = torch.eye(self.num_tasks, dtype=self.losses.dtype, device=self.losses.device)
-        (grad,) = torch.autograd.grad(self.losses, weight, eye, retain_graph=True, is_grads_batched=True)
+        (grad,) = self._per_task([weight])
         world = dist.info().world_size
         return dist.all_reduce_sum(grad.detach().clone()) / world if world > 1 else grad
 
