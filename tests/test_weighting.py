@@ -120,6 +120,23 @@ def test_apply_writes_the_combined_gradient_in_parameter_space(gen):
         torch.testing.assert_close(p.grad, g)
 
 
+def test_parameter_space_gradients_are_laid_out_like_their_parameters(gen):
+    """Fused optimisers (the default on a GPU) require a gradient with its parameter's strides; a
+    channels-last convolution's weight is not contiguous."""
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    head = nn.Linear(4, 2)
+    x = torch.randn(5, 3, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+    losses = (head(conv(x).mean((2, 3))) ** 2).mean(0)
+    shared = list(conv.parameters())
+    grads = TaskGradients(losses, shared, list(head.parameters()), space="parameters")
+    combined = torch.randn(sum(p.numel() for p in shared), generator=gen)
+    grads.apply(combined)
+    assert not conv.weight.is_contiguous()
+    for p in shared:
+        assert p.grad.stride() == p.stride()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), combined)
+
+
 def test_representation_space_ew_equals_plain_backward(gen):
     torch.manual_seed(1)
     model = TinyMTL(3)

@@ -155,4 +155,6 @@ class TaskGradients:
         for p in self.shared:
             part = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-            p.grad = part.clone() if p.grad is None else p.grad.add_(part)
+            # empty_like keeps p's strides (channels-last weights): fused optimisers require
+            # gradients laid out like their parameters.
+            p.grad = torch.empty_like(p).copy_(part) if p.grad is None else p.grad.add_(part)
