@@ -409,7 +409,7 @@ def time_generator(cfg, cache: Cache, device: torch.device, steps: int, warmup: 
     history = [{"pass": 1, "loss": float(sums[0] / steps), "stop_error": error, "intra": float(intra), "inter": float(inter)}]
     checkpoint.save(out / "last.pt", {"digest": "paper-scale", "passes": 1, "history": history, "generator": generator.state_dict(),
                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                      "rng": checkpoint.rng_state()})  # fmt: skip
+                                      "rng": checkpoint.rng_state(device)})  # fmt: skip
     sync(device)
     run["pass_seconds"] = time.perf_counter() - begin
     run["stop_subset"] = len(subset)

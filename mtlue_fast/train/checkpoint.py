@@ -1,7 +1,7 @@
 """Training checkpoints: everything an interrupted run needs to continue as if never stopped.
 
 A ``last.pt`` holds the model, optimiser, scheduler and weighting states, the next epoch, the
-metric history, the random generators' states (CPU and every CUDA device) and a digest of the run's
+metric history, the random generators' states (the CPU's and the training GPU's) and a digest of the run's
 inputs. Data order needs no state: ``DeviceBatches`` derives each epoch's order and augmentation
 from ``(seed, epoch)``. Files are written to a temporary name and renamed (atomic).
 """
@@ -22,17 +22,81 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | str) -> dict:
+    """The random generators' states: the CPU's, and the training device's when it is a GPU.
+
+    Only the training device's: under ``torch.distributed`` each rank trains on its own GPU and every
+    rank draws the same numbers (one global batch's augmentation), so rank 0's state of its own
+    device is every rank's state. The other GPUs' generators are not the run's, and a run may resume
+    where fewer GPUs are visible."""
+    device = torch.device(device)
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(_index(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | str) -> None:
+    """Restore :func:`rng_state`'s generators; the GPU's onto ``device`` when it is a GPU (a state
+    saved on the CPU leaves the GPU's generator as seeded)."""
+    device = torch.device(device)
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and device.type == "cuda":
+        if isinstance(saved, (list, tuple)):  # older checkpoints: every visible GPU's; rank 0 trained on the first
+            saved = saved[0]
+        torch.cuda.set_rng_state(saved, _index(device))
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+#: Optimiser group entries that say how a step is computed, not what it computes.
+_IMPLEMENTATION_FLAGS = ("capturable", "fused", "foreach", "differentiable")
+
+
+def keep_setup_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep how this optimiser was built.
+
+    By default a loaded state replaces whole parameter groups, so a checkpoint written by another
+    setup (a CPU run resumed on a GPU, a CUDA-graph run resumed without) brings its ``capturable`` /
+    ``fused`` / ``foreach`` flags and its learning-rate type along, and the next step fails ("lr as
+    a Tensor is not supported for capturable=False"). After loading:
+
+    - the implementation flags are this optimiser's again;
+    - tensor-valued entries (a CUDA graph's learning rate and ``initial_lr``, 0-dim tensors on the
+      device) receive the saved values in place, so a captured graph sees the schedule; number
+      entries stay numbers;
+    - each parameter's ``step`` count sits where this setup expects it: float32 on the parameter's
+      device for capturable or fused steps, float32 on the host otherwise.
+    """
+    kept: list[dict] = []
+
+    def before(opt, state_dict):
+        kept[:] = [{k: v for k, v in group.items() if k != "params" and (k in _IMPLEMENTATION_FLAGS or isinstance(v, (torch.Tensor, float, int)))}
+                   for group in opt.param_groups]  # fmt: skip
+
+    def after(opt):
+        for group, built in zip(opt.param_groups, kept):
+            for key, value in built.items():
+                if key in _IMPLEMENTATION_FLAGS:
+                    group[key] = value
+                elif key in group and isinstance(value, torch.Tensor):
+                    with torch.no_grad():
+                        value.copy_(torch.as_tensor(group[key], dtype=value.dtype))
+                    group[key] = value
+                elif isinstance(group.get(key), torch.Tensor):
+                    group[key] = type(value)(group[key].item())
+            on_device = bool(group.get("capturable") or group.get("fused"))
+            for param in group["params"]:
+                state = opt.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
+        kept.clear()
+
+    optimizer.register_load_state_dict_pre_hook(before)
+    optimizer.register_load_state_dict_post_hook(after)
 
 
 def save(path: str | Path, state: dict) -> None:

@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import checkpoint
+
 __all__ = ["GraphedStep", "capturable_adam", "graph_status"]
 
 
@@ -50,29 +52,8 @@ def capturable_adam(groups: list[dict], lr: float, device: torch.device, **kwarg
     for group in groups:
         group["lr"] = torch.tensor(float(group.get("lr", lr)), dtype=torch.float32, device=device)
     optimizer = torch.optim.Adam(groups, lr=torch.tensor(float(lr), device=device), capturable=True, fused=True, **kwargs)
-    _keep_tensor_hyperparameters(optimizer)
+    checkpoint.keep_setup_on_load(optimizer)
     return optimizer
-
-
-def _keep_tensor_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
-    """Make ``optimizer.load_state_dict`` copy the saved values of tensor-valued group entries (the
-    learning rate, the scheduler's ``initial_lr``) into the tensors already there."""
-    kept: list[dict[str, torch.Tensor]] = []
-
-    def before(opt, state_dict):
-        kept[:] = [{k: v for k, v in group.items() if isinstance(v, torch.Tensor)} for group in opt.param_groups]
-
-    def after(opt):
-        for group, tensors in zip(opt.param_groups, kept):
-            for key, tensor in tensors.items():
-                if key in group:
-                    with torch.no_grad():
-                        tensor.copy_(torch.as_tensor(group[key], dtype=tensor.dtype))
-                    group[key] = tensor
-        kept.clear()
-
-    optimizer.register_load_state_dict_pre_hook(before)
-    optimizer.register_load_state_dict_post_hook(after)
 
 
 def graph_status(step) -> str | None:

@@ -109,7 +109,9 @@ def make_optimizer(model: nn.Module, strategy: nn.Module, config: TrainConfig, f
         groups.append({"params": extra, "weight_decay": 0.0})
     if capturable:
         return capturable_adam(groups, config.lr, next(model.parameters()).device)
-    return torch.optim.Adam(groups, lr=config.lr, fused=True if fused else None)
+    optimizer = torch.optim.Adam(groups, lr=config.lr, fused=True if fused else None)
+    checkpoint.keep_setup_on_load(optimizer)
+    return optimizer
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
@@ -291,7 +293,7 @@ def train(
             start_epoch, history = state["epoch"], state["history"]
             if parts.step.defense is not None and state.get("defense") is not None:
                 parts.step.defense.load_state_dict(state["defense"])
-            checkpoint.set_rng_state(state["rng"])
+            checkpoint.set_rng_state(state["rng"], device)
             if config.progress and place.is_main:
                 print(f"{label}: resuming after epoch {start_epoch} from {out / 'last.pt'}", file=sys.stderr, flush=True)
         metrics = make_metrics(view, config, dataset, device)
@@ -341,7 +343,7 @@ def _save_epoch(out, history, model, strategy, optimizer, scheduler, step, args,
     checkpoint.save(out / "last.pt", {
         "digest": run_digest, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
         "weighting": strategy.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+        "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(next(model.parameters()).device),
         "defense": step.defense.state_dict() if step.defense is not None else None,
     })  # fmt: skip
 

@@ -221,7 +221,9 @@ def make_generator_optimizer(generator: MTLGenerator, config: GenerateConfig, ca
         groups.append({"params": [table], "lr": config.table_lr or config.lr})
     if capturable:
         return capturable_adam(groups, config.lr, next(generator.parameters()).device, weight_decay=config.weight_decay)
-    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    checkpoint.keep_setup_on_load(optimizer)
+    return optimizer
 
 
 @torch.no_grad()
@@ -359,7 +361,7 @@ def generate(
             models[0].load_state_dict(state["surrogate"])
             em_optimizer.load_state_dict(state["surrogate_optimizer"])
         start_pass, history = state["passes"], state["history"]
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"], device)
         if config.progress:
             if place.is_main:
                 print(f"generator: resuming after pass {start_pass} from {out / 'last.pt'}", file=sys.stderr, flush=True)
@@ -415,7 +417,7 @@ def generate(
             write_jsonl(out / "history.jsonl", history)
         state = {
             "digest": run_digest, "passes": pass_index + 1, "history": history, "generator": generator.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(device),
         }  # fmt: skip
         if em_optimizer is not None:
             state.update(surrogate=models[0].state_dict(), surrogate_optimizer=em_optimizer.state_dict())

@@ -134,7 +134,7 @@ def em_pgd(
         surrogate.load_state_dict(saved["surrogate"])
         optimizer.load_state_dict(saved["optimizer"])
         start_pass = saved["passes"]
-        checkpoint.set_rng_state(saved["rng"])
+        checkpoint.set_rng_state(saved["rng"], device)
         state = np.load(state_path, mmap_mode="r+")
     else:
         state = np.lib.format.open_memmap(state_path, mode="w+", dtype=np.int8, shape=view.images.shape)
@@ -186,7 +186,7 @@ def em_pgd(
                 count += len(rows)
         error = objective.mean_error(errors, count)
         checkpoint.save(out / "last.pt", {"digest": digest, "passes": pass_index + 1, "surrogate": surrogate.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(), "error": error})
+                                          "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(device), "error": error})
         if progress:
             print(f"sample-wise EM pass {pass_index + 1}: surrogate error {error:.3f} (stop at <= {stop_error})",
                   file=sys.stderr, flush=True)
