@@ -243,6 +243,23 @@ def test_cuda_graph_switch_resolves_off_the_gpu_and_with_a_defence():
         GenerateConfig(cuda_graph="sometimes")
 
 
+def test_cuda_graphs_cannot_be_forced_under_torch_distributed(monkeypatch):
+    """Each process decides alone whether its step is captured; collectives captured on one rank and
+    run eagerly on another would hang or reduce the wrong buffers."""
+    from mtlue_fast import dist
+    from mtlue_fast.train import settings
+
+    monkeypatch.setattr(settings, "_distributed", lambda: True)
+    cuda = torch.device("cuda")
+    assert TINY.resolved(cuda)["cuda_graph"] is False
+    with pytest.raises(ValueError, match="train config field 'cuda_graph' cannot be true under torch.distributed"):
+        TINY.replace(cuda_graph=True).resolved(cuda)
+    assert TINY.replace(cuda_graph=True).resolved(torch.device("cpu"))["cuda_graph"] is False
+    with pytest.raises(ValueError, match="generate config field 'cuda_graph' cannot be true under torch.distributed"):
+        GenerateConfig(base="tap", cuda_graph=True).use_cuda_graph("cuda", True)
+    assert dist.info().distributed is False  # the fake stayed inside the settings module
+
+
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 

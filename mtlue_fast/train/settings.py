@@ -148,12 +148,21 @@ class TrainConfig:
         ``sync_bn=True`` stays for runs whose result must not depend on the process count.
         """
         cuda = device.type == "cuda"
+        if cuda and self.cuda_graph is True and _distributed():
+            raise ValueError(CUDA_GRAPH_UNDER_DIST.format(section="train"))
         graphable = cuda and self.defense == "none" and self.compile_mode != "reduce-overhead" and not _distributed()
         auto = {"amp": cuda or cpu_has_native_bf16(), "channels_last": True, "fused_adam": cuda, "resident": cuda,
                 "cuda_graph": graphable, "sync_bn": cuda}  # fmt: skip
         switches = {name: auto[name] if getattr(self, name) == AUTO else bool(getattr(self, name)) for name in auto}
         switches["cuda_graph"] = switches["cuda_graph"] and cuda  # a CPU step is never graphed
         return switches
+
+
+#: Each rank decides alone whether its step can be captured (a step that synchronises is not), and
+#: captured NCCL collectives must be captured on every rank or on none.
+CUDA_GRAPH_UNDER_DIST = ("{section} config field 'cuda_graph' cannot be true under torch.distributed: each process "
+                      "decides alone whether its step can be captured, and the steps' collectives must be "
+                      "captured on every process or on none (use 'auto', which runs eagerly there, or false)")  # fmt: skip
 
 
 def _distributed() -> bool:

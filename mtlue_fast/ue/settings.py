@@ -104,6 +104,10 @@ class GenerateConfig:
             # EM trains its surrogate between passes, whose gradients the generator's backward
             # also fills: outside a graph's memory, so EM's step stays eager.
             return not distributed and not self.compile and self.base != "em"
+        if self.cuda_graph and distributed:
+            from ..train.settings import CUDA_GRAPH_UNDER_DIST
+
+            raise ValueError(CUDA_GRAPH_UNDER_DIST.format(section="generate"))
         return bool(self.cuda_graph)
 
     def use_channels_last(self, device_type: str) -> bool:
