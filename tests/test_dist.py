@@ -63,6 +63,30 @@ def spawn(job, *args, world: int = 2, timeout_s: int = 300, reference: tuple | N
     mp.spawn(_entry, args=(world, _free_port(), timeout_s, job, args, reference), nprocs=nprocs, join=True)
 
 
+# ---------------------------------------------------------------------------- setup
+
+
+def test_more_processes_than_gpus_is_refused_before_the_rendezvous(monkeypatch):
+    """Otherwise the process dies in ``set_device`` and the other ranks wait out the rendezvous."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device reached"))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("rendezvous reached"))
+    with pytest.raises(RuntimeError, match=r"local rank 3 needs GPU 3, but this host shows 2 .*--nproc-per-node=2"):
+        dist.setup("cuda")
+
+
+def test_without_local_rank_each_process_takes_its_own_gpu(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [dist._local_rank(rank, "cuda") for rank in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert dist._local_rank(5, "cpu") == 5
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert dist._local_rank(5, "cuda") == 2
+
+
 # ---------------------------------------------------------------------------- sync batch norm
 
 

@@ -70,8 +70,18 @@ class DistInfo:
 def info() -> DistInfo:
     """The current process group's rank and size (world size 1 when none is initialised)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank(dist.get_rank()))
     return DistInfo()
+
+
+def _local_rank(rank: int, device_type: str | None = None) -> int:
+    """This process's index on its host: ``LOCAL_RANK`` (torchrun sets it); without it, the global
+    rank, wrapped around the visible GPUs for a CUDA job (one host)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available() and dist.get_backend() == "nccl"):
+        return rank % max(1, torch.cuda.device_count())
+    return rank
 
 
 def setup(device_type: str) -> DistInfo:
@@ -86,9 +96,17 @@ def setup(device_type: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or dist.is_initialized():
         return info()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ["RANK"])
+    local_rank = _local_rank(rank, device_type)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise RuntimeError(
+                f"rank {rank}/{world_size}: local rank {local_rank} needs GPU {local_rank}, but this host shows "
+                f"{gpus} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                f"{gpus} processes per host (torchrun --nproc-per-node={gpus}) or pass --device cpu"
+            )
         torch.cuda.set_device(local_rank)
     timeout = _timeout()
     if device_type != "cuda":
