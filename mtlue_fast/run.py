@@ -57,7 +57,7 @@ from .models import BACKBONES, build_model
 from .mtl.weighting import STRATEGIES
 from .train import checkpoint, load_model, side_by_side, train, train_stl
 from .train.tasks import select_tasks
-from .train.victim import model_args
+from .train.victim import model_args, reserve_deterministic_cublas
 from .ue import baselines
 from .ue.export import export_generator, generator_perturb, write_protected
 from .ue.generate import generate, load_generator
@@ -722,6 +722,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preset == "smoke" and data_root and args.subset is None and cfg.data.subset is not None:
         log(f"smoke preset: a seeded, stratified subset of the real data ({cfg.data.subset} training / "
             f"{cfg.data.subset_test or 'all'} test images; --subset N / --subset-test M to change)")
+    if cfg.train.deterministic:
+        reserve_deterministic_cublas()
     device = resolve_device(cfg.device)
     place = dist.setup(device.type)
     if device.type == "cuda" and place.distributed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -294,3 +295,31 @@ def test_victims_side_by_side_equal_victims_trained_alone(tmp_path, capsys):
             assert torch.equal(value, side[name][key]), (name, key)
     again = json.loads((out / "report.json").read_text())["victims"]
     assert [(v["clean"], v["protected"]) for v in again] == [(v["clean"], v["protected"]) for v in first]
+
+
+def test_deterministic_runs_fix_the_cublas_workspace_before_any_gpu_work(tmp_path, monkeypatch):
+    """PyTorch reads CUBLAS_WORKSPACE_CONFIG once, at the first GPU matrix product: a resumed run's
+    earlier stages would otherwise fix it before the deterministic training starts."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    def stop(name):
+        seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "resolve_device", stop)
+    args = run_module.parse_args(["--dataset", "chestxray", "--out", str(tmp_path / "r"), "--quiet", "--set", "train.deterministic=true"])
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(args)
+    assert seen == [":4096:8"]
+
+
+def test_deterministic_dense_training_is_refused_on_a_gpu(tmp_path):
+    from test_train import make_dense_cache
+
+    from mtlue_fast.train import TrainConfig, train
+
+    config = TrainConfig(width=0.25, batch_size=4, epochs=1, progress=False, deterministic=True)
+    with pytest.raises(ValueError, match="'deterministic' cannot be true for dense tasks on a GPU"):
+        train(make_dense_cache(8, 0), make_dense_cache(4, 1), tmp_path / "t", config, device="cuda")
+    assert not (tmp_path / "t").exists()

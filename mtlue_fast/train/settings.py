@@ -49,7 +49,8 @@ class TrainConfig:
         host_augment: crop and flip on the host and copy each batch (the straightforward path).
         sync_every_step: read the loss to the host after every step (the straightforward path).
         deterministic: ``torch.use_deterministic_algorithms(True)`` (bitwise-reproducible resume; sets
-            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set, as cuBLAS needs on a GPU).
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set, as cuBLAS needs on a GPU). Refused for
+            dense tasks on a GPU, where PyTorch has no deterministic kernels for some of their ops.
     Several processes (torchrun):
         sync_bn: batch-norm statistics over the global batch, as one process computes them (true),
             or over each process's share (false: no communication inside the forward and the

@@ -120,13 +120,29 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestone_epochs(), config.gamma)
 
 
+def reserve_deterministic_cublas() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless set): cuBLAS is deterministic only with a fixed
+    workspace configuration, and PyTorch reads the variable once, at the process's first matrix
+    product on a GPU; a deterministic training run that starts after one (a resumed run whose
+    earlier stages multiply matrices) would raise. Entry points call this before any GPU work when
+    ``train.deterministic`` is on."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _check_deterministic(dense: bool, device: torch.device) -> None:
+    if dense and device.type == "cuda":
+        raise ValueError(
+            "train config field 'deterministic' cannot be true for dense tasks on a GPU: PyTorch has no "
+            "deterministic CUDA kernels for the backward of bilinear upsampling and for the per-pixel "
+            "cross-entropy (it would raise at the first step); set it false, or train on the CPU"
+        )
+
+
 @contextlib.contextmanager
 def _deterministic(enabled: bool):
     previous = torch.are_deterministic_algorithms_enabled()
     if enabled:
-        # cuBLAS is deterministic only with a fixed workspace configuration; without it PyTorch
-        # raises at the first matrix product on a GPU. Read when cuBLAS first runs: set it early.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        reserve_deterministic_cublas()  # for callers of train() that did not
         torch.use_deterministic_algorithms(True)
     try:
         yield
@@ -277,6 +293,8 @@ def train(
     if resume and finished is not None and finished.get("digest") == run_digest:
         return _result_from_json(out, finished)
     switches = config.resolved(device)
+    if config.deterministic:
+        _check_deterministic(view.dense, device)
     place = dist.info()
     out.mkdir(parents=True, exist_ok=True)
 
