@@ -423,6 +423,29 @@ def test_indivisible_global_batch_is_refused_on_every_rank(tmp_path):
         assert "not divisible by the 2 processes" in (tmp_path / f"err.{rank}").read_text()
 
 
+def _kernel_error_job(rank: int, out: str) -> None:
+    """Rank 1's kernels recorded a crop window outside the image; rank 0's recorded nothing."""
+    from mtlue_fast.ops import _errors
+
+    slots = torch.zeros(_errors.SLOTS, dtype=torch.int64)
+    if rank == 1:
+        slots[[_errors.CROP_COUNT, _errors.CROP_SAMPLE, _errors.CROP_TOP, _errors.CROP_LEFT]] = torch.tensor([2, 5, 9, 0])
+        slots[[_errors.CROP_HEIGHT, _errors.CROP_WIDTH, _errors.IMAGE_HEIGHT, _errors.IMAGE_WIDTH]] = torch.tensor([4, 4, 8, 8])
+    _errors._take = lambda device: slots.clone()  # the CUDA kernels' record, faked on the CPU
+    try:
+        _errors.raise_pending_errors("cpu", every_rank=True)
+    except ValueError as err:
+        Path(f"{out}.{rank}").write_text(str(err))
+
+
+def test_a_kernel_error_recorded_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """Otherwise only the recording rank stops and the others wait for it in their next NCCL
+    collective until the timeout."""
+    spawn(_kernel_error_job, str(tmp_path / "err"))
+    messages = [(tmp_path / f"err.{rank}").read_text() for rank in range(2)]
+    assert messages[0] == messages[1] and messages[0].startswith("rank 1: perturb_apply: crop[5] = (9, 0)")
+
+
 # ---------------------------------------------------------------------------- generator and export
 
 

@@ -52,7 +52,7 @@ def messages(slots: list[int]) -> list[str]:
     return found
 
 
-def raise_pending_errors(device: torch.device | str | int | None = None) -> None:
+def raise_pending_errors(device: torch.device | str | int | None = None, *, every_rank: bool = False) -> None:
     """Raise the value errors the CUDA kernels recorded on ``device`` since the last call.
 
     On CUDA, :func:`~mtlue_fast.ops.perturb_apply` (crop windows outside the image),
@@ -65,6 +65,11 @@ def raise_pending_errors(device: torch.device | str | int | None = None) -> None
     Args:
         device: the CUDA device to check (``None``: the current one; a CPU device or a machine
             without CUDA: nothing to check).
+        every_rank: under ``torch.distributed``, combine the records of every process (a
+            collective: every rank must call it), so that every rank raises the same error, named
+            by the first rank that recorded one. Without it only the rank whose kernels recorded
+            the error raises, and the others wait for it in their next collective (NCCL does not
+            notice a process that has gone until its timeout).
 
     Raises:
         ValueError: naming the op, the offending values and what was expected; the record is
@@ -72,18 +77,35 @@ def raise_pending_errors(device: torch.device | str | int | None = None) -> None
 
     Reads one small tensor back from the device (waits for the work queued on the current stream).
     """
+    slots = _take(device)
+    if slots is None:
+        return
+    if every_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        table = torch.zeros(world, slots.numel(), dtype=slots.dtype, device=slots.device)
+        table[rank] = slots
+        torch.distributed.all_reduce(table)
+        for source, row in enumerate(table.tolist()):
+            found = messages(row)
+            if found:
+                raise ValueError(f"rank {source}: " + "; ".join(found))
+        return
+    found = messages(slots.tolist())
+    if found:
+        raise ValueError("; ".join(found) if len(found) > 1 else found[0])
+
+
+def _take(device: torch.device | str | int | None) -> torch.Tensor | None:
+    """The device's record (``[SLOTS]`` int64 on it), cleared there; None where nothing records."""
     if device is None:
         if not torch.cuda.is_available():
-            return
+            return None
         device = torch.device("cuda", torch.cuda.current_device())
     elif isinstance(device, int):
         device = torch.device("cuda", device)
     device = torch.device(device)
     if device.type == "cpu" or not _backend.has_kernel(device):
-        return
+        return None
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
-    slots = torch.ops.mtlue.take_pending_errors(torch.empty(0, device=device)).tolist()
-    found = messages(slots)
-    if found:
-        raise ValueError("; ".join(found) if len(found) > 1 else found[0])
+    return torch.ops.mtlue.take_pending_errors(torch.empty(0, device=device))

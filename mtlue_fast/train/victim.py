@@ -472,7 +472,7 @@ def train_epoch(step: TrainStep | GraphedStep, batches: DeviceBatches, epoch: in
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        ops.raise_pending_errors(device)  # value errors the GPU kernels recorded in this epoch
+        ops.raise_pending_errors(device, every_rank=True)  # value errors the GPU kernels recorded in this epoch
     elapsed = time.perf_counter() - start
     if loss_sum is not None and place.distributed:
         loss_sum = dist.all_reduce_sum(loss_sum.clone()) / place.world_size

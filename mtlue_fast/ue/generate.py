@@ -395,7 +395,7 @@ def generate(
             steps += 1
             progress.update(images.shape[0] * place.world_size)
         progress.close()
-        ops.raise_pending_errors(device)  # value errors the GPU kernels recorded in this pass
+        ops.raise_pending_errors(device, every_rank=True)  # value errors the GPU kernels recorded in this pass
         scheduler.step()
         if em_optimizer is not None:
             _em_surrogate_epochs(models[0], em_optimizer, step, em_batches, config.train_steps, pass_index, em_trained)
