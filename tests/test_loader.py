@@ -174,3 +174,26 @@ def test_nyuv2_batches_use_random_scale_by_default():
     assert x.shape == (8, 3, 8, 12) and y["seg"].dtype == torch.int8 and y["depth"].dtype == torch.float16
     with pytest.raises(ValueError, match="scales"):
         DeviceBatches(images, dense, 4, scales=(0.5,))
+
+
+def test_resident_datasets_share_the_free_gpu_memory(monkeypatch):
+    """A training and a test set are both made before either is copied: together they may take
+    RESIDENT_FRACTION of the free memory, where free includes what PyTorch holds cached but unused."""
+    from mtlue_fast.data import loader
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (900, 4000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    images = np.zeros((4, 1, 10, 10), dtype=np.uint8)  # 400 bytes; labels 4 x int8: 4 bytes
+    labels = np.zeros((4, 1), dtype=np.int8)
+    first = DeviceBatches(images, labels, 2, "cuda")  # 404 <= 0.5 * (900 + 200)
+    second = DeviceBatches(images, labels, 2, "cuda:0")  # 808 > 550: streams instead
+    assert first.resident and not second.resident
+    first._device_data = ("copied", None)  # once copied, the memory is allocated, no longer promised
+    del second
+    third = DeviceBatches(images, labels, 2, "cuda")
+    assert third.resident
+    assert DeviceBatches(images, labels, 2, "cuda", resident=True).resident  # forced: no check
+    third._device_data = ("copied", None)
+    loader._PROMISED.clear()

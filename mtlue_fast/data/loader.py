@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -41,7 +42,10 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 NYUV2_SCALES = (1.0, 1.2, 1.5)
-RESIDENT_FRACTION = 0.5  # of free GPU memory a resident dataset may take under resident="auto"
+RESIDENT_FRACTION = 0.5  # of free GPU memory the resident datasets not yet copied may take together (resident="auto")
+#: Resident ``DeviceBatches`` whose device copy is not made yet (it is made at the first
+#: iteration): what they will take counts against the free memory the next one may use.
+_PROMISED: weakref.WeakSet = weakref.WeakSet()
 
 
 class DeviceBatches:
@@ -120,6 +124,8 @@ class DeviceBatches:
         self.epoch = 0
         self._device_data: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None
         self.resident = self.device.type == "cuda" and (resident is True or (resident == "auto" and self._fits_on_gpu()))
+        if self.resident:
+            _PROMISED.add(self)
 
     @classmethod
     def from_cache(cls, cache: Cache, batch_size: int, device: torch.device | str = "cpu", **kwargs) -> DeviceBatches:
@@ -301,10 +307,25 @@ class DeviceBatches:
         finally:
             stop.set()
 
-    def _fits_on_gpu(self) -> bool:
-        free, _total = torch.cuda.mem_get_info(self.device)
+    def _nbytes(self) -> int:
+        """Bytes of the images and labels on the device when resident."""
         label_bytes = sum(v.nbytes for v in self.labels.values()) if self.dense else self.labels.nbytes
-        return self.images.nbytes + label_bytes <= RESIDENT_FRACTION * free
+        return self.images.nbytes + label_bytes
+
+    def _fits_on_gpu(self) -> bool:
+        """Whether this dataset, with the resident ones not copied yet (a training and a test set are
+        made before either iterates), takes at most :data:`RESIDENT_FRACTION` of the free memory.
+        Free: the device's, plus what PyTorch's allocator holds cached but unused (earlier stages'
+        freed tensors), which this process can use and ``mem_get_info`` does not count."""
+        free, _total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        index = _gpu_index(self.device)
+        promised = sum(b._nbytes() for b in list(_PROMISED) if b._device_data is None and _gpu_index(b.device) == index)
+        return self._nbytes() + promised <= RESIDENT_FRACTION * free
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
