@@ -139,7 +139,7 @@ def protect(args: argparse.Namespace, log) -> Path:
 
     data = cfg.data
     train = build_cache(cfg.dataset, root, "train", None, size=tuple(data.cache_size) if data.cache_size else None,
-                        decoder=data.decoder, progress=show)  # fmt: skip
+                        decoder=data.decoder, progress=show, device=str(device))  # fmt: skip
     _check_generator(generator, train, generator_file)
     batch = args.batch_size or min(cfg.generate.batch_size, 256)
     settings = {"generator_sha256": digest}

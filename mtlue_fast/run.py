@@ -329,7 +329,7 @@ class Run:
         """build_cache's settings of this run (resolution, decoder, progress), subsets aside."""
         data = self.cfg.data
         return {"size": tuple(data.cache_size) if data.cache_size else None, "decoder": data.decoder,
-                "progress": self.cfg.train.progress and dist.info().is_main}
+                "device": str(self.device), "progress": self.cfg.train.progress and dist.info().is_main}
 
     def synthetic_root(self) -> Path:
         """Where the built-in synthetic sample of these settings lives (one folder per settings)."""

@@ -85,6 +85,22 @@ def test_changed_source_or_settings_rebuild(celeba_root, tmp_path):
     assert np.array_equal(relabelled.labels, load_records("celeba", celeba_root, "train").labels)
 
 
+def test_each_decoder_builds_its_own_entry(celeba_root, tmp_path):
+    """Decoders round differently: a cache made by one is never reused, or finished, by another."""
+
+    class OtherDecoder(CountingDecoder):
+        name = "other"
+
+    pil, other = CountingDecoder(), OtherDecoder()
+    first = build_cache("celeba", celeba_root, "train", tmp_path / "cache", decoder=pil, progress=False)
+    second = build_cache("celeba", celeba_root, "train", tmp_path / "cache", decoder=other, progress=False)
+    assert pil.files == other.files == 10 and first.path != second.path
+    assert (first.manifest["decoder"], second.manifest["decoder"]) == ("pil", "other")
+    assert first.manifest["source_digest"] != second.manifest["source_digest"]
+    build_cache("celeba", celeba_root, "train", tmp_path / "cache", decoder=pil, progress=False)
+    assert pil.files == 10  # its own entry is reused
+
+
 def test_interrupted_build_resumes_and_never_looks_complete(celeba_root, tmp_path):
     interrupted = CountingDecoder(fail_after_chunks=2)
     with pytest.raises(KeyboardInterrupt):
@@ -252,6 +268,18 @@ def test_resolve_decoder_builds_the_choice(machine, requested, gpu, has_dali, gp
     probed = machine(gpu, has_dali, gpu_jpeg)
     assert resolve_decoder(requested).name == name  # constructing builds no pipeline, touches no GPU
     assert probed == probes
+
+
+def test_a_cpu_run_decodes_on_the_cpu_where_a_gpu_is_visible(machine):
+    from mtlue_fast.data.cache import resolve_decoder
+
+    probed = machine(True, True, True)
+    assert resolve_decoder("auto", gpu=False).name == "dali-cpu"
+    assert resolve_decoder("dali", gpu=False).name == "dali-cpu"
+    assert resolve_decoder("auto", gpu=True).name == "dali-gpu"
+    with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+        resolve_decoder("torchvision", gpu=False)
+    assert "gpu_jpeg" not in probed
 
 
 def test_resolve_decoder_passes_a_decoder_through():

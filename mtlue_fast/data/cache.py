@@ -85,6 +85,7 @@ def build_cache(
     progress: bool = True,
     subset: int | None = None,
     subset_seed: int = 0,
+    device: str | None = None,
 ) -> Cache:
     """Build (or reuse) the uint8 cache of one split and open it.
 
@@ -103,6 +104,12 @@ def build_cache(
             entry's settings, so it never shares an entry with the full split; the manifest's
             ``subset`` records it.
         subset_seed: the subset's seed.
+        device: the run's device (``"cpu"``, ``"cuda"``, ``"cuda:1"``): ``"auto"`` and ``"dali"``
+            decode on a GPU only when it is a CUDA device (None: whenever one is visible).
+
+    The decoder that will build the entry is part of its settings: decoders round differently
+    (JPEG upsampling, resizing), so caches made by different ones are different entries, and a
+    half-built entry is never finished by another decoder.
     """
     spec = get_spec(dataset)
     resize = spec.resize if size is None else replace(spec.resize, size=tuple(size))
@@ -110,6 +117,8 @@ def build_cache(
     settings = {"version": CACHE_VERSION, "dataset": dataset, "split": split, "root": records.root,
                 "channels": resize.channels, "size": list(resize.size),
                 "center_crop": list(resize.center_crop) if resize.center_crop else None}  # fmt: skip
+    dec = resolve_decoder(decoder, gpu=None if device is None else str(device).startswith("cuda"))
+    settings["decoder"] = dec.name
     subset_info = None
     if subset is not None:
         records, subset_info = subset_records(records, int(subset), int(subset_seed))
@@ -128,7 +137,6 @@ def build_cache(
             complete = manifest is not None and manifest.get("source_digest") == source_digest and _complete(entry, spec.dense)
         if dist.broadcast_object(complete, f"waiting for rank 0 to check the cache {entry}"):
             return open_cache(entry)
-        dec = resolve_decoder(decoder)
         done = _start(entry, len(records), resize, source_digest, chunk_size, spec.dense) if place.is_main else None
         done = dist.broadcast_object(done, f"waiting for rank 0 to set up the cache {entry}")
         _decode_share(entry, records, resize, dec, source_digest, chunk_size, strict, progress, spec.dense, done, place)
@@ -202,8 +210,10 @@ def choose_decoder(requested: str, *, gpu: bool, dali: bool, gpu_jpeg: bool) -> 
     return "dali-cpu" if dali else "pil"
 
 
-def resolve_decoder(decoder: str | Decoder) -> Decoder:
-    """The decoder object for a name (see :func:`choose_decoder`); a Decoder is returned as is."""
+def resolve_decoder(decoder: str | Decoder, gpu: bool | None = None) -> Decoder:
+    """The decoder object for a name (see :func:`choose_decoder`); a Decoder is returned as is.
+    ``gpu``: whether a GPU decoder may be chosen (None: whenever CUDA is available). Constructing
+    builds no pipeline and touches no GPU."""
     if not isinstance(decoder, str):
         return decoder
     if decoder not in DECODERS:
@@ -212,7 +222,7 @@ def resolve_decoder(decoder: str | Decoder) -> Decoder:
 
     from . import dali, gpu_decode
 
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available() if gpu is None else gpu and torch.cuda.is_available()
     has_dali = decoder in ("auto", "dali") and dali.available()
     # Probed only where it can decide: the probe initialises CUDA and imports torchvision.
     gpu_jpeg = gpu and decoder in ("auto", "torchvision") and not has_dali and gpu_decode.available()
