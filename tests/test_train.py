@@ -209,3 +209,39 @@ def test_compiled_model_trains(tmp_path):
     train_cache, test_cache = make_cache(64, 0), make_cache(32, 1)
     result = train(train_cache, test_cache, tmp_path, TrainConfig(**dict(FAST, epochs=1), compile=True), crop=(32, 32))
     assert np.all(np.isfinite(result.metrics["accuracy"]))
+
+
+def test_evaluation_heads_run_in_float32_under_amp():
+    """bf16 scores (8 significant bits) would tie test images in the AUC's ranking."""
+    from mtlue_fast.train.victim import evaluate
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+
+        def encode(self, x):
+            return self.body(x).mean((2, 3))
+
+        def decode(self, z, size):
+            return self.head(z)
+
+    class Recorder:
+        dtypes: list = []
+
+        def reset(self):
+            pass
+
+        def update(self, outputs, labels):
+            self.dtypes.append(outputs.dtype)
+
+        def merge_ranks(self):
+            pass
+
+        def compute(self):
+            return {}
+
+    recorder = Recorder()
+    batches = [(torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), torch.zeros(2, 1, dtype=torch.int64))]
+    evaluate(Net(), batches, recorder, amp=True)
+    assert recorder.dtypes == [torch.float32]

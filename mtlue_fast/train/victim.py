@@ -228,6 +228,7 @@ def evaluate(
     decode: Callable | None = None,
 ) -> dict:
     """Metrics of ``model`` over ``batches`` (one host read at the end). Leaves the model in eval mode.
+    With ``amp`` the encoder runs in bf16 and the heads in float32.
 
     Data parallel: every rank calls it with its evaluation shard (``DeviceBatches(..., pad=False)``,
     each sample on exactly one rank) and the same model; the ranks' accumulators are merged
@@ -242,7 +243,10 @@ def evaluate(
         images, labels = images.to(device, non_blocking=True), _to_device(labels, device)
         x = to_unit_float(images, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = decode(encode(x), x.shape[-2:])
+            z = encode(x)
+        # The heads in float32: bf16 scores (8 significant bits) tie many test images in the
+        # ranking AUC is computed from, and round the depth maps.
+        outputs = decode(z.float(), x.shape[-2:])
         metrics.update(outputs, labels)
     metrics.merge_ranks()
     return metrics.compute()
