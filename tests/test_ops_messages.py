@@ -58,6 +58,26 @@ def test_perturb_messages_carry_floats_integers_and_devices(device):
             torch.ops.mtlue.perturb_apply(x, raw, 0.1, 0, crop, None, 3, 3)
 
 
+@pytest.mark.cuda
+def test_backward_gradients_on_another_device_are_refused():
+    """Autograd always hands the backward gradients on the input's device; a direct call with host
+    gradients would make the kernels read host pointers (an illegal access that ends the process's
+    CUDA context), so the bindings check."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    _compiled(device)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8, device=device)
+    raw = torch.zeros(2, 1, 4, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"perturb_apply_backward: grad_out is on cpu but x is on cuda"):
+        torch.ops.mtlue.perturb_apply_backward(torch.zeros(2, 1, 4, 4), x, raw, 0.1, 0, None, None)
+    table = torch.randn(4, 3, device=device)
+    offsets = torch.tensor([0, 2, 4], device=device)
+    _intra, _inter, cos, norms = torch.ops.mtlue.embedding_reg(table, offsets)
+    with pytest.raises(RuntimeError, match=r"embedding_reg_backward: grad_intra is on cpu but table is on cuda"):
+        torch.ops.mtlue.embedding_reg_backward(torch.ones(()), torch.ones((), device=device), table, offsets, cos, norms)
+
+
 def test_cpu_crop_window_message():
     _compiled(torch.device("cpu"))
     x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)

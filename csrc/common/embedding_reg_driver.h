@@ -12,6 +12,7 @@
 #include <ATen/ops/mm.h>
 
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 
@@ -49,6 +50,12 @@ at::Tensor embedding_reg_backward(const at::Tensor& grad_intra, const at::Tensor
   MTLUE_CHECK(cos.dim() == 2 && cos.size(0) == rows && cos.size(1) == rows && norms.dim() == 1 &&
                   norms.size(0) == rows,
               "embedding_reg_backward: cos must be [R,R] and norms [R] for R=", rows);
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"grad_intra", &grad_intra}, {"grad_inter", &grad_inter}, {"cos", &cos}, {"norms", &norms}};
+  for (const auto& [name, t] : inputs) {
+    MTLUE_CHECK(t->device() == table.device(), "embedding_reg_backward: ", name, " is on ",
+                t->device(), " but table is on ", table.device());
+  }
   const at::ScalarType compute = cos.scalar_type();
   const at::Tensor t = table.to(compute).contiguous();
   at::Tensor m = at::empty({rows, rows}, cos.options());

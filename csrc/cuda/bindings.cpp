@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -24,20 +25,27 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 }
 
 // The error buffer of a device (int64 [error_slot::kSlots], zeroed on the current stream when first
-// used). Kept for the life of the process: never freed, so no CUDA call runs at exit.
+// used). Kept for the life of the process: never freed, so no CUDA call runs at exit. Made outside
+// CUDA-graph capture only: made during one, its memory would come from the graph's pool and its
+// zeroing would be recorded into the graph (not run, and re-run at every replay).
 const at::Tensor& error_buffer(const c10::Device& device) {
   static std::mutex mutex;
   static auto* buffers = new std::map<c10::DeviceIndex, at::Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& buffer = (*buffers)[device.index()];
   if (!buffer.defined()) {
+    MTLUE_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "mtlue ops: the first call on ", device,
+                " is inside a CUDA graph capture; call the op once on this device before capturing "
+                "(as a warm-up; that call creates the device's error record)");
     buffer = at::zeros({error_slot::kSlots}, at::TensorOptions().dtype(at::kLong).device(device));
   }
   return buffer;
 }
 
 // The errors recorded on like's device since the last call, as a CPU int64 [kSlots] tensor, and
-// the buffer cleared. Synchronises with the current stream (the only call that does).
+// the buffer cleared. Synchronises with the current stream (the only call that does); ops queued on
+// other streams must have been synchronised with it first.
 at::Tensor take_pending_errors_cuda(const at::Tensor& like) {
   MTLUE_CHECK(like.is_cuda(), "take_pending_errors: expected a CUDA tensor, got one on ",
               like.device());
@@ -68,6 +76,8 @@ at::Tensor perturb_apply_backward_cuda(const at::Tensor& grad_out_in, const at::
                   grad_out_in.size(1) == x_in.size(1),
               "perturb_apply_backward: grad_out must be [B,C,h,w] matching x ", x_in.sizes(),
               ", got ", grad_out_in.sizes());
+  MTLUE_CHECK(grad_out_in.device() == x_in.device(), "perturb_apply_backward: grad_out is on ",
+              grad_out_in.device(), " but x is on ", x_in.device());
   check_perturb_args(x_in, raw_in, eps, mode, crop, flip, grad_out_in.size(2), grad_out_in.size(3));
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), raw = raw_in.contiguous();

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -100,13 +102,32 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T v[N];
 };
 
+#ifdef MTLUE_CUDA_HOST_EMULATION
+// x86 accepts any address; a GPU faults ("misaligned address") on a vector access that is not
+// aligned. The emulation stops on one so that the host tests catch it.
+template <typename T, int N>
+inline void check_pack_alignment(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(Pack<T, N>) != 0) {
+    std::fprintf(stderr, "mtlue CUDA emulation: misaligned %zu-byte pack access at %p\n",
+                 sizeof(Pack<T, N>), p);
+    std::abort();
+  }
+}
+#endif
+
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+#ifdef MTLUE_CUDA_HOST_EMULATION
+  check_pack_alignment<T, N>(p);
+#endif
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+#ifdef MTLUE_CUDA_HOST_EMULATION
+  check_pack_alignment<T, N>(p);
+#endif
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
@@ -144,9 +165,10 @@ __device__ __forceinline__ void store_pack_global(T* p, const Pack<T, N>& v) {
   if constexpr (sizeof(T) * N == 16) {
     const uint4 w = pack_words(v);
 #ifdef MTLUE_CUDA_HOST_EMULATION
+    check_pack_alignment<T, N>(p);
     memcpy(p, &w, sizeof(w));
 #else
-    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
         : "memory");
 #endif
   } else {

@@ -75,7 +75,8 @@ def raise_pending_errors(device: torch.device | str | int | None = None, *, ever
         ValueError: naming the op, the offending values and what was expected; the record is
             cleared, so the next call raises only what happened after this one.
 
-    Reads one small tensor back from the device (waits for the work queued on the current stream).
+    Reads one small tensor back from the device (waits for the work queued on the current stream;
+    ops queued on other streams must be synchronised with it first).
     """
     slots = _take(device)
     if slots is None:
