@@ -431,7 +431,9 @@ def _kernel_error_job(rank: int, out: str) -> None:
     if rank == 1:
         slots[[_errors.CROP_COUNT, _errors.CROP_SAMPLE, _errors.CROP_TOP, _errors.CROP_LEFT]] = torch.tensor([2, 5, 9, 0])
         slots[[_errors.CROP_HEIGHT, _errors.CROP_WIDTH, _errors.IMAGE_HEIGHT, _errors.IMAGE_WIDTH]] = torch.tensor([4, 4, 8, 8])
-    _errors._take = lambda device: slots.clone()  # the CUDA kernels' record, faked on the CPU
+    # The CUDA kernels' record, faked on the CPU (gloo reduces CPU tensors as NCCL does CUDA ones).
+    _errors._recording_device = lambda device: torch.device(device)
+    _errors._take = lambda device: slots.clone()
     try:
         _errors.raise_pending_errors("cpu", every_rank=True)
     except ValueError as err:
@@ -444,6 +446,31 @@ def test_a_kernel_error_recorded_on_one_rank_is_raised_on_every_rank(tmp_path):
     spawn(_kernel_error_job, str(tmp_path / "err"))
     messages = [(tmp_path / f"err.{rank}").read_text() for rank in range(2)]
     assert messages[0] == messages[1] and messages[0].startswith("rank 1: perturb_apply: crop[5] = (9, 0)")
+
+
+def test_kernel_errors_are_combined_on_the_recording_device(monkeypatch):
+    """NCCL reduces device tensors only: the ranks' records are combined where they were recorded
+    (``meta`` stands in for the GPU here), not on the host they were read back to."""
+    from mtlue_fast.ops import _errors
+
+    reduced = []
+
+    class Stop(Exception):
+        pass
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append(tensor.device)
+        raise Stop
+
+    monkeypatch.setattr(_errors, "_recording_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(_errors, "_take", lambda device: torch.zeros(_errors.SLOTS, dtype=torch.int64))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(Stop):
+        _errors.raise_pending_errors("cuda", every_rank=True)
+    assert reduced == [torch.device("meta")]
 
 
 # ---------------------------------------------------------------------------- generator and export

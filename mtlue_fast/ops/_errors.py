@@ -78,13 +78,15 @@ def raise_pending_errors(device: torch.device | str | int | None = None, *, ever
     Reads one small tensor back from the device (waits for the work queued on the current stream;
     ops queued on other streams must be synchronised with it first).
     """
-    slots = _take(device)
-    if slots is None:
+    device = _recording_device(device)
+    if device is None:
         return
+    slots = _take(device)
     if every_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        table = torch.zeros(world, slots.numel(), dtype=slots.dtype, device=slots.device)
-        table[rank] = slots
+        # On the device: NCCL reduces CUDA tensors only.
+        table = torch.zeros(world, slots.numel(), dtype=slots.dtype, device=device)
+        table[rank] = slots.to(device)
         torch.distributed.all_reduce(table)
         for source, row in enumerate(table.tolist()):
             found = messages(row)
@@ -96,8 +98,8 @@ def raise_pending_errors(device: torch.device | str | int | None = None, *, ever
         raise ValueError("; ".join(found) if len(found) > 1 else found[0])
 
 
-def _take(device: torch.device | str | int | None) -> torch.Tensor | None:
-    """The device's record (``[SLOTS]`` int64 on it), cleared there; None where nothing records."""
+def _recording_device(device: torch.device | str | int | None) -> torch.device | None:
+    """The CUDA device (with its index) whose kernels record errors; None where none do."""
     if device is None:
         if not torch.cuda.is_available():
             return None
@@ -109,4 +111,9 @@ def _take(device: torch.device | str | int | None) -> torch.Tensor | None:
         return None
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
+    return device
+
+
+def _take(device: torch.device) -> torch.Tensor:
+    """``device``'s record, ``[SLOTS]`` int64 on the host, cleared on the device."""
     return torch.ops.mtlue.take_pending_errors(torch.empty(0, device=device))
