@@ -205,10 +205,32 @@ def test_fast_path_switches_run_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains(tmp_path):
+@pytest.mark.parametrize("weighting", ["ew", "pcgrad"])
+def test_compiled_model_trains(tmp_path, weighting):
+    """pcgrad: the per-task gradients run through the heads, which stay eager (a compiled backward
+    supports neither batched nor repeated backwards)."""
     train_cache, test_cache = make_cache(64, 0), make_cache(32, 1)
-    result = train(train_cache, test_cache, tmp_path, TrainConfig(**dict(FAST, epochs=1), compile=True), crop=(32, 32))
+    config = TrainConfig(**dict(FAST, epochs=1), compile=True, weighting=weighting)
+    result = train(train_cache, test_cache, tmp_path, config, crop=(32, 32))
     assert np.all(np.isfinite(result.metrics["accuracy"]))
+
+
+def test_compile_is_refused_where_per_task_gradients_cross_the_backbone():
+    with pytest.raises(ValueError, match="'compile' cannot be true with weighting 'gradnorm'"):
+        TrainConfig(compile=True, weighting="gradnorm")
+    with pytest.raises(ValueError, match="'compile' cannot be true with weighting 'mgda' with grad_space 'parameters'"):
+        TrainConfig(compile=True, weighting="mgda", grad_space="parameters")
+    TrainConfig(compile=True, weighting="pcgrad")  # representation space: the heads stay eager
+    TrainConfig(compile=True, weighting="uw", grad_space="parameters")  # a loss weighting: one backward
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_not_graphed_again():
+    cuda = torch.device("cuda")
+    for mode in ("reduce-overhead", "max-autotune"):
+        assert TrainConfig(compile=True, compile_mode=mode).resolved(cuda)["cuda_graph"] is False
+        with pytest.raises(ValueError, match=f"'cuda_graph' cannot be true with compile_mode '{mode}'"):
+            TrainConfig(compile=True, compile_mode=mode, cuda_graph=True)
+    assert TrainConfig(compile=True, compile_mode="max-autotune-no-cudagraphs").resolved(cuda)["cuda_graph"] is True
 
 
 def test_evaluation_heads_run_in_float32_under_amp():

@@ -35,6 +35,9 @@ class Weighting(nn.Module):
 
     name: ClassVar[str] = ""
     needs_task_grads: ClassVar[bool] = False
+    #: Per-task gradients of one backbone layer (:meth:`TaskGradients.layer_grads`), through the
+    #: backbone's backward.
+    needs_layer_grads: ClassVar[bool] = False
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
@@ -190,6 +193,7 @@ class GradNorm(LossWeighting):
     """
 
     name = "gradnorm"
+    needs_layer_grads = True
 
     def __init__(self, num_tasks: int, alpha: float = 1.5) -> None:
         super().__init__(num_tasks)

@@ -43,7 +43,8 @@ class TrainConfig:
             ``"reduce-overhead"`` replays the steps as CUDA graphs (static shapes only).
         cuda_graph: capture the whole step (forward, losses, backward, clipping, Adam) once and
             replay it as one CUDA graph (:mod:`mtlue_fast.train.graphed`; auto: CUDA with one process,
-            no training-time defence and no ``"reduce-overhead"`` compile, which graphs by itself).
+            no training-time defence and no compile mode that graphs by itself, ``"reduce-overhead"``
+            or ``"max-autotune"``).
         resident: keep the uint8 training set on the GPU (``DeviceBatches``'s ``resident``; auto: CUDA
             when it fits).
         host_augment: crop and flip on the host and copy each batch (the straightforward path).
@@ -118,6 +119,19 @@ class TrainConfig:
         for name in ("amp", "channels_last", "fused_adam", "resident", "cuda_graph", "sync_bn"):
             value = getattr(self, name)
             _check(isinstance(value, bool) or value == AUTO, name, "true, false or 'auto'", value)
+        strategy = STRATEGIES[self.weighting.lower()]
+        if self.compile and (strategy.needs_layer_grads or (strategy.needs_task_grads and self.grad_space == "parameters")):
+            what = f"weighting {self.weighting!r}" + ("" if strategy.needs_layer_grads else " with grad_space 'parameters'")
+            raise ValueError(
+                f"train config field 'compile' cannot be true with {what}: its per-task gradients run "
+                "through the backbone's backward once per task, which a compiled backward does not "
+                "support (set compile false, or use grad_space 'representation')"
+            )
+        if self.compile and self.cuda_graph is True and compile_mode_graphs(self.compile_mode):
+            raise ValueError(
+                f"train config field 'cuda_graph' cannot be true with compile_mode {self.compile_mode!r}, "
+                "which replays CUDA graphs itself (use 'auto' or false)"
+            )
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -151,7 +165,8 @@ class TrainConfig:
         cuda = device.type == "cuda"
         if cuda and self.cuda_graph is True and _distributed():
             raise ValueError(CUDA_GRAPH_UNDER_DIST.format(section="train"))
-        graphable = cuda and self.defense == "none" and self.compile_mode != "reduce-overhead" and not _distributed()
+        own_graphs = self.compile and compile_mode_graphs(self.compile_mode)
+        graphable = cuda and self.defense == "none" and not own_graphs and not _distributed()
         auto = {"amp": cuda or cpu_has_native_bf16(), "channels_last": True, "fused_adam": cuda, "resident": cuda,
                 "cuda_graph": graphable, "sync_bn": cuda}  # fmt: skip
         switches = {name: auto[name] if getattr(self, name) == AUTO else bool(getattr(self, name)) for name in auto}
@@ -164,6 +179,14 @@ class TrainConfig:
 CUDA_GRAPH_UNDER_DIST = ("{section} config field 'cuda_graph' cannot be true under torch.distributed: each process "
                       "decides alone whether its step can be captured, and the steps' collectives must be "
                       "captured on every process or on none (use 'auto', which runs eagerly there, or false)")  # fmt: skip
+
+
+def compile_mode_graphs(mode: str) -> bool:
+    """Whether ``torch.compile(mode=mode)`` replays CUDA graphs itself (``"reduce-overhead"``,
+    ``"max-autotune"``)."""
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs", False))
 
 
 def _distributed() -> bool:

@@ -40,7 +40,7 @@ from ..mtl.task_grads import TaskGradients
 from ..progress import Progress
 from . import checkpoint
 from .graphed import GraphedStep, capturable_adam
-from .settings import TrainConfig
+from .settings import TrainConfig, compile_mode_graphs
 from .tasks import DENSE_TASKS, TaskView, select_tasks
 
 @dataclass
@@ -240,6 +240,8 @@ def evaluate(
     metrics.reset()
     device = next(model.parameters()).device
     for images, labels in batches:
+        if device.type == "cuda":  # a compiled encode/decode's CUDA graphs: one batch is one step
+            torch.compiler.cudagraph_mark_step_begin()
         images, labels = images.to(device, non_blocking=True), _to_device(labels, device)
         x = to_unit_float(images, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -391,7 +393,8 @@ class TrainStep:
     """One optimisation step: forward (autocast), per-task losses, weighting backward, clip, Adam.
 
     ``encode`` / ``decode`` are the model's, compiled when ``config.compile`` (``compile_mode``
-    ``"reduce-overhead"`` adds CUDA graphs). Call with a uint8 batch and its labels on the model's
+    ``"reduce-overhead"`` and ``"max-autotune"`` add CUDA graphs; ``decode`` stays eager for the
+    representation-space gradient strategies). Call with a uint8 batch and its labels on the model's
     device; returns the detached per-task losses ``[K]`` (no host read).
 
     With several processes the model's gradients are averaged by ``DistributedDataParallel``
@@ -407,15 +410,24 @@ class TrainStep:
         self.model, self.strategy, self.optimizer, self.loss_fn = model, strategy, optimizer, loss_fn
         self.config, self.amp, self.channels_last = config, amp, channels_last
         self.encode, self.decode = model.encode, model.decode
+        self.detach = strategy.needs_task_grads and config.grad_space == "representation"
         if config.compile:
-            self.encode = torch.compile(model.encode, mode=config.compile_mode)
-            self.decode = torch.compile(model.decode, mode=config.compile_mode)
+            # dynamic=False: one static graph per batch shape (the last, partial evaluation batch
+            # adds one) instead of symbolic sizes for every later compile of the same code.
+            self.encode = torch.compile(model.encode, mode=config.compile_mode, dynamic=False)
+            if not self.detach:
+                # Per-task gradients backpropagate through the heads K times (retain_graph) or
+                # batched (is_grads_batched); a compiled backward supports neither, so the heads
+                # (one Linear, or the small dense heads) stay eager there.
+                self.decode = torch.compile(model.decode, mode=config.compile_mode, dynamic=False)
+        # torch.compile's own CUDA graphs reuse their outputs' memory at every new step; a step
+        # begins where it is marked.
+        self.mark_steps = config.compile and compile_mode_graphs(config.compile_mode)
         self.defense = None
         if config.defense != "none":
             from ..defenses import batch_defense
 
             self.defense = batch_defense(config.defense, eps=config.defense_eps, seed=config.seed, amp=amp)
-        self.detach = strategy.needs_task_grads and config.grad_space == "representation"
         self.shared = list(model.shared_parameters())
         self.task = list(model.task_parameters())
         self.clipped = [p for p in model.parameters() if p.requires_grad]
@@ -431,6 +443,8 @@ class TrainStep:
         self.averaged = (self.clipped if by_hand else []) + [p for p in strategy.parameters() if p.requires_grad]
 
     def __call__(self, images: torch.Tensor, labels) -> torch.Tensor:
+        if self.mark_steps and images.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
         x = to_unit_float(images, self.channels_last)
         if self.defense is not None:
             x = self.defense(x, labels, self.model, self.loss_fn)
