@@ -6,7 +6,8 @@ Run:  pytest bench/bench_ops.py --benchmark-json bench/results/<name>.json
 Every benchmark times forward + backward (quantize_export: forward only) of one implementation:
 ``compiled`` (mtlue::op), for perturb_apply also ``kernels`` (its registered ops called directly:
 the kernels without the Python checks and autograd around them), ``reference`` (eager pure PyTorch), ``reference_compiled``
-(torch.compile of the reference) and, for embedding_reg, ``naive_loop`` (a Python loop over pairs
+(torch.compile of the reference; for quantize_export it includes the reference's overflow check,
+a device-to-host read and a graph break the kernels do not have) and, for embedding_reg, ``naive_loop`` (a Python loop over pairs
 with F.cosine_similarity). Groups compare implementations at one size; ``extra_info`` records
 the bytes each pass must move so GPU runs report a fraction of copy bandwidth.
 """
