@@ -28,10 +28,14 @@ def gather_rows(tensor: torch.Tensor, counts: Sequence[int] | None = None, group
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
 
-def row_counts(rows: int, group=None, device: torch.device | str = "cpu") -> list[int]:
-    """Every rank's ``rows`` (one small all-gather; ``[rows]`` for a single process)."""
+def row_counts(rows: int, group=None, device: torch.device | str | None = None) -> list[int]:
+    """Every rank's ``rows`` (one small all-gather; ``[rows]`` for a single process). ``device``:
+    where the exchange runs (None: this process's GPU under NCCL, which reduces GPU tensors only,
+    else the CPU)."""
     if not job.info().distributed:
         return [rows]
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor([rows], dtype=torch.int64, device=device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
