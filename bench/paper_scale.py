@@ -346,7 +346,7 @@ def time_evaluation(parts, test_view, config, device: torch.device, steps: int) 
 
     def once() -> int:
         evaluate(parts.model, batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
-                 encode=step.encode, decode=step.decode)  # fmt: skip
+                 encode=step.encode, decode=step.decode, mark_steps=step.mark_steps)  # fmt: skip
         return batches.num_samples
 
     started = time.perf_counter()

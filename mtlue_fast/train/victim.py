@@ -226,9 +226,12 @@ def evaluate(
     channels_last: bool = False,
     encode: Callable | None = None,
     decode: Callable | None = None,
+    mark_steps: bool = False,
 ) -> dict:
     """Metrics of ``model`` over ``batches`` (one host read at the end). Leaves the model in eval mode.
-    With ``amp`` the encoder runs in bf16 and the heads in float32.
+    With ``amp`` the encoder runs in bf16 and the heads in float32. ``mark_steps``: ``encode`` /
+    ``decode`` replay torch.compile's CUDA graphs (:attr:`TrainStep.mark_steps`), so each batch is
+    marked as a step of its own (a later call would otherwise overwrite this batch's outputs).
 
     Data parallel: every rank calls it with its evaluation shard (``DeviceBatches(..., pad=False)``,
     each sample on exactly one rank) and the same model; the ranks' accumulators are merged
@@ -240,7 +243,7 @@ def evaluate(
     metrics.reset()
     device = next(model.parameters()).device
     for images, labels in batches:
-        if device.type == "cuda":  # a compiled encode/decode's CUDA graphs: one batch is one step
+        if mark_steps and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         images, labels = images.to(device, non_blocking=True), _to_device(labels, device)
         x = to_unit_float(images, channels_last)
@@ -335,7 +338,7 @@ def train(
                 dist.broadcast_buffers(model)
                 record["test"] = evaluate(
                     model, test_batches, metrics, amp=switches["amp"], channels_last=switches["channels_last"],
-                    encode=encode, decode=decode,
+                    encode=encode, decode=decode, mark_steps=step.mark_steps,
                 )  # fmt: skip
             history.append(record)
             if place.is_main:
