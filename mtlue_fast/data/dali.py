@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..devices import cuda_index
 from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, looks_like_jpeg, read_encoded
 from .specs import ResizeSpec
 
@@ -355,7 +356,7 @@ class DaliStream:
         gpu = self._gpu
         device_id = None
         if gpu:
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            device_id = cuda_index(self.device)
 
         @pipeline_def(
             batch_size=self.batch_size,

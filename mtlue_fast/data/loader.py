@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..devices import cuda_index
 from .cache import Cache
 
 
@@ -319,13 +320,9 @@ class DeviceBatches:
         freed tensors), which this process can use and ``mem_get_info`` does not count."""
         free, _total = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        index = _gpu_index(self.device)
-        promised = sum(b._nbytes() for b in list(_PROMISED) if b._device_data is None and _gpu_index(b.device) == index)
+        index = cuda_index(self.device)
+        promised = sum(b._nbytes() for b in list(_PROMISED) if b._device_data is None and cuda_index(b.device) == index)
         return self._nbytes() + promised <= RESIDENT_FRACTION * free
-
-
-def _gpu_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

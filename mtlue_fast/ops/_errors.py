@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import cuda_index
 from . import _backend
 
 SLOTS = 16
@@ -109,9 +110,7 @@ def _recording_device(device: torch.device | str | int | None) -> torch.device |
     device = torch.device(device)
     if device.type == "cpu" or not _backend.has_kernel(device):
         return None
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    return device
+    return torch.device(device.type, cuda_index(device))
 
 
 def _take(device: torch.device) -> torch.Tensor:

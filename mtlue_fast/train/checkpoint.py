@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import cuda_index
 from ..fileio import atomic_path
 
 
@@ -32,7 +33,7 @@ def rng_state(device: torch.device | str) -> dict:
     device = torch.device(device)
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(_index(device))
+        state["cuda"] = torch.cuda.get_rng_state(cuda_index(device))
     return state
 
 
@@ -45,11 +46,7 @@ def set_rng_state(state: dict, device: torch.device | str) -> None:
     if saved is not None and device.type == "cuda":
         if isinstance(saved, (list, tuple)):  # older checkpoints: every visible GPU's; rank 0 trained on the first
             saved = saved[0]
-        torch.cuda.set_rng_state(saved, _index(device))
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(saved, cuda_index(device))
 
 
 #: Optimiser group entries that say how a step is computed, not what it computes.

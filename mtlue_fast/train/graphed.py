@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..devices import cuda_index
 from . import checkpoint
 
 __all__ = ["GraphedStep", "capturable_adam", "graph_status"]
@@ -217,7 +218,7 @@ def _recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream
         torch.cuda.synchronize(device)
     except RuntimeError:
         pass  # the error of the failed capture, reported again: already reported by the caller
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     try:  # private bindings (what torch.cuda.use_mem_pool calls): a torch without them keeps the pool
         torch._C._cuda_endAllocateToPool(index, pool)
     except Exception:  # noqa: BLE001 - RuntimeError: the capture's end got that far, the graph releases it
