@@ -41,10 +41,13 @@ def resolve_device(name: str) -> torch.device:
 
 def run_command(body: Callable[[], int], *, interrupted: str) -> int:
     """``body()``'s exit status, with the package's errors printed as one line (see the module
-    docstring); ``interrupted`` is printed after Ctrl-C. The process group is torn down at the end."""
+    docstring); ``interrupted`` is printed after Ctrl-C. The process group is torn down at the end
+    (aborted under NCCL when the command fails: :func:`mtlue_fast.dist.teardown`)."""
     startup_interrupt.started()
+    status = 1  # unless body returns: every exception below ends the process with an error
     try:
-        return body()
+        status = body()
+        return status
     except USER_ERRORS as err:
         rank = f"rank {dist.info().rank}: " if dist.info().distributed else ""
         print(f"{rank}error: {err}", file=sys.stderr)
@@ -67,4 +70,4 @@ def run_command(body: Callable[[], int], *, interrupted: str) -> int:
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         return 130
     finally:
-        dist.teardown()
+        dist.teardown(failed=status != 0)

@@ -209,6 +209,7 @@ def _train_cells(plan: sweep_plan.Plan, base: Run, protected, log: Callable[[str
         seconds = None
         if done is None:
             log(f"{head}: training {len(runner.cfg.victim_seeds())} victim pair(s) ({_recipe_text(recipe)})")
+            _forget_compiled(runner.cfg)
             t = time.perf_counter()
             runner.victim()
             seconds = time.perf_counter() - t
@@ -225,6 +226,18 @@ def _train_cells(plan: sweep_plan.Plan, base: Run, protected, log: Callable[[str
         cells.append({"name": cell.name, "digest": digest, "fields": dict(recipe), "pairs": done,
                       "trained": seconds is not None, "seconds": seconds})  # fmt: skip
     return cells
+
+
+def _forget_compiled(cfg) -> None:
+    """Before a cell's compiled victims train, drop what earlier stages and cells compiled.
+
+    Every network shape (backbone, width, task count, batch) compiles the model's ``encode`` and
+    ``decode`` once more, and the compiler keeps them all: past its limit per function (8 by
+    default: three or four backbones) it runs the later cells eagerly, and under
+    ``reduce-overhead`` each kept CUDA graph holds its memory pool. The finished cells' networks
+    are not used again; a later cell of the same shape compiles anew (from the compiler's disk cache)."""
+    if cfg.victim_train(cfg.victim_seeds()[0]).compile:
+        torch.compiler.reset()
 
 
 def _first_estimate(base: Run, todo: int) -> float | None:

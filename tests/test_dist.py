@@ -87,6 +87,42 @@ def test_without_local_rank_each_process_takes_its_own_gpu(monkeypatch):
     assert dist._local_rank(5, "cuda") == 2
 
 
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+@pytest.mark.parametrize("ending", ["success", "user error", "crash", "interrupt"])
+def test_a_failing_nccl_process_aborts_its_groups_instead_of_waiting_for_the_others(monkeypatch, backend, ending):
+    """NCCL's orderly destruction lets every collective finish first, which waits for ranks that
+    never join one again: a process ending with an error aborts its communicators instead."""
+    from torch.distributed import distributed_c10d
+
+    from mtlue_fast.cli import UserError, run_command
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda group=None: calls.append("destroy"))
+    monkeypatch.setattr(distributed_c10d, "_abort_process_group", lambda group=None: calls.append("abort"))
+
+    def body() -> int:
+        if ending == "user error":
+            raise UserError("no such file")
+        if ending == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if ending == "interrupt":
+            raise KeyboardInterrupt
+        return 0
+
+    if ending == "crash":
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            run_command(body, interrupted="rerun")
+    else:
+        assert run_command(body, interrupted="rerun") == {"success": 0, "user error": 2, "interrupt": 130}[ending]
+    aborts = backend == "nccl" and ending != "success"
+    assert calls == ["abort" if aborts else "destroy"]
+
+
 # ---------------------------------------------------------------------------- sync batch norm
 
 

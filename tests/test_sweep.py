@@ -107,6 +107,28 @@ def test_sweep_2x2_then_one_more_weighting_trains_only_the_new_cells(out, capsys
     assert len(report["cells"]) == 6 and sum(c["current"] for c in report["cells"]) == 1
 
 
+def test_compiled_victims_start_each_cell_with_an_empty_compiler(out, monkeypatch):
+    """Kept, every cell's network shapes would fill the compiler's caches until its recompile limit
+    silently sends the later cells' victims back to eager mode."""
+    compiled, resets = [], []
+
+    def fake_compile(fn, **kwargs):
+        compiled.append(getattr(fn, "__qualname__", fn))
+        return fn
+
+    victim_train = config_module.RunConfig.victim_train
+    # The victims compile (``train.compile`` would also retrain the finished surrogate).
+    monkeypatch.setattr(config_module.RunConfig, "victim_train", lambda self, seed: victim_train(self, seed).replace(compile=True))
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(len(compiled)))
+    assert sweep(out, "--weightings", "ew,uw,rlw") == 0
+    data = json.loads((out / "sweep.json").read_text())
+    # The run's own victims (the ew cell) train in its victim stage, before the cells.
+    assert [c["trained"] for c in data["cells"]] == [False, True, True]
+    assert compiled.count("MultiTaskNet.encode") == 6  # 3 recipes x (clean, protected)
+    assert [compiled[:n].count("MultiTaskNet.encode") for n in resets] == [2, 4]  # before each cell's victims
+
+
 def test_interrupted_sweep_resumes(out, monkeypatch, capsys):
     calls = []
     train = run_module.train

@@ -137,16 +137,35 @@ def _fit_threads(world_size: int) -> None:
         torch.set_num_threads(max(1, cores // local))
 
 
-def teardown() -> None:
+def teardown(failed: bool = False) -> None:
     """Destroy the process groups. Objects that hold a group (a ``DistributedDataParallel`` reducer
     kept alive by a reference cycle) are collected first: destroyed only at interpreter exit, they
     take gloo's worker threads down with the interpreter, which aborts the process now and then
-    ("terminate called without an active exception", seen in 1 of ~10 two-process test runs)."""
+    ("terminate called without an active exception", seen in 1 of ~10 two-process test runs).
+
+    ``failed``: this process is ending with an error. NCCL's orderly destruction first lets every
+    collective finish, and so waits for ranks that may never take part in one again; a failed
+    NCCL process aborts its communicators instead, so that it exits and torchrun ends the job."""
     sync_bn._STATS = exchange._SIDE = None  # the caches made for this group
     liveness.stop()
     if dist.is_available() and dist.is_initialized():
         gc.collect()
+        if failed and dist.get_backend() == "nccl":
+            _abort_process_groups()
+        else:
+            dist.destroy_process_group()
+
+
+def _abort_process_groups() -> None:
+    """Abort every process group of this process without waiting for the other ranks (torch's
+    experimental abort, NCCL only; where this torch lacks it, the orderly destruction)."""
+    from torch.distributed import distributed_c10d
+
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    if abort is None:
         dist.destroy_process_group()
+    else:
+        abort()
 
 
 def barrier(what: str = "waiting for the other ranks") -> None:
