@@ -137,6 +137,33 @@ def test_gpu_paths_equal_the_cpu_path(resident):
         assert b[0].is_cuda and all(torch.equal(u, v.cpu()) for u, v in zip(a, b))
 
 
+def test_a_reseeded_loader_is_the_one_built_with_that_seed_and_shares_the_device_copy():
+    images, labels = make_data(n=50)
+    common = dict(crop=(6, 7), train=True, drop_last=True, with_indices=True)
+    first = DeviceBatches(images, labels, 16, "cpu", seed=5, **common)
+    list(first)  # the twin starts from its own first epoch, whatever the original has done
+    twin = first.reseeded(6)
+    for a, b in zip(list(twin), list(DeviceBatches(images, labels, 16, "cpu", seed=6, **common)), strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert first.seed == 5 and first.epoch == 1
+    assert twin._on_device() is first._on_device()  # one copy, made by whichever iterates first
+
+
+@pytest.mark.cuda
+def test_a_reseeded_resident_loader_makes_no_second_gpu_copy():
+    images, labels = make_data(n=64)
+    first = DeviceBatches(images, labels, 16, "cuda", resident=True, crop=(6, 7), train=False, shuffle=True, seed=1)
+    twin = first.reseeded(2)
+    list(first)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    batches = list(twin)
+    torch.cuda.synchronize()
+    held = sum(b.numel() * b.element_size() for batch in batches for b in batch)
+    assert torch.cuda.memory_allocated() - before <= held + 4 * 64 * 8  # its batches and plan, not the data again
+    assert twin._device_copy.data is first._device_copy.data
+
+
 def test_random_scale_crop_geometry():
     from mtlue_fast.data.loader import random_scale_crop
 
@@ -190,10 +217,10 @@ def test_resident_datasets_share_the_free_gpu_memory(monkeypatch):
     first = DeviceBatches(images, labels, 2, "cuda")  # 404 <= 0.5 * (900 + 200)
     second = DeviceBatches(images, labels, 2, "cuda:0")  # 808 > 550: streams instead
     assert first.resident and not second.resident
-    first._device_data = ("copied", None)  # once copied, the memory is allocated, no longer promised
+    first._device_copy.data = ("copied", None)  # once copied, the memory is allocated, no longer promised
     del second
     third = DeviceBatches(images, labels, 2, "cuda")
     assert third.resident
     assert DeviceBatches(images, labels, 2, "cuda", resident=True).resident  # forced: no check
-    third._device_data = ("copied", None)
+    third._device_copy.data = ("copied", None)
     loader._PROMISED.clear()

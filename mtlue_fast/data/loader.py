@@ -21,6 +21,7 @@ results do not depend on the device or on the world size's effect on batching.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import warnings
@@ -47,6 +48,16 @@ RESIDENT_FRACTION = 0.5  # of free GPU memory the resident datasets not yet copi
 #: Resident ``DeviceBatches`` whose device copy is not made yet (it is made at the first
 #: iteration): what they will take counts against the free memory the next one may use.
 _PROMISED: weakref.WeakSet = weakref.WeakSet()
+
+
+class _DeviceCopy:
+    """The arrays' copy on the GPU (``(images, labels)``, made at the first iteration), shared by
+    the loaders over the same arrays (:meth:`DeviceBatches.reseeded`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None
 
 
 class DeviceBatches:
@@ -123,7 +134,7 @@ class DeviceBatches:
             raise ValueError(f"scales must be a non-empty sequence of values >= 1, got {scales}")
         self.scales = tuple(scales) if scales is not None and train else None
         self.epoch = 0
-        self._device_data: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None
+        self._device_copy = _DeviceCopy()
         self.resident = self.device.type == "cuda" and (resident is True or (resident == "auto" and self._fits_on_gpu()))
         if self.resident:
             _PROMISED.add(self)
@@ -133,6 +144,13 @@ class DeviceBatches:
         if cache.manifest.get("dataset") == "nyuv2":
             kwargs.setdefault("scales", NYUV2_SCALES)
         return cls(cache.images, cache.labels, batch_size, device, **kwargs)
+
+    def reseeded(self, seed: int) -> DeviceBatches:
+        """The same loader with another order and augmentation seed, from its first epoch, sharing
+        this one's copy of the data on the GPU (two loaders over one dataset: one copy)."""
+        twin = copy.copy(self)  # shallow: the arrays and the device copy are shared
+        twin.seed, twin.epoch = seed, 0
+        return twin
 
     # ------------------------------------------------------------------ order and windows
 
@@ -235,14 +253,14 @@ class DeviceBatches:
         return torch.from_numpy(images), labels
 
     def _on_device(self):
-        if self._device_data is None:
+        if self._device_copy.data is None:
             images = _to_device(self.images, self.device)
             if self.dense:
                 labels = {k: _to_device(v, self.device) for k, v in self.labels.items()}
             else:
                 labels = torch.from_numpy(np.asarray(self.labels, dtype=np.int64)).to(self.device)
-            self._device_data = (images, labels)
-        return self._device_data
+            self._device_copy.data = (images, labels)
+        return self._device_copy.data
 
     def _device_batch(self, batch, plan):
         """GPU-resident path: one gather per array (batch selection, crop and flip together).
@@ -321,7 +339,7 @@ class DeviceBatches:
         free, _total = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         index = cuda_index(self.device)
-        promised = sum(b._nbytes() for b in list(_PROMISED) if b._device_data is None and cuda_index(b.device) == index)
+        promised = sum(b._nbytes() for b in list(_PROMISED) if b._device_copy.data is None and cuda_index(b.device) == index)
         return self._nbytes() + promised <= RESIDENT_FRACTION * free
 
 

@@ -370,9 +370,7 @@ def generate(
     batches = DeviceBatches(view.images, view.labels, rank_batch, device, train=False, shuffle=True,
                             seed=config.seed, drop_last=len(view.images) >= config.batch_size,
                             rank=place.rank, world_size=place.world_size)
-    em_batches = DeviceBatches(view.images, view.labels, rank_batch, device, train=False, shuffle=True,
-                               seed=config.seed + 1, drop_last=len(view.images) >= config.batch_size,
-                               rank=place.rank, world_size=place.world_size) if em_optimizer is not None else None
+    em_batches = batches.reseeded(config.seed + 1) if em_optimizer is not None else None
     subset = np.random.default_rng([config.seed, 7]).permutation(len(view.images))[: config.stop_subset]
     if not view.dense:  # once here: the training step does not re-read the labels' values per batch
         generator.check_label_values(np.asarray(view.labels))
