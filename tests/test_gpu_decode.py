@@ -213,6 +213,28 @@ def test_cmyk_jpegs_go_to_pil(files):
     assert _diff(ours, ref).max() <= 1
 
 
+def test_files_are_read_in_batches_and_routed(tmp_path, files):
+    """What both device decoders read through: bytes for the device, the rest for PIL, unreadable
+    files named, batch by batch in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtlue_fast.data.decode import read_batches
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    npy = tmp_path / "0.npy"
+    np.save(npy, np.zeros((4, 4, 3), dtype=np.float32))
+    paths = [files["celeba"][0], files["png"][0], str(empty), str(npy), files["cmyk_jpeg"][0],
+             str(tmp_path / "missing.jpg"), files["gray_jpeg"][0]]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        batches = list(read_batches(paths, 3, is_gpu_jpeg, pool))
+    assert [(b.device, b.host, sorted(b.errors)) for b in batches] == [([0], [1], [2]), ([], [3, 4], [5]), ([6], [], [])]
+    assert "empty file" in batches[0].errors[2] and "FileNotFoundError" in batches[1].errors[5]
+    np.testing.assert_array_equal(batches[0].blobs[0], np.fromfile(paths[0], dtype=np.uint8))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert list(read_batches([], 3, is_gpu_jpeg, pool)) == []
+
+
 def test_npy_images_go_to_pil(tmp_path, files):
     npy = tmp_path / "0.npy"
     np.save(npy, np.asarray(_natural(96, 128, 5), dtype=np.float32) / 255.0)

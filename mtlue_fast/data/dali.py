@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..devices import cuda_index
-from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, looks_like_jpeg, read_encoded
+from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, looks_like_jpeg, read_batches, read_encoded
 from .specs import ResizeSpec
 
 
@@ -61,6 +61,12 @@ def _resolve_decoder_device(device: str) -> str:
 
 class _RunError(RuntimeError):
     """A DALI run failed on its data (the pipeline itself was built)."""
+
+
+def _for_dali(blob: np.ndarray) -> bool:
+    """Whether DALI is given the file: every format but the JPEGs PIL takes (cut short, which PIL
+    rejects, or CMYK/YCCK: :func:`~mtlue_fast.data.decode.is_gpu_jpeg`)."""
+    return not (looks_like_jpeg(blob) and not is_gpu_jpeg(blob))
 
 
 def _decode_graph(encoded: Any, resize: ResizeSpec, decoder_device: str) -> Any:
@@ -166,42 +172,14 @@ class DaliDecoder:
         height, width = resize.size
         out = np.zeros((len(paths), resize.channels, height, width), dtype=np.uint8)
         errors: list[str | None] = [None] * len(paths)
-        encoded = []
-        for i, path in enumerate(paths):
-            if path.endswith(".npy"):
-                self._decode_with_pil(i, paths, resize, out, errors)
-            else:
-                encoded.append(i)
-        chunks = [encoded[s : s + self.batch_size] for s in range(0, len(encoded), self.batch_size)]
-        if not chunks:
-            return out, errors
-
-        def read(chunk: list[int]) -> tuple[list[int], list[np.ndarray], list[int]]:
-            """The chunk's bytes for DALI, and the JPEGs for PIL: cut short (PIL rejects them), or CMYK."""
-            index, blobs, for_pil = [], [], []
-            for i in chunk:
-                try:
-                    blob = read_encoded(paths[i])
-                except Exception as err:  # missing, unreadable or empty
-                    errors[i] = error_text(err)
-                    continue
-                if looks_like_jpeg(blob) and not is_gpu_jpeg(blob):
-                    for_pil.append(i)
-                    continue
-                index.append(i)
-                blobs.append(blob)
-            return index, blobs, for_pil
-
-        # Read the next chunk's files in a thread while DALI decodes the current one.
+        # One thread reads the next batch's files while DALI decodes the current one.
         with ThreadPoolExecutor(max_workers=1) as reader:
-            ahead = reader.submit(read, chunks[0])
-            for k in range(len(chunks)):
-                index, blobs, for_pil = ahead.result()
-                if k + 1 < len(chunks):
-                    ahead = reader.submit(read, chunks[k + 1])
-                if index:
-                    self._decode_batch(index, blobs, paths, resize, out, errors)
-                for i in for_pil:
+            for batch in read_batches(paths, self.batch_size, _for_dali, reader):
+                for i, why in batch.errors.items():
+                    errors[i] = why
+                if batch.device:
+                    self._decode_batch(batch.device, batch.blobs, paths, resize, out, errors)
+                for i in batch.host:
                     self._decode_with_pil(i, paths, resize, out, errors)
         return out, errors
 

@@ -13,7 +13,9 @@ NYUv2's ``.npy`` images (float HxWx3 in [0, 1]) are read with numpy and scaled b
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -110,6 +112,50 @@ def is_gpu_jpeg(blob: np.ndarray) -> bool:
     or three components. CMYK and YCCK JPEGs (rare) go to PIL, whose conversion to RGB is the
     reference; what nvJPEG makes of them is not relied on."""
     return is_complete_jpeg(blob) and jpeg_components(blob) in (1, 3)
+
+
+@dataclass
+class ReadBatch:
+    """One batch of files read for a device decoder (indices into the decoder's ``paths``)."""
+
+    device: list[int] = field(default_factory=list)  # files the device decoder takes
+    blobs: list[np.ndarray] = field(default_factory=list)  # their bytes, in the same order
+    host: list[int] = field(default_factory=list)  # files PIL decodes (NYUv2 ``.npy`` arrays among them)
+    errors: dict[int, str] = field(default_factory=dict)  # unreadable files: why
+
+
+def read_batches(paths: list[str], batch_size: int, for_device: Callable[[np.ndarray], bool],
+                 pool: ThreadPoolExecutor) -> Iterator[ReadBatch]:
+    """The files of ``paths`` in batches of ``batch_size``, each read by ``pool`` while the caller
+    decodes the batch before it. A file's bytes go to the device decoder where ``for_device(bytes)``;
+    ``.npy`` arrays and the other files go to PIL; a missing, unreadable or empty file is an error."""
+
+    def read(i: int) -> np.ndarray | BaseException | None:
+        """The file's bytes for the device; None: a file for PIL; an exception: unreadable."""
+        if paths[i].endswith(".npy"):
+            return None
+        try:
+            blob = read_encoded(paths[i])
+        except Exception as err:
+            return err
+        return blob if for_device(blob) else None
+
+    batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
+    ahead = [pool.submit(read, i) for i in batches[0]] if batches else []
+    for k, batch in enumerate(batches):
+        results = [f.result() for f in ahead]
+        if k + 1 < len(batches):
+            ahead = [pool.submit(read, i) for i in batches[k + 1]]
+        read_batch = ReadBatch()
+        for i, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                read_batch.errors[i] = error_text(result)
+            elif result is None:
+                read_batch.host.append(i)
+            else:
+                read_batch.device.append(i)
+                read_batch.blobs.append(result)
+        yield read_batch
 
 
 def error_text(err: BaseException) -> str:

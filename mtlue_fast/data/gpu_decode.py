@@ -31,13 +31,13 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, read_encoded
+from .decode import PilDecoder, default_threads, error_text, is_gpu_jpeg, read_batches
 from .specs import ResizeSpec
 
 #: ``decode_fn(blobs) -> images``: 1-D uint8 CPU tensors (encoded JPEGs) -> uint8 ``[3, H, W]``
@@ -160,38 +160,14 @@ class TorchvisionDecoder:
         height, width = resize.size
         out = np.zeros((len(paths), resize.channels, height, width), dtype=np.uint8)
         errors: list[str | None] = [None] * len(paths)
-        batches = [list(range(s, min(s + self.batch_size, len(paths)))) for s in range(0, len(paths), self.batch_size)]
-        if not batches:
-            return out, errors
-
-        def read(i: int) -> np.ndarray | BaseException | None:
-            """The bytes of a JPEG for the GPU; None: a file for PIL; an exception: unreadable."""
-            if paths[i].endswith(".npy"):
-                return None
-            try:
-                blob = read_encoded(paths[i])
-            except Exception as err:  # missing, unreadable or empty
-                return err
-            return blob if is_gpu_jpeg(blob) else None
-
         with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
-            ahead: list[Future] = [pool.submit(read, i) for i in batches[0]]
-            for k, batch in enumerate(batches):
-                results = [f.result() for f in ahead]
-                if k + 1 < len(batches):  # read the next batch while this one decodes
-                    ahead = [pool.submit(read, i) for i in batches[k + 1]]
-                gpu, blobs, host = [], [], []
-                for i, result in zip(batch, results):
-                    if isinstance(result, BaseException):
-                        errors[i] = error_text(result)
-                    elif result is None:
-                        host.append(i)
-                    else:
-                        gpu.append(i)
-                        blobs.append(torch.from_numpy(result))
-                if gpu:
-                    self._decode_on_device(gpu, blobs, paths, resize, out, errors, pool)
-                self._decode_with_pil(host, paths, resize, out, errors, pool)
+            for batch in read_batches(paths, self.batch_size, is_gpu_jpeg, pool):
+                for i, why in batch.errors.items():
+                    errors[i] = why
+                if batch.device:
+                    blobs = [torch.from_numpy(blob) for blob in batch.blobs]
+                    self._decode_on_device(batch.device, blobs, paths, resize, out, errors, pool)
+                self._decode_with_pil(batch.host, paths, resize, out, errors, pool)
         return out, errors
 
     # -- internals ---------------------------------------------------------------------------
