@@ -21,10 +21,20 @@ Paths (each a :class:`~mtlue_fast.train.TrainConfig`; one training epoch of ``ST
   default on a GPU); ``fast-compile-graph``: compiled kernels inside that graph;
   ``fast-reduce-overhead``: ``torch.compile``'s own CUDA graphs (per compiled region);
   ``fast-max-autotune-graph``: autotuned compiled kernels inside the step's graph. GPU only.
+
+``test_cpu_precision``: the CPU fast-eager step in fp32 and in bf16 autocast, whatever the CPU has
+(``ratio_to_fp32`` in extra_info). What ``amp``'s ``auto`` (bf16 only with AMX or AVX512-BF16) rests
+on; a CPU without them is imitated by capping oneDNN's and ATen's instruction sets, recorded in
+extra_info::
+
+    pytest bench/bench_victim.py -k cpu_precision --bench-device cpu --benchmark-json A.json
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE pytest bench/bench_victim.py -k cpu_precision --bench-device cpu ...
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 pytest bench/bench_victim.py -k cpu_precision ...
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,3 +151,26 @@ def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
         _EW_MEDIAN[bench_device.type] = median
     elif bench_device.type in _EW_MEDIAN:
         benchmark.extra_info["ratio_to_ew"] = round(median / _EW_MEDIAN[bench_device.type], 3)
+
+
+_FP32_MEDIAN: dict[str, float] = {}  # instruction-set caps -> the fp32 step's median in this pytest run
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_cpu_precision(benchmark, celeba_like, bench_device, amp):
+    """One CPU epoch of the fast-eager step in fp32 or bf16 autocast (``ratio_to_fp32``: bf16's
+    median over fp32's, both under this process's instruction-set caps)."""
+    if bench_device.type != "cpu":
+        pytest.skip("bf16 autocast is always on on a GPU")
+    caps = {name: os.environ.get(name, "") for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    once, images, _ = run_epoch(celeba_like, bench_device, amp=amp)
+    benchmark.group = f"victim training precision cpu {caps['ONEDNN_MAX_CPU_ISA'] or 'all instructions'}"
+    benchmark.extra_info.update(images=images, variant="bf16" if amp else "fp32", kind="precision", **caps)
+    benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:
+        return
+    key = ",".join(caps.values())
+    if not amp:
+        _FP32_MEDIAN[key] = benchmark.stats.stats.median
+    elif key in _FP32_MEDIAN:
+        benchmark.extra_info["ratio_to_fp32"] = round(benchmark.stats.stats.median / _FP32_MEDIAN[key], 3)
