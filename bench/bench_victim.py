@@ -128,7 +128,19 @@ STRATEGIES = [
 ]
 
 
-_EW_MEDIAN: dict[str, float] = {}  # device type -> ew's median epoch time in this pytest run
+_BASELINE_MEDIAN: dict[str, float] = {}  # benchmark group -> its baseline's median epoch time in this pytest run
+
+
+def record_ratio(benchmark, baseline: bool, field: str) -> None:
+    """Keep the median of a group's baseline (run first), or store this benchmark's median over it
+    as ``extra_info[field]``. Nothing when pytest-benchmark is disabled or the baseline did not run."""
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
+    median = benchmark.stats.stats.median
+    if baseline:
+        _BASELINE_MEDIAN[benchmark.group] = median
+    elif benchmark.group in _BASELINE_MEDIAN:
+        benchmark.extra_info[field] = round(median / _BASELINE_MEDIAN[benchmark.group], 3)
 
 
 @pytest.mark.parametrize("name,space", STRATEGIES)
@@ -144,16 +156,8 @@ def test_weighting_step(benchmark, celeba_like, bench_device, name, space):
     benchmark.extra_info.update(images=images, variant=variant, kind="weighting")
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["graph"] = graph_status(step)
-    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
-        return
-    median = benchmark.stats.stats.median
-    if name == "ew" and space == "representation":
-        _EW_MEDIAN[bench_device.type] = median
-    elif bench_device.type in _EW_MEDIAN:
-        benchmark.extra_info["ratio_to_ew"] = round(median / _EW_MEDIAN[bench_device.type], 3)
+    record_ratio(benchmark, baseline=(name, space) == ("ew", "representation"), field="ratio_to_ew")
 
-
-_FP32_MEDIAN: dict[str, float] = {}  # instruction-set caps -> the fp32 step's median in this pytest run
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
@@ -167,10 +171,4 @@ def test_cpu_precision(benchmark, celeba_like, bench_device, amp):
     benchmark.group = f"victim training precision cpu {caps['ONEDNN_MAX_CPU_ISA'] or 'all instructions'}"
     benchmark.extra_info.update(images=images, variant="bf16" if amp else "fp32", kind="precision", **caps)
     benchmark.pedantic(once, rounds=3, iterations=1, warmup_rounds=1)
-    if benchmark.stats is None:
-        return
-    key = ",".join(caps.values())
-    if not amp:
-        _FP32_MEDIAN[key] = benchmark.stats.stats.median
-    elif key in _FP32_MEDIAN:
-        benchmark.extra_info["ratio_to_fp32"] = round(benchmark.stats.stats.median / _FP32_MEDIAN[key], 3)
+    record_ratio(benchmark, baseline=not amp, field="ratio_to_fp32")
